@@ -1,0 +1,64 @@
+"""One small generic registry for tasks, methods, compressors and model presets.
+
+Each entry is a class (or factory) with an optional pydantic `Params` model; a suite names the entry by key
+and passes `params`, which are validated against that entry's own schema, so adding an entry never touches
+the suite schema.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kdbench.errors import KdbenchError
+
+T = TypeVar("T")
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str):
+        self.kind = kind  # "task", "method", ... used in error messages
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self._entries[name] = obj
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> T:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KdbenchError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def params_schema(self, name: str) -> type[BaseModel]:
+        return getattr(self.get(name), "Params", NoParams)
+
+    def validate_params(self, name: str, params: dict[str, Any] | None) -> BaseModel:
+        """Validate `params` against entry `name`'s own schema; errors name the entry and the bad field."""
+        schema = self.params_schema(name)
+        try:
+            return schema.model_validate(params or {})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "params"
+            raise KdbenchError(f"{self.kind} {name!r}: params.{where}: {first['msg']}") from None
+
+    def describe(self, name: str) -> str:
+        doc = (getattr(self.get(name), "__doc__", None) or "").strip().splitlines()
+        return doc[0] if doc else ""
