@@ -1,0 +1,497 @@
+"""Fused knowledge-distillation loss: soft-target divergence + hard-label CE + feature MSE, in Triton.
+
+Math (per row of V logits; s = student, t = teacher, T = temperature, see KD_LOSS_DOC for the full contract)
+------------------------------------------------------------------------------------------------------------
+    zs = s / T, zt = t / T        ls = log_softmax(zs), lt = log_softmax(zt), l1 = log_softmax(s)   (T = 1 for CE)
+    ps = exp(ls), pt = exp(lt)
+    loss = alpha * T^2 * D + (1 - alpha) * (-l1[label])
+    d loss / d s = alpha * T * dD/dzs + (1 - alpha) * (exp(l1) - onehot(label))        (the 1/T of dzs/ds
+                                                                                        eats one T of T^2)
+    forward_kl  D = sum pt (lt - ls)                 dD/dzs = ps - pt
+    reverse_kl  D = sum ps (ls - lt)                 dD/dzs = ps (ls - lt - D)
+    jsd         D = b KL(pt || m) + (1-b) KL(ps || m),  m = b pt + (1-b) ps
+                                                     dD/dzs = (1-b) ps (ls - log m - KL(ps || m))
+A term p * x with p = 0 is taken as 0, so -inf logits (masked vocab) never make 0 * -inf = NaN.
+
+The gradient needs only row statistics (log-sum-exps, and D for reverse KL / KL(ps || m) for JSD), so it is
+computed in the forward pass and written once, in the student logits' dtype. Backward scales it by grad_output in
+place (nothing at all when grad_output == 1, the usual `loss.backward()`).
+
+Bytes moved (b = bytes per logit; N x V logits; minimal = read s and t once, write the gradient once = 3b N V)
+------------------------------------------------------------------------------------------------------------
+    V <= MAX_FUSED_V (8192): the whole row sits in registers, read once: 3b N V, the minimum.
+    larger V, forward/reverse KL: pass 1 = online softmax over tiles (running max and sum for zs, zt and s,
+        plus a running, rescaled sum for D); pass 2 re-reads s and t and writes the gradient: 5b N V.
+    larger V, jsd: KL(ps || m) needs the finished log-sum-exps, hence one more read pass: 7b N V.
+    Rows whose label is ignore_index read nothing and write zeros: b V each.
+    Eager PyTorch (log_softmax x3, kl_div, cross_entropy, autograd) moves roughly 10-20 fp32 N x V tensors.
+Extra memory: the gradient (N x V, student dtype) plus O(N) fp32 row losses. No N x V fp32 temporaries.
+The feature MSE runs as a second, small kernel from the same launcher (rows of H; read 2 M H, write M H).
+
+Layout: rows on grid axis 0 with int64 offsets (N * V > 2^31 is fine); row and column strides are passed, so
+non-contiguous (N, V) views need no copy ((B, L, V) inputs are flattened with reshape, which copies only when the
+leading dims cannot be merged). Loads are cast to fp32 at once; all accumulation is fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kdbench.kernels.reference import KD_LOSS_DOC, KdLossInputError, validate
+
+# Rows with next_pow2(V) <= MAX_FUSED_V take the single-read path; tests lower it to exercise the tiled path.
+MAX_FUSED_V = 8192
+# Tile width under the Triton interpreter (CPU), where autotuning is off.
+INTERPRET_BLOCK_V = 2048
+
+_FORWARD_KL, _REVERSE_KL, _JSD = 0, 1, 2
+_DIVERGENCE_CODE = {"forward_kl": _FORWARD_KL, "reverse_kl": _REVERSE_KL, "jsd": _JSD}
+_NEG_BIG = -3.0e38  # running-max floor: finite, so exp(m_old - m_new) is never exp(-inf + inf) = NaN
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mass_times(p, x):
+    """p * x, but 0 where p == 0 (x may then be +-inf or NaN)."""
+    return tl.where(p > 0, p * x, 0.0)
+
+
+@triton.jit
+def _online_update(m, d, z):
+    """Fold tile z into a running max m and sum d = sum exp(z - m). Returns (m, d, rescale, exp(z - m))."""
+    m_new = tl.maximum(m, tl.max(z, 0))
+    rescale = tl.exp(m - m_new)
+    e = tl.exp(z - m_new)
+    return m_new, d * rescale + tl.sum(e, 0), rescale, e
+
+
+@triton.jit
+def _log_mixture(lt, ls, log_beta, log_1m_beta):
+    """log(beta * pt + (1 - beta) * ps) from log-probs, as a logaddexp that survives both being -inf."""
+    a = lt + log_beta
+    b = ls + log_1m_beta
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    return tl.where(hi == float("-inf"), float("-inf"), hi + tl.log(1.0 + tl.exp(lo - hi)))
+
+
+@triton.jit
+def _soft_grad(ls, lt, ps, pt, D, kl_sm, beta, log_beta, log_1m_beta, DIVERGENCE: tl.constexpr):
+    """dD/dzs for one tile (see the top comment)."""
+    if DIVERGENCE == 0:
+        g = ps - pt
+    elif DIVERGENCE == 1:
+        g = _mass_times(ps, ls - lt - D)
+    else:
+        lm = _log_mixture(lt, ls, log_beta, log_1m_beta)
+        g = (1.0 - beta) * _mass_times(ps, ls - lm - kl_sm)
+    return g
+
+
+@triton.jit
+def _kd_loss_fwd_kernel(
+    s_ptr, s_stride_r, s_stride_v,
+    t_ptr, t_stride_r, t_stride_v,
+    lab_ptr,  # (N,) int labels; unused when HAS_LABELS is False
+    grad_ptr,  # (N, V) contiguous, student dtype; unused when WRITE_GRAD is False
+    loss_ptr,  # (N,) fp32 unreduced row losses
+    scale_ptr,  # (1,) fp32 gradient scale: 1 / n_valid for batchmean, else 1
+    V, inv_T, T, alpha, beta, log_beta, log_1m_beta, ignore_index,
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    DO_SOFT: tl.constexpr,  # alpha != 0
+    DO_CE: tl.constexpr,  # alpha != 1 and labels given
+    SAME_T: tl.constexpr,  # T == 1: the CE softmax is the soft one
+    WRITE_GRAD: tl.constexpr,
+    SINGLE: tl.constexpr,  # BLOCK_V >= V: the whole row in registers
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride_r
+    t_row = t_ptr + row * t_stride_r
+    g_row = grad_ptr + row * V
+
+    valid = True
+    lab = 0
+    if HAS_LABELS:
+        lab = tl.load(lab_ptr + row).to(tl.int64)
+        valid = lab != ignore_index
+
+    if valid:
+        scale = tl.load(scale_ptr)
+        row_loss = 0.0
+        if SINGLE:
+            # ---- the whole row in registers: read once, exact (non-online) formulas ----
+            offs = tl.arange(0, BLOCK_V)
+            mask = offs < V
+            s = tl.load(s_row + offs * s_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+            g = tl.zeros([BLOCK_V], dtype=tl.float32)
+            ps = g
+            lse_s = 0.0
+            if DO_SOFT:
+                t = tl.load(t_row + offs * t_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+                zs = s * inv_T
+                zt = t * inv_T
+                m_s = tl.max(zs, 0)
+                e_s = tl.exp(zs - m_s)
+                d_s = tl.sum(e_s, 0)
+                lse_s = m_s + tl.log(d_s)
+                ls = zs - lse_s
+                ps = e_s / d_s
+                m_t = tl.max(zt, 0)
+                e_t = tl.exp(zt - m_t)
+                d_t = tl.sum(e_t, 0)
+                lt = zt - (m_t + tl.log(d_t))
+                pt = e_t / d_t
+                kl_sm = 0.0
+                if DIVERGENCE == 0:
+                    D = tl.sum(_mass_times(pt, lt - ls), 0)
+                elif DIVERGENCE == 1:
+                    D = tl.sum(_mass_times(ps, ls - lt), 0)
+                else:
+                    lm = _log_mixture(lt, ls, log_beta, log_1m_beta)
+                    kl_sm = tl.sum(_mass_times(ps, ls - lm), 0)
+                    D = beta * tl.sum(_mass_times(pt, lt - lm), 0) + (1.0 - beta) * kl_sm
+                row_loss += alpha * T * T * D
+                if WRITE_GRAD:
+                    g += (alpha * T) * _soft_grad(ls, lt, ps, pt, D, kl_sm, beta, log_beta, log_1m_beta, DIVERGENCE)
+            if DO_CE:
+                if SAME_T and DO_SOFT:
+                    lse_1 = lse_s
+                    q = ps
+                else:
+                    m_1 = tl.max(s, 0)
+                    e_1 = tl.exp(s - m_1)
+                    d_1 = tl.sum(e_1, 0)
+                    lse_1 = m_1 + tl.log(d_1)
+                    q = e_1 / d_1
+                in_range = (lab >= 0) & (lab < V)
+                s_lab = tl.load(s_row + lab * s_stride_v, mask=in_range, other=0.0).to(tl.float32)
+                row_loss += (1.0 - alpha) * (lse_1 - s_lab)
+                if WRITE_GRAD:
+                    g += (1.0 - alpha) * (q - tl.where(offs == lab, 1.0, 0.0))
+            if WRITE_GRAD:
+                tl.store(g_row + offs, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+        else:
+            # ---- pass 1: online softmax over tiles; for forward/reverse KL also a running sum for D ----
+            m_s = tl.full([], _NEG_BIG, tl.float32)
+            d_s = tl.zeros([], tl.float32)
+            m_t = tl.full([], _NEG_BIG, tl.float32)
+            d_t = tl.zeros([], tl.float32)
+            m_1 = tl.full([], _NEG_BIG, tl.float32)
+            d_1 = tl.zeros([], tl.float32)
+            acc = tl.zeros([], tl.float32)  # sum exp(z - m) (zt - zs) with z = zt (forward) or zs (reverse)
+            for start in range(0, V, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                mask = offs < V
+                s = tl.load(s_row + offs * s_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+                if DO_SOFT:
+                    t = tl.load(t_row + offs * t_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+                    zs = s * inv_T
+                    zt = t * inv_T
+                    m_s, d_s, r_s, e_s = _online_update(m_s, d_s, zs)
+                    m_t, d_t, r_t, e_t = _online_update(m_t, d_t, zt)
+                    if DIVERGENCE == 0:
+                        acc = acc * r_t + tl.sum(_mass_times(e_t, zt - zs), 0)
+                    elif DIVERGENCE == 1:
+                        acc = acc * r_s + tl.sum(_mass_times(e_s, zs - zt), 0)
+                if DO_CE and not (SAME_T and DO_SOFT):
+                    m_1, d_1, r_1, e_1 = _online_update(m_1, d_1, s)
+            lse_s = m_s + tl.log(d_s)
+            lse_t = m_t + tl.log(d_t)
+            lse_1 = m_1 + tl.log(d_1)
+            if SAME_T and DO_SOFT:
+                lse_1 = lse_s
+
+            kl_sm = 0.0
+            D = 0.0
+            if DO_SOFT:
+                if DIVERGENCE == 0:
+                    D = acc / d_t - lse_t + lse_s
+                elif DIVERGENCE == 1:
+                    D = acc / d_s - lse_s + lse_t
+                else:
+                    # ---- jsd: an extra read pass, since log m needs the finished log-sum-exps ----
+                    kl_tm = tl.zeros([], tl.float32)
+                    kl_sm = tl.zeros([], tl.float32)
+                    for start in range(0, V, BLOCK_V):
+                        offs = start + tl.arange(0, BLOCK_V)
+                        mask = offs < V
+                        s = tl.load(s_row + offs * s_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+                        t = tl.load(t_row + offs * t_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+                        ls = s * inv_T - lse_s
+                        lt = t * inv_T - lse_t
+                        lm = _log_mixture(lt, ls, log_beta, log_1m_beta)
+                        kl_tm += tl.sum(_mass_times(tl.exp(lt), lt - lm), 0)
+                        kl_sm += tl.sum(_mass_times(tl.exp(ls), ls - lm), 0)
+                    D = beta * kl_tm + (1.0 - beta) * kl_sm
+                row_loss += alpha * T * T * D
+            if DO_CE:
+                in_range = (lab >= 0) & (lab < V)
+                s_lab = tl.load(s_row + lab * s_stride_v, mask=in_range, other=0.0).to(tl.float32)
+                row_loss += (1.0 - alpha) * (lse_1 - s_lab)
+
+            # ---- pass 2: the gradient, from the row statistics ----
+            if WRITE_GRAD:
+                for start in range(0, V, BLOCK_V):
+                    offs = start + tl.arange(0, BLOCK_V)
+                    mask = offs < V
+                    s = tl.load(s_row + offs * s_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+                    g = tl.zeros([BLOCK_V], dtype=tl.float32)
+                    ps = g
+                    if DO_SOFT:
+                        t = tl.load(t_row + offs * t_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+                        ls = s * inv_T - lse_s
+                        lt = t * inv_T - lse_t
+                        ps = tl.exp(ls)
+                        pt = tl.exp(lt)
+                        g += (alpha * T) * _soft_grad(ls, lt, ps, pt, D, kl_sm, beta, log_beta, log_1m_beta, DIVERGENCE)
+                    if DO_CE:
+                        if SAME_T and DO_SOFT:
+                            q = ps
+                        else:
+                            q = tl.exp(s - lse_1)
+                        g += (1.0 - alpha) * (q - tl.where(offs == lab, 1.0, 0.0))
+                    tl.store(g_row + offs, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(loss_ptr + row, row_loss)
+    else:
+        # An ignored row: read nothing, write zeros.
+        tl.store(loss_ptr + row, 0.0)
+        if WRITE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                tl.store(g_row + offs, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def _feature_mse_kernel(
+    fs_ptr, fs_stride_r, fs_stride_h,
+    ft_ptr, ft_stride_r, ft_stride_h,
+    grad_ptr,  # (M, H) contiguous, student feature dtype
+    sq_ptr,  # (M,) fp32: sum_h (fs - ft)^2
+    H, grad_coef,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([], tl.float32)
+    for start in range(0, H, BLOCK_H):
+        offs = start + tl.arange(0, BLOCK_H)
+        mask = offs < H
+        a = tl.load(fs_ptr + row * fs_stride_r + offs * fs_stride_h, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(ft_ptr + row * ft_stride_r + offs * ft_stride_h, mask=mask, other=0.0).to(tl.float32)
+        diff = a - b
+        acc += tl.sum(diff * diff, 0)
+        if WRITE_GRAD:
+            tl.store(grad_ptr + row * H + offs, (grad_coef * diff).to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(sq_ptr + row, acc)
+
+
+@triton.jit
+def _scale_rows_kernel(g_ptr, go_ptr, go_stride, n_cols, BLOCK: tl.constexpr):
+    """g[row, :] *= go[row * go_stride] in place (go_stride = 0 for a scalar grad_output), in fp32."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    go = tl.load(go_ptr + row * go_stride).to(tl.float32)
+    g = tl.load(g_ptr + row * n_cols + offs, mask=mask).to(tl.float32)
+    tl.store(g_ptr + row * n_cols + offs, (g * go).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+# Autotuning only on a GPU: the single-read path tunes num_warps, the tiled path the tile width too.
+_KEY = ["V", "DIVERGENCE", "DO_SOFT", "DO_CE", "WRITE_GRAD"]
+_fwd_single = triton.autotune(
+    configs=[triton.Config({}, num_warps=w) for w in (4, 8, 16)],
+    key=_KEY,
+)(_kd_loss_fwd_kernel)
+_fwd_tiled = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_V": b}, num_warps=w) for b, w in ((2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32))
+    ],
+    key=_KEY,
+)(_kd_loss_fwd_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_supported(x: torch.Tensor, what: str) -> None:
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise KdLossInputError(f"kd_loss (triton): {what} must be fp32, bf16 or fp16, got {x.dtype}")
+    if not x.is_cuda and not _interpreting():
+        raise KdLossInputError(
+            f"kd_loss (triton): {what} is on {x.device}; CPU tensors need TRITON_INTERPRET=1 (or KDBENCH_KERNEL=torch)"
+        )
+
+
+def kd_loss_forward(s, t, labels, opts, want_grad: bool):
+    """Launch the fused kernel on s, t (N, V). Returns (row losses (N,) fp32, grad (N, V) or None, scale (1,))."""
+    n, v = s.shape
+    dev = s.device
+    rows = torch.empty(n, dtype=torch.float32, device=dev)
+    grad = torch.empty((n, v), dtype=s.dtype, device=dev) if want_grad else None
+    # The batchmean divisor stays on the device: no host sync.
+    if opts["reduction"] == "batchmean" and labels is not None:
+        scale = 1.0 / (labels != opts["ignore_index"]).sum().clamp_min(1).to(torch.float32).reshape(1)
+    elif opts["reduction"] == "batchmean":
+        scale = torch.full((1,), 1.0 / max(n, 1), dtype=torch.float32, device=dev)
+    else:
+        scale = torch.ones(1, dtype=torch.float32, device=dev)
+    if n == 0:
+        return rows, grad, scale
+
+    T, alpha, beta = float(opts["temperature"]), float(opts["alpha"]), float(opts["beta"])
+    divergence = _DIVERGENCE_CODE[opts["divergence"]]
+    has_labels = labels is not None
+    beta_in = beta if divergence == _JSD else 0.5  # log(beta) is used by jsd only
+    args = (
+        s, s.stride(0), s.stride(1),
+        t, t.stride(0), t.stride(1),
+        labels if has_labels else rows, grad if want_grad else rows, rows, scale,
+        v, 1.0 / T, T, alpha, beta_in, math.log(beta_in), math.log1p(-beta_in),
+        int(opts["ignore_index"]),
+    )
+    meta = dict(
+        DIVERGENCE=divergence,
+        HAS_LABELS=has_labels,
+        DO_SOFT=alpha != 0.0,
+        DO_CE=alpha != 1.0 and has_labels,
+        SAME_T=T == 1.0,
+        WRITE_GRAD=want_grad,
+    )
+    block = triton.next_power_of_2(v)
+    single = block <= MAX_FUSED_V
+    grid = (n,)
+    if _interpreting():
+        _kd_loss_fwd_kernel[grid](*args, SINGLE=single, BLOCK_V=block if single else INTERPRET_BLOCK_V, **meta)
+    elif single:
+        _fwd_single[grid](*args, SINGLE=True, BLOCK_V=block, **meta)
+    else:
+        _fwd_tiled[grid](*args, SINGLE=False, **meta)
+    return rows, grad, scale
+
+
+def feature_forward(fs, ft, feature_weight: float, reduction: str, want_grad: bool):
+    """Feature MSE on fs, ft (M, H). Returns (term: (M,) for 'none', else a scalar; grad (M, H) or None)."""
+    m, h = fs.shape
+    sq = torch.empty(m, dtype=torch.float32, device=fs.device)
+    grad = torch.empty((m, h), dtype=fs.dtype, device=fs.device) if want_grad else None
+    denom = h if reduction == "none" else m * h
+    block = min(triton.next_power_of_2(h), 4096)
+    _feature_mse_kernel[(m,)](
+        fs, fs.stride(0), fs.stride(1), ft, ft.stride(0), ft.stride(1),
+        grad if want_grad else sq, sq, h, 2.0 * feature_weight / denom,
+        WRITE_GRAD=want_grad, BLOCK_H=block,
+    )
+    term = sq * (feature_weight / h) if reduction == "none" else sq.sum() * (feature_weight / denom)
+    return term, grad
+
+
+def scale_rows_(grad: torch.Tensor, go: torch.Tensor) -> None:
+    """grad (N, X) contiguous *= go ((N,) or scalar), in place, in fp32."""
+    n, x = grad.shape
+    if n == 0 or x == 0:
+        return
+    go = go.to(torch.float32)
+    go_stride = 0 if go.dim() == 0 else go.stride(0)
+    block = min(triton.next_power_of_2(x), 4096)
+    _scale_rows_kernel[(n, triton.cdiv(x, block))](grad, go, go_stride, x, BLOCK=block)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class KdLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, t, labels, fs, ft, opts, want_grad_s, want_grad_f):
+        rows, grad, scale = kd_loss_forward(s, t, labels, opts, want_grad_s)
+        reduction = opts["reduction"]
+        loss = rows if reduction == "none" else (rows.sum() if reduction == "sum" else rows.sum() * scale[0])
+        grad_f = None
+        if fs is not None:
+            term, grad_f = feature_forward(fs, ft, float(opts["feature_weight"]), reduction, want_grad_f)
+            loss = loss + term
+        ctx.reduction = reduction
+        ctx.scaled = False
+        ctx.save_for_backward(grad, grad_f)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, go):
+        grad, grad_f = ctx.saved_tensors
+        # One host sync to skip a full read+write of the gradient in the common loss.backward() case.
+        if ctx.reduction != "none" and bool(go == 1):
+            return grad, None, None, grad_f, None, None, None, None
+        if ctx.scaled:
+            raise RuntimeError("kd_loss: a second backward through the same forward is not supported")
+        ctx.scaled = True
+        for g in (grad, grad_f):
+            if g is not None:
+                scale_rows_(g, go)
+        return grad, None, None, grad_f, None, None, None, None
+
+
+def kd_loss(
+    student_logits,
+    teacher_logits,
+    labels=None,
+    *,
+    temperature=1.0,
+    alpha=0.5,
+    divergence="forward_kl",
+    beta=0.5,
+    ignore_index=-100,
+    reduction="batchmean",
+    student_features=None,
+    teacher_features=None,
+    feature_weight=0.0,
+):
+    opts = dict(
+        temperature=temperature,
+        alpha=alpha,
+        divergence=divergence,
+        beta=beta,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        feature_weight=feature_weight,
+    )
+    s, t, lab, feats = validate(
+        student_logits,
+        teacher_logits,
+        labels,
+        student_features=student_features,
+        teacher_features=teacher_features,
+        **opts,
+    )
+    _check_supported(s, "student_logits")
+    _check_supported(t, "teacher_logits")
+    fs, ft = feats if feats is not None else (None, None)
+    if fs is not None:
+        _check_supported(fs, "student_features")
+        _check_supported(ft, "teacher_features")
+    grad_on = torch.is_grad_enabled()
+    want_grad_s = grad_on and student_logits.requires_grad
+    want_grad_f = grad_on and fs is not None and fs.requires_grad
+    ft = None if ft is None else ft.detach()
+    return KdLossFunction.apply(s, t.detach(), lab, fs, ft, opts, want_grad_s, want_grad_f)
+
+
+kd_loss.__doc__ = KD_LOSS_DOC
