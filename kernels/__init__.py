@@ -6,11 +6,18 @@
     KDBENCH_KERNEL=triton   always the Triton kernel; on CPU tensors this needs TRITON_INTERPRET=1 (how CI tests it)
     unset / auto            by device
 Importing this package imports neither triton nor the kernel module, and queries no device.
+
+`kd_loss` here is always the dispatcher function. The kernel module shares its name (kernels/kd_loss.py), and
+Python would rebind this package's `kd_loss` attribute to that module when it is first imported; the package's
+module class refuses that rebinding. Reach the module with `from kdbench.kernels.kd_loss import ...` or
+`importlib.import_module("kdbench.kernels.kd_loss")` (`import kdbench.kernels.kd_loss as m` gives the function).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import types
 
 from kdbench.kernels.reference import KD_LOSS_DOC, KdLossInputError
 
@@ -68,3 +75,13 @@ def kd_loss(
 
 
 kd_loss.__doc__ = KD_LOSS_DOC
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        if name == "kd_loss" and isinstance(value, types.ModuleType):
+            return  # keep the dispatcher; the submodule stays in sys.modules["kdbench.kernels.kd_loss"]
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -436,12 +436,12 @@ class KdLossFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, go):
+        if ctx.scaled:  # the stored gradient was already scaled in place by an earlier backward
+            raise RuntimeError("kd_loss: a second backward through the same forward after a grad_output != 1 is not supported")
         grad, grad_f = ctx.saved_tensors
         # One host sync to skip a full read+write of the gradient in the common loss.backward() case.
         if ctx.reduction != "none" and bool(go == 1):
             return grad, None, None, grad_f, None, None, None, None
-        if ctx.scaled:
-            raise RuntimeError("kd_loss: a second backward through the same forward is not supported")
         ctx.scaled = True
         for g in (grad, grad_f):
             if g is not None:

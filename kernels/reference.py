@@ -335,11 +335,11 @@ class _KdLossReference(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, go):
+        if ctx.scaled:  # the stored gradient was already scaled in place by an earlier backward
+            raise RuntimeError("kd_loss: a second backward through the same forward after a grad_output != 1 is not supported")
         grad, grad_f = ctx.saved_tensors
         if ctx.reduction != "none" and bool(go == 1):
             return grad, None, None, grad_f, None, None, None, None
-        if ctx.scaled:
-            raise RuntimeError("kd_loss: a second backward through the same forward is not supported")
         ctx.scaled = True
         if grad is not None:
             _scale_rows_(grad, go)

@@ -1,0 +1,507 @@
+"""kd_loss: the Triton kernel and the PyTorch reference, each against a float64 autograd oracle.
+
+Without CUDA the kernel runs under the Triton interpreter (conftest sets TRITON_INTERPRET=1), selected through the
+dispatcher with KDBENCH_KERNEL=triton; grids stay at 64 rows or fewer. With CUDA the same tests run the compiled
+kernel on the GPU, and the `gpu` tests add large shapes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdbench.kernels as kernels
+from kdbench.kernels import KD_LOSS_DOC, KdLossInputError, kd_loss
+from kdbench.kernels import reference
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: -inf - -inf
+
+CUDA = torch.cuda.is_available()
+# Relative tolerances (max abs error / max abs expected), per DESIGN.md section 5. The loss is returned in fp32
+# for every input dtype, so it is held tighter than the gradient, which is rounded to the logits' dtype.
+LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture(params=["triton", "torch"])
+def impl(request, monkeypatch):
+    """Which implementation the dispatcher runs; also the device its inputs live on."""
+    monkeypatch.setenv("KDBENCH_KERNEL", request.param)
+    return request.param
+
+
+def device_for(impl: str) -> str:
+    return "cuda" if impl == "triton" and CUDA else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The float64 oracle: the naive formulas with autograd (no analytic gradient, no chunking, no online softmax).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _masked_mul(p, x):
+    # p * x with 0 where p == 0; the inner where keeps NaN out of autograd's backward too.
+    return p * torch.where(p > 0, x, torch.zeros((), dtype=x.dtype))
+
+
+def oracle(
+    s,
+    t,
+    labels=None,
+    *,
+    temperature=1.0,
+    alpha=0.5,
+    divergence="forward_kl",
+    beta=0.5,
+    ignore_index=-100,
+    reduction="batchmean",
+    student_features=None,
+    teacher_features=None,
+    feature_weight=0.0,
+):
+    T = temperature
+    v = s.shape[-1]
+    s2, t2 = s.reshape(-1, v), t.reshape(-1, v)
+    ls, lt = torch.log_softmax(s2 / T, -1), torch.log_softmax(t2 / T, -1)
+    ps, pt = ls.exp(), lt.exp()
+    if divergence == "forward_kl":
+        d = _masked_mul(pt, lt - ls).sum(-1)
+    elif divergence == "reverse_kl":
+        d = _masked_mul(ps, ls - lt).sum(-1)
+    else:
+        m = beta * pt + (1 - beta) * ps
+        lm = torch.where(m > 0, torch.log(torch.where(m > 0, m, torch.ones((), dtype=m.dtype))), -math.inf)
+        d = beta * _masked_mul(pt, lt - lm).sum(-1) + (1 - beta) * _masked_mul(ps, ls - lm).sum(-1)
+    rows = alpha * T * T * d
+    n_valid = rows.shape[0]
+    if labels is not None:
+        lab = labels.reshape(-1)
+        valid = lab != ignore_index
+        n_valid = int(valid.sum())
+        if alpha != 1:
+            ce = F.cross_entropy(s2, torch.where(valid, lab, 0), reduction="none")
+            rows = rows + (1 - alpha) * ce
+        rows = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype))
+    if reduction == "none":
+        out = rows
+    elif reduction == "sum":
+        out = rows.sum()
+    else:
+        out = rows.sum() / max(n_valid, 1)
+    if feature_weight:
+        h = student_features.shape[-1]
+        sq = (student_features.reshape(-1, h) - teacher_features.reshape(-1, h)) ** 2
+        out = out + feature_weight * (sq.mean(-1) if reduction == "none" else sq.mean())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_inputs(n, v, dtype=torch.float32, *, scale=3.0, seed=0, ignored=(), lead=None):
+    """Scaled randn logits (never zeros), a correlated teacher, labels with some rows ignored."""
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(n, v, generator=g) * scale).to(dtype)
+    t = (s.float() * 0.5 + torch.randn(n, v, generator=g) * scale).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    for i in ignored:
+        labels[i] = -100
+    if lead is not None:
+        s, t, labels = s.reshape(*lead, v), t.reshape(*lead, v), labels.reshape(lead)
+    return s, t, labels
+
+
+def assert_close_rel(actual, expected, rtol, what):
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    assert not torch.isnan(actual).any(), f"{what}: NaN"
+    assert torch.equal(torch.isinf(actual), torch.isinf(expected)), f"{what}: inf pattern differs"
+    fin = torch.isfinite(expected)
+    if not fin.any():
+        return
+    err = (actual[fin] - expected[fin]).abs().max().item()
+    ref = expected[fin].abs().max().item()
+    assert err <= rtol * max(ref, 1e-30), f"{what}: max abs err {err:.3g} > {rtol:g} * {ref:.3g}"
+
+
+def check(impl, s, t, labels=None, *, go=None, fs=None, ft=None, **kw):
+    """Run kd_loss (through the dispatcher) and the oracle on the same rounded inputs; compare values and grads.
+
+    go: the upstream gradient; defaults to 3.7 (scalar) or a random vector ('none'), so grad_output != 1.
+    """
+    dev = device_for(impl)
+    dtype = s.dtype
+    s_in = s.detach().to(dev).requires_grad_()
+    t_in = t.detach().to(dev)
+    lab_in = labels.to(dev) if labels is not None else None
+    fs_in = fs.detach().to(dev).requires_grad_() if fs is not None else None
+    ft_in = ft.detach().to(dev) if ft is not None else None
+    out = kd_loss(s_in, t_in, lab_in, student_features=fs_in, teacher_features=ft_in, **kw)
+
+    s64 = s.detach().double().requires_grad_()
+    fs64 = fs.detach().double().requires_grad_() if fs is not None else None
+    exp = oracle(
+        s64, t.double(), labels, student_features=fs64, teacher_features=None if ft is None else ft.double(), **kw
+    )
+    if go is None:
+        go = torch.tensor(3.7, dtype=torch.float64) if exp.dim() == 0 else torch.rand(exp.shape, dtype=torch.float64) + 0.5
+    assert out.dtype == torch.float32
+    assert_close_rel(out, exp, LOSS_RTOL[dtype], "loss")
+    (out * go.to(out.device, out.dtype)).sum().backward()
+    (exp * go).sum().backward()
+    assert s_in.grad.dtype == dtype and s_in.grad.shape == s.shape
+    assert_close_rel(s_in.grad, s64.grad, GRAD_RTOL[dtype], "grad student_logits")
+    if fs is not None and kw.get("feature_weight", 0.0):
+        assert_close_rel(fs_in.grad, fs64.grad, GRAD_RTOL[fs.dtype], "grad student_features")
+    return out.detach().cpu(), s_in.grad.detach().cpu()
+
+
+@pytest.fixture
+def tiled(monkeypatch):
+    """Force the kernel's multi-tile (online softmax) path at small V."""
+    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    monkeypatch.setattr(kmod, "MAX_FUSED_V", 64)
+    monkeypatch.setattr(kmod, "INTERPRET_BLOCK_V", 256)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Values and gradients
+# ----------------------------------------------------------------------------------------------------------------
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+# (dtype, N, V, T, alpha, divergence, reduction, features): a spread over the axes, not their product.
+CASES = [
+    pytest.param(F32, 16, 1000, 4.0, 0.7, "forward_kl", "batchmean", False, id="fp32-V1000-T4-fwd-mean"),
+    pytest.param(F32, 16, 1000, 1.0, 0.7, "reverse_kl", "sum", True, id="fp32-V1000-T1-rev-sum-feat"),
+    pytest.param(F32, 16, 1000, 0.5, 0.7, "jsd", "none", True, id="fp32-V1000-T0.5-jsd-none-feat"),
+    pytest.param(F32, 8, 2, 4.0, 0.0, "forward_kl", "batchmean", False, id="fp32-V2-alpha0"),
+    pytest.param(F32, 8, 2, 0.5, 1.0, "reverse_kl", "none", False, id="fp32-V2-alpha1-rev-none"),
+    pytest.param(F32, 1, 4097, 16.0, 1.0, "jsd", "batchmean", False, id="fp32-V4097-onerow-T16-jsd"),
+    pytest.param(BF16, 8, 1000, 4.0, 0.7, "forward_kl", "batchmean", True, id="bf16-V1000-fwd-feat"),
+    pytest.param(BF16, 4, 4097, 1.0, 0.5, "jsd", "sum", False, id="bf16-V4097-T1-jsd-sum"),
+    pytest.param(F16, 8, 1000, 16.0, 0.7, "reverse_kl", "batchmean", False, id="fp16-V1000-T16-rev"),
+    pytest.param(F16, 2, 50257, 4.0, 0.7, "forward_kl", "batchmean", False, id="fp16-V50257-fwd"),
+    pytest.param(BF16, 2, 50257, 1.0, 0.5, "reverse_kl", "none", False, id="bf16-V50257-T1-rev-none"),
+    pytest.param(F32, 2, 50257, 0.5, 0.7, "jsd", "sum", False, id="fp32-V50257-T0.5-jsd"),
+]
+
+
+@pytest.mark.parametrize("dtype,n,v,T,alpha,div,red,feats", CASES)
+def test_matches_float64(impl, dtype, n, v, T, alpha, div, red, feats):
+    # Logits grow with T so the soft targets stay informative (KL of order 1e-2 or more at T=16).
+    s, t, labels = make_inputs(n, v, dtype, scale=3.0 * max(1.0, T / 4), ignored=(1,) if n > 2 else ())
+    kw = dict(temperature=T, alpha=alpha, divergence=div, reduction=red)
+    fs = ft = None
+    if feats:
+        g = torch.Generator().manual_seed(1)
+        fs, ft = (torch.randn(n, 24, generator=g) * 2).to(dtype), (torch.randn(n, 24, generator=g) * 2).to(dtype)
+        kw["feature_weight"] = 0.3
+    check(impl, s, t, labels, fs=fs, ft=ft, **kw)
+
+
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("T,alpha", [(4.0, 0.7), (1.0, 0.3)])
+def test_tiled_path_matches_float64(tiled, div, T, alpha):
+    """The online-softmax path (V > MAX_FUSED_V), several tiles and a ragged last one, at interpreter-sized V."""
+    s, t, labels = make_inputs(6, 1000, ignored=(2,))
+    check("triton", s, t, labels, temperature=T, alpha=alpha, divergence=div, reduction="batchmean")
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_tiled_path_extreme_alpha(tiled, alpha):
+    s, t, labels = make_inputs(4, 600, BF16, ignored=(0,))
+    check("triton", s, t, labels, temperature=2.0, alpha=alpha, reduction="sum")
+
+
+@pytest.mark.parametrize("T", [0.1, 100.0])
+def test_extreme_temperatures(impl, T):
+    s, t, labels = make_inputs(8, 300, scale=3.0 * max(1.0, T / 4))
+    check(impl, s, t, labels, temperature=T, alpha=0.7, divergence="forward_kl")
+
+
+def test_labels_none_all_rows_valid_and_no_ce(impl):
+    s, t, _ = make_inputs(8, 100)
+    out, _ = check(impl, s, t, None, temperature=2.0, alpha=0.7, divergence="reverse_kl")
+    # (1 - alpha) weights nothing: the loss is exactly alpha * T^2 * D averaged over all rows.
+    soft = oracle(s.double(), t.double(), None, temperature=2.0, alpha=1.0, divergence="reverse_kl")
+    assert out.item() == pytest.approx(0.7 * soft.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_all_ignored_batch_is_zero_with_zero_grads(impl, reduction):
+    s, t, labels = make_inputs(4, 300, ignored=range(4))
+    s = s.to(device_for(impl)).requires_grad_()
+    out = kd_loss(s, t.to(s.device), labels.to(s.device), temperature=2.0, reduction=reduction)
+    assert torch.equal(out.detach().cpu(), torch.zeros_like(out.detach().cpu()))
+    out.sum().backward()
+    assert torch.equal(s.grad.cpu(), torch.zeros_like(s.grad.cpu()))
+
+
+def test_ignored_rows_drop_out(impl):
+    """An ignored row contributes nothing, even when it holds NaN (padding); batchmean divides by valid rows."""
+    s, t, labels = make_inputs(6, 200, ignored=(0, 4))
+    s_nan, t_nan = s.clone(), t.clone()
+    s_nan[4] = float("nan")
+    t_nan[0] = float("-inf")
+    dev = device_for(impl)
+    a = s_nan.to(dev).requires_grad_()
+    out = kd_loss(a, t_nan.to(dev), labels.to(dev), temperature=2.0, alpha=0.6)
+    keep = torch.tensor([1, 2, 3, 5])
+    exp = oracle(s[keep].double(), t[keep].double(), labels[keep], temperature=2.0, alpha=0.6)
+    assert out.item() == pytest.approx(exp.item(), rel=1e-5)
+    out.backward()
+    assert torch.isfinite(a.grad).all() and not a.grad[[0, 4]].any()
+
+
+def test_grad_output_scales_gradient(impl):
+    s, t, labels = make_inputs(4, 500, ignored=(3,))
+    dev = device_for(impl)
+    grads = []
+    for go in (1.0, 3.7, 0.0):
+        a = s.clone().to(dev).requires_grad_()
+        (kd_loss(a, t.to(dev), labels.to(dev), temperature=4.0, alpha=0.7) * go).backward()
+        grads.append(a.grad.cpu())
+    torch.testing.assert_close(grads[1], grads[0] * 3.7, rtol=1e-5, atol=1e-7)
+    assert not grads[2].any()
+
+
+def test_second_backward_with_scaled_grad_output_raises(impl):
+    s, t, labels = make_inputs(2, 50)
+    a = s.to(device_for(impl)).requires_grad_()
+    loss = kd_loss(a, t.to(a.device), labels.to(a.device)) * 2.0
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+def test_3d_input_with_features(impl):
+    s, t, labels = make_inputs(12, 300, BF16, ignored=(5,), lead=(3, 4))
+    g = torch.Generator().manual_seed(3)
+    fs, ft = torch.randn(3, 4, 16, generator=g), torch.randn(3, 4, 16, generator=g)
+    out, grad = check(impl, s, t, labels, fs=fs, ft=ft, temperature=2.0, alpha=0.5, feature_weight=0.5)
+    assert out.dim() == 0 and grad.shape == (3, 4, 300)
+
+
+def test_features_rows_differ_from_logit_rows(impl):
+    """Scalar reductions accept M != N feature rows (e.g. pooled features); 'none' refuses them."""
+    s, t, labels = make_inputs(6, 100)
+    g = torch.Generator().manual_seed(4)
+    fs, ft = torch.randn(2, 40, generator=g), torch.randn(2, 40, generator=g)
+    check(impl, s, t, labels, fs=fs, ft=ft, temperature=2.0, feature_weight=2.0, reduction="sum")
+    with pytest.raises(KdLossInputError, match="one feature row per logit row"):
+        kd_loss(s, t, labels, student_features=fs, teacher_features=ft, feature_weight=2.0, reduction="none")
+
+
+@pytest.mark.parametrize("use_tiled", [False, True])
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
+def test_neg_inf_logits(impl, request, use_tiled, div):
+    """Masked vocabulary: -inf entries give no NaN. The teacher alone may mask for forward KL; for reverse KL and
+    JSD both mask the same entries (a student mass where p_t = 0 makes reverse KL truly infinite)."""
+    if use_tiled:
+        if impl == "torch":
+            pytest.skip("the tiled path is a kernel detail")
+        request.getfixturevalue("tiled")
+    s, t, labels = make_inputs(5, 700, ignored=(1,))
+    t[:, ::7] = float("-inf")
+    t[0, 300:] = float("-inf")  # a long masked run: whole tiles of -inf on the tiled path
+    if div != "forward_kl":
+        s[:, ::7] = float("-inf")
+        s[0, 300:] = float("-inf")
+        labels[labels % 7 == 0] = 1  # a label on a masked entry would make CE infinite
+        labels[0] = 3
+    check(impl, s, t, labels, temperature=2.0, alpha=0.7, divergence=div)
+
+
+def test_infinite_forward_kl_is_inf_not_nan(impl):
+    """p_t > 0 where the student says -inf: KL(p_t || p_s) is infinite, and reported as such."""
+    s, t, _ = make_inputs(2, 10)
+    s[0, 3] = float("-inf")
+    dev = device_for(impl)
+    out = kd_loss(s.to(dev), t.to(dev), None, alpha=1.0, reduction="none").cpu()
+    assert out[0].item() == math.inf and math.isfinite(out[1].item())
+
+
+def test_non_contiguous_inputs(impl):
+    s, t, labels = make_inputs(8, 2 * 300)
+    s_view = s[:, ::2]  # column stride 2
+    t_view = t.t().contiguous().t()[:, :300]  # column-major
+    assert not s_view.is_contiguous() and not t_view.is_contiguous()
+    check(impl, s_view, t_view, labels % 300, temperature=2.0, alpha=0.7)
+
+
+def test_teacher_gets_no_grad(impl):
+    s, t, labels = make_inputs(4, 64)
+    dev = device_for(impl)
+    a, b = s.to(dev).requires_grad_(), t.to(dev).requires_grad_()
+    kd_loss(a, b, labels.to(dev), temperature=2.0).backward()
+    assert a.grad is not None and b.grad is None
+
+
+def test_no_grad_forward_matches(impl):
+    s, t, labels = make_inputs(4, 64)
+    dev = device_for(impl)
+    with torch.no_grad():
+        out = kd_loss(s.to(dev).requires_grad_(), t.to(dev), labels.to(dev), temperature=2.0, divergence="jsd")
+    exp = oracle(s.double(), t.double(), labels, temperature=2.0, divergence="jsd")
+    assert out.item() == pytest.approx(exp.item(), rel=1e-5)
+
+
+def test_pinned_hand_computed_values(impl):
+    """V = 2, s = [0, 0] (p_s = [1/2, 1/2]), t = [log 3, 0] (p_t = [3/4, 1/4]), T = 1, by hand:
+    KL(p_t || p_s) = 3/4 ln(3/2) + 1/4 ln(1/2) = 0.1308120;  KL(p_s || p_t) = 1/2 ln(2/3) + 1/2 ln 2 = 0.1438410;
+    CE(label 0) = ln 2;  d forward_kl / ds = p_s - p_t = [-1/4, 1/4]."""
+    dev = device_for(impl)
+    s = torch.zeros(1, 2, device=dev) + torch.tensor([[0.0, 0.0]], device=dev)
+    t = torch.tensor([[math.log(3.0), 0.0]], device=dev)
+    lab = torch.tensor([0], device=dev)
+    a = s.clone().requires_grad_()
+    fwd = kd_loss(a, t, lab, alpha=1.0)
+    fwd.backward()
+    assert fwd.item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-7)
+    assert fwd.item() == pytest.approx(0.1308120, abs=1e-6)
+    torch.testing.assert_close(a.grad.cpu(), torch.tensor([[-0.25, 0.25]]))
+    rev = kd_loss(s, t, lab, alpha=1.0, divergence="reverse_kl")
+    assert rev.item() == pytest.approx(0.1438410, abs=1e-6)
+    ce = kd_loss(s, t, lab, alpha=0.0)
+    assert ce.item() == pytest.approx(math.log(2.0), abs=1e-7)
+    # T^2 on the soft term only: alpha=0.5, T=2 -> 0.5 * 4 * KL(softmax(t/2) || [1/2, 1/2]) + 0.5 * ln 2
+    pt = torch.softmax(torch.tensor([math.log(3.0) / 2, 0.0], dtype=torch.float64), 0)
+    kl = float((pt * (pt.log() - math.log(0.5))).sum())
+    mixed = kd_loss(s, t, lab, alpha=0.5, temperature=2.0)
+    assert mixed.item() == pytest.approx(0.5 * 4 * kl + 0.5 * math.log(2.0), abs=1e-6)
+
+
+def test_reference_chunking_is_exact(monkeypatch):
+    """The reference walks rows in chunks; tiny chunks give the same numbers."""
+    s, t, labels = make_inputs(10, 300, ignored=(4,))
+    monkeypatch.setattr(reference, "_CHUNK_ELEMS", 900)  # 3 rows per chunk, ragged last chunk
+    check("torch", s, t, labels, temperature=2.0, alpha=0.7, divergence="jsd", reduction="batchmean")
+
+
+def test_mixed_teacher_dtype(impl):
+    s, _, labels = make_inputs(4, 300)
+    _, t, _ = make_inputs(4, 300, BF16, seed=5)
+    check(impl, s, t, labels, temperature=2.0, alpha=0.7)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors, docs, dispatch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(t_shape=(4, 12)), r"teacher vocab 12 is larger than the student's 10; slicing teacher_logits\[\.\.\., :10\]"),
+        (dict(t_shape=(4, 8)), "shape mismatch"),
+        (dict(t_shape=(3, 10)), "shape mismatch"),
+        (dict(lab_shape=(5,)), "labels shape"),
+        (dict(divergence="kl"), "unknown divergence 'kl'; available: forward_kl, reverse_kl, jsd"),
+        (dict(reduction="mean"), "unknown reduction"),
+        (dict(temperature=0.0), "temperature must be finite and > 0"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(alpha=1.5), "alpha"),
+        (dict(divergence="jsd", beta=0.0), "beta must lie in"),
+        (dict(feature_weight=1.0), "needs both student_features and teacher_features"),
+        (dict(lab_value=10), "out of range"),
+    ],
+)
+def test_validation_errors(impl, kwargs, match):
+    kwargs = dict(kwargs)  # the parametrize dict is shared between the two impls
+    dev = device_for(impl)
+    s = torch.randn(4, 10, device=dev)
+    t = torch.randn(*kwargs.pop("t_shape", (4, 10)), device=dev)
+    labels = torch.zeros(kwargs.pop("lab_shape", (4,)), dtype=torch.long, device=dev)
+    if "lab_value" in kwargs:
+        if dev != "cpu":
+            pytest.skip("label range is checked on CPU only (no host sync on CUDA)")
+        labels[2] = kwargs.pop("lab_value")
+    with pytest.raises(ValueError, match=match) as info:
+        kd_loss(s, t, labels, **kwargs)
+    assert "\n" not in str(info.value)
+    assert isinstance(info.value, KdLossInputError)
+
+
+def test_one_docstring_for_every_entry_point():
+    kernel_module = importlib.import_module("kdbench.kernels.kd_loss")
+    assert kd_loss.__doc__ == reference.kd_loss.__doc__ == kernel_module.kd_loss.__doc__ == KD_LOSS_DOC
+    for phrase in ("T^2 scales the soft term only", "ignore_index", "batchmean", "beta * KL(p_t || m)", "(N, V)"):
+        assert phrase in KD_LOSS_DOC
+
+
+def test_dispatch(monkeypatch):
+    s = torch.randn(2, 8)
+    monkeypatch.delenv("KDBENCH_KERNEL", raising=False)
+    assert kernels.backend_for(s) == ("torch")
+    assert kernels.backend_for(s.double()) == "torch"
+    monkeypatch.setenv("KDBENCH_KERNEL", "triton")
+    assert kernels.backend_for(s) == "triton"
+    monkeypatch.setenv("KDBENCH_KERNEL", "cuda")
+    with pytest.raises(KdLossInputError, match="KDBENCH_KERNEL"):
+        kernels.backend_for(s)
+    monkeypatch.setenv("KDBENCH_KERNEL", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not CUDA:
+        with pytest.raises(KdLossInputError, match="TRITON_INTERPRET=1"):
+            kd_loss(s, torch.randn(2, 8))
+
+
+def test_package_kd_loss_stays_the_dispatcher():
+    """Importing the kernel module (same name) must not replace the package's kd_loss function."""
+    kernel_module = importlib.import_module("kdbench.kernels.kd_loss")
+    assert kernels.kd_loss is not kernel_module and callable(kernels.kd_loss)
+    from kdbench.kernels import kd_loss as again
+
+    assert again is kd_loss and kernel_module.kd_loss is not kd_loss
+
+
+def test_import_is_light():
+    """import kdbench.kernels pulls in neither triton nor the kernel module."""
+    code = "import sys, kdbench.kernels; print('triton' in sys.modules, 'kdbench.kernels.kd_loss' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "KDBENCH_KERNEL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU only: real shapes, and int64 offsets past 2^31 elements
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
+def test_gpu_large_vocab_against_reference(monkeypatch, dtype, div):
+    monkeypatch.setenv("KDBENCH_KERNEL", "triton")
+    s, t, labels = make_inputs(256, 128256, dtype, ignored=(3, 100))
+    check("triton", s, t, labels, temperature=2.0, alpha=0.7, divergence=div)
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    """N * V > 2^31: rows past the 2^31-th element must be right (checks the last rows against the oracle)."""
+    n, v = 16800, 128256  # 2.15e9 elements, 4.3 GB per bf16 tensor
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s = (torch.randn(n, v, device="cuda", generator=g) * 3).to(BF16).requires_grad_()
+    t = (torch.randn(n, v, device="cuda", generator=g) * 3).to(BF16)
+    labels = torch.randint(0, v, (n,), device="cuda", generator=g)
+    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    out = kmod.kd_loss(s, t, labels, temperature=2.0, alpha=0.7, reduction="none")
+    out.sum().backward()
+    tail = slice(n - 4, n)
+    s64 = s.detach()[tail].double().cpu().requires_grad_()
+    exp = oracle(s64, t[tail].double().cpu(), labels[tail].cpu(), temperature=2.0, alpha=0.7, reduction="none")
+    exp.sum().backward()
+    assert_close_rel(out[tail], exp, 1e-4, "tail row losses")
+    assert_close_rel(s.grad[tail], s64.grad, 1e-2, "tail grads")
