@@ -2,7 +2,7 @@
 
 `kd_loss` dispatches: the Triton kernel (kernels/kd_loss.py) for CUDA tensors, the chunked PyTorch reference
 (kernels/reference.py) otherwise. The environment variable KDBENCH_KERNEL overrides it:
-    KDBENCH_KERNEL=torch    always the reference (CPU tensors only)
+    KDBENCH_KERNEL=torch    always the reference (any device: an A/B check of the kernel on a GPU)
     KDBENCH_KERNEL=triton   always the Triton kernel; on CPU tensors this needs TRITON_INTERPRET=1 (how CI tests it)
     unset / auto            by device
 Importing this package imports neither triton nor the kernel module, and queries no device.

@@ -1,5 +1,7 @@
 """Exact PyTorch reference for the distillation loss: the CPU path and the test oracle of kernels/kd_loss.py.
 
+It runs on any device (KDBENCH_KERNEL=torch on CUDA tensors gives an A/B check of the kernel).
+
 It is chunked over rows and computes the gradient w.r.t. the student logits analytically in the forward pass,
 exactly as the Triton kernel does, so it never holds more than a few (chunk, V) fp32 temporaries, whatever N.
 Its formulas are checked against float64 autograd in tests/test_kd_loss.py.
@@ -209,7 +211,7 @@ _CHUNK_ELEMS = 1 << 22
 
 def _zero_where_no_mass(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """p * x with the convention 0 * anything = 0 (masked vocab: p = 0 where the log-prob is -inf)."""
-    return torch.where(p > 0, p * x, torch.zeros((), dtype=x.dtype))
+    return torch.where(p > 0, p * x, 0.0)
 
 
 def _rows_forward(s, t, lab, *, temperature, alpha, divergence, beta, ignore_index, want_grad):
@@ -219,9 +221,9 @@ def _rows_forward(s, t, lab, *, temperature, alpha, divergence, beta, ignore_ind
     """
     c = s.shape[0]
     T = float(temperature)
-    loss = torch.zeros(c, dtype=s.dtype)
+    loss = torch.zeros(c, dtype=s.dtype, device=s.device)
     grad = torch.zeros_like(s) if want_grad else None
-    valid = torch.ones(c, dtype=torch.bool) if lab is None else lab != ignore_index
+    valid = torch.ones(c, dtype=torch.bool, device=s.device) if lab is None else lab != ignore_index
 
     if alpha != 0.0:
         ls = torch.log_softmax(s / T, dim=-1)
@@ -247,17 +249,17 @@ def _rows_forward(s, t, lab, *, temperature, alpha, divergence, beta, ignore_ind
 
     if alpha != 1.0 and lab is not None:
         l1 = torch.log_softmax(s, dim=-1)
-        safe = torch.where(valid, lab, torch.zeros((), dtype=lab.dtype))
+        safe = torch.where(valid, lab, 0)
         ce = -l1.gather(1, safe[:, None].long()).squeeze(1)
         loss += (1.0 - alpha) * ce
         if want_grad:
             q = l1.exp_()
-            q.scatter_add_(1, safe[:, None].long(), -torch.ones(c, 1, dtype=q.dtype))
+            q.scatter_add_(1, safe[:, None].long(), -torch.ones(c, 1, dtype=q.dtype, device=q.device))
             grad += (1.0 - alpha) * q
 
-    loss = torch.where(valid, loss, torch.zeros((), dtype=loss.dtype))
+    loss = torch.where(valid, loss, 0.0)
     if want_grad:  # where, not a multiply: an ignored padding row may hold NaN or all -inf
-        grad = torch.where(valid[:, None], grad, torch.zeros((), dtype=grad.dtype))
+        grad = torch.where(valid[:, None], grad, 0.0)
     return loss, grad, valid
 
 
@@ -279,6 +281,7 @@ def _scale_rows_(grad: torch.Tensor, go: torch.Tensor) -> None:
     """grad (N, X) *= go (N,) or scalar, in place, chunked, with the product taken in fp32 or wider."""
     cdt = torch.promote_types(grad.dtype, torch.float32)
     n, v = grad.shape
+    go = go.to(grad.device)
     if go.dim() == 0:
         if grad.dtype == cdt:
             grad.mul_(go.to(cdt))
@@ -296,8 +299,8 @@ class _KdLossReference(torch.autograd.Function):
         n, v = s.shape
         cdt = torch.promote_types(s.dtype, torch.float32)
         out_dt = cdt
-        rows = torch.zeros(n, dtype=out_dt)
-        grad = torch.empty((n, v), dtype=s.dtype) if want_grad_s else None
+        rows = torch.zeros(n, dtype=out_dt, device=s.device)
+        grad = torch.empty((n, v), dtype=s.dtype, device=s.device) if want_grad_s else None
         n_valid = 0
         step = max(1, _CHUNK_ELEMS // v)
         for i in range(0, n, step):
@@ -321,7 +324,7 @@ class _KdLossReference(torch.autograd.Function):
             scale = 1.0 / max(n_valid, 1) if reduction == "batchmean" else 1.0
             loss = rows.sum() * scale
             if want_grad_s and scale != 1.0:
-                _scale_rows_(grad, torch.tensor(scale, dtype=cdt))
+                _scale_rows_(grad, torch.tensor(scale, dtype=cdt, device=grad.device))
 
         grad_f = None
         if fs is not None:
@@ -336,7 +339,9 @@ class _KdLossReference(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, go):
         if ctx.scaled:  # the stored gradient was already scaled in place by an earlier backward
-            raise RuntimeError("kd_loss: a second backward through the same forward after a grad_output != 1 is not supported")
+            raise RuntimeError(
+                "kd_loss: a second backward through the same forward after a grad_output != 1 is not supported"
+            )
         grad, grad_f = ctx.saved_tensors
         if ctx.reduction != "none" and bool(go == 1):
             return grad, None, None, grad_f, None, None, None, None
@@ -380,8 +385,6 @@ def kd_loss(
         teacher_features=teacher_features,
         **opts,
     )
-    if s.device.type != "cpu":
-        raise KdLossInputError(f"kd_loss reference: runs on CPU tensors, got {s.device} (use kdbench.kernels.kd_loss)")
     fs, ft = feats if feats is not None else (None, None)
     grad_on = torch.is_grad_enabled()
     want_grad_s = grad_on and student_logits.requires_grad

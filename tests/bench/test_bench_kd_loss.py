@@ -1,0 +1,79 @@
+"""pytest-benchmark checks for kd_loss, group "kd_loss": forward + backward, each one also checked against float64.
+
+CI smoke run (each benchmark runs once, untimed):  pytest tests/bench -p no:randomly --benchmark-disable
+GPU session, save a baseline:   pytest tests/bench -p no:randomly --benchmark-enable --benchmark-autosave
+and compare with it later:      ... --benchmark-enable --benchmark-compare --benchmark-compare-fail=median:10%
+The full comparison table (eager, torch.compile, Liger, ours; GB/s, memory) is kdbench.bench.bench_kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdbench.bench import ALPHA, TEMPERATURE, bench_kernels, eager_kd_loss, float64_check
+
+CUDA = torch.cuda.is_available()
+
+
+def _inputs(n, v, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    s = (torch.randn(n, v, device=device, generator=g) * 3).to(dtype).requires_grad_()
+    t = (torch.randn(n, v, device=device, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, v, (n,), device=device, generator=g)
+    return s, t, labels
+
+
+def _ours(s, t, labels):
+    from kdbench.kernels import kd_loss
+
+    return kd_loss(s, t, labels, temperature=TEMPERATURE, alpha=ALPHA)
+
+
+def _step(fn, s, t, labels):
+    s.grad = None
+    loss = fn(s, t, labels)
+    loss.backward()
+    if s.is_cuda:
+        torch.cuda.synchronize()  # pytest-benchmark reads a host clock
+    return loss.detach()
+
+
+def _run_and_check(benchmark, fn, s, t, labels, rtol):
+    loss = benchmark(_step, fn, s, t, labels)
+    err = float64_check(s, t, labels, loss, s.grad)
+    assert err < rtol, f"max rel error vs float64 {err:.2e} >= {rtol:g}"
+
+
+@pytest.mark.benchmark(group="kd_loss")
+def test_kd_loss_reference_cpu(benchmark, monkeypatch):
+    monkeypatch.setenv("KDBENCH_KERNEL", "torch")
+    _run_and_check(benchmark, _ours, *_inputs(512, 4096, torch.float32, "cpu"), rtol=1e-5)
+
+
+@pytest.mark.benchmark(group="kd_loss")
+def test_eager_cpu(benchmark):
+    _run_and_check(benchmark, eager_kd_loss, *_inputs(512, 4096, torch.float32, "cpu"), rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="kd_loss")
+@pytest.mark.parametrize("v", [32000, 128256], ids=["V32000-bf16", "V128256-bf16"])
+def test_kd_loss_triton_gpu(benchmark, monkeypatch, v):
+    monkeypatch.setenv("KDBENCH_KERNEL", "triton")
+    _run_and_check(benchmark, _ours, *_inputs(8192, v, torch.bfloat16, "cuda"), rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="kd_loss")
+def test_eager_gpu(benchmark):
+    _run_and_check(benchmark, eager_kd_loss, *_inputs(8192, 32000, torch.bfloat16, "cuda"), rtol=1e-2)
+
+
+def test_bench_kernels_writes_a_table(tmp_path):
+    """bench_kernels end to end on tiny shapes: a markdown table with every implementation, written to disk."""
+    table = bench_kernels(out_dir=tmp_path, shapes=[(64, 500, "float32")], quick=True)
+    name = next(tmp_path.glob("*.md"))
+    assert name.read_text() == table
+    assert "| 64 x 500 | float32 | eager |" in table
+    assert "kd_loss (" in table and "failed" not in table and "OOM" not in table
