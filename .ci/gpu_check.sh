@@ -8,7 +8,7 @@
 # Steps, each under its own time limit, none stopping the next:
 #   1. environment report                      -> $OUT/env.txt
 #   2. pytest tests/test_kd_loss.py (GPU)       -> $OUT/test_kd_loss.log
-#   3. pytest tests/bench, timed (baseline)     -> $OUT/bench_pytest.log, $OUT/bench.json
+#   3. pytest tests/bench/test_bench_kd_loss.py, timed -> $OUT/bench_pytest.log, $OUT/bench.json
 #   4. kdbench.bench.bench_kernels()            -> $OUT/kernels/<gpu-slug>.md, $OUT/bench_kernels.log
 # The last lines printed are a summary and the kernels table. Exit code: non-zero if the tests failed.
 # Local dry run of the non-GPU parts (kernel under the interpreter, small CPU shapes):
@@ -104,8 +104,8 @@ tail -n 25 "$OUT/test_kd_loss.log"
 
 # --- 3. pytest-benchmark, timed --------------------------------------------------------------------------
 T=$(limit 60 90)
-echo "gpu_check: pytest tests/bench --benchmark-enable (limit ${T}s)"
-timeout -k 10 "$T" "$PY" -m pytest tests/bench -p no:randomly -p no:cacheprovider -q -o addopts="-ra" \
+echo "gpu_check: pytest tests/bench/test_bench_kd_loss.py --benchmark-enable (limit ${T}s)"
+timeout -k 10 "$T" "$PY" -m pytest tests/bench/test_bench_kd_loss.py -p no:randomly -p no:cacheprovider -q -o addopts="-ra" \
     "${CONFTEST_OPT[@]}" --benchmark-enable --benchmark-max-time=0.5 --benchmark-json="$OUT/bench.json" \
     --benchmark-columns=min,median,max,rounds > "$OUT/bench_pytest.log" 2>&1
 BENCH_RC=$?

@@ -263,15 +263,16 @@ def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False)
         rows.append(
             dict(shape=f"{n} x {v}", dtype=dtype_name, impl="(copy, for scale)", gbps=f"{copy_gbps:.4g}", frac="1.00")
         )
-        out_file.write_text(_markdown(rows, dev_name, cuda, quick))  # after each shape: a cut-off run keeps rows
+        # after each shape, so that a run cut off by a time limit keeps what it measured
+        out_file.write_text(_markdown(rows, dev_name, cuda, quick, liger is not None))
 
-    table = _markdown(rows, dev_name, cuda, quick)
+    table = _markdown(rows, dev_name, cuda, quick, liger is not None)
     out_file.write_text(table)
     log.info("kd_loss bench: wrote %s", out_file)
     return table
 
 
-def _markdown(rows, dev_name: str, cuda: bool, quick: bool) -> str:
+def _markdown(rows, dev_name: str, cuda: bool, quick: bool, has_liger: bool) -> str:
     import torch
 
     try:
@@ -303,6 +304,7 @@ def _markdown(rows, dev_name: str, cuda: bool, quick: bool) -> str:
         f"triton {triton_version}" + ("." if cuda else f"; {torch.get_num_threads()} torch CPU threads."),
         f"Loss: alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE, T = {TEMPERATURE}, alpha = {ALPHA}, batchmean, every "
         "row valid; forward and backward of the student logits (teacher frozen).",
+        *(["Liger-Kernel is not installed here: no liger rows."] if cuda and not has_liger else []),
         "Time: " + ("triton.testing.do_bench median (CUDA events, L2 flushed between runs)." if cuda else
                     "median of time.perf_counter over repeated runs."),
         "GB/s counts the minimal traffic, read student + teacher and write the gradient once (3 N V bytes in the "
