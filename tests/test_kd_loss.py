@@ -509,3 +509,60 @@ def test_gpu_int64_offsets():
     exp.sum().backward()
     assert_close_rel(out[tail], exp, 1e-4, "tail row losses")
     assert_close_rel(s.grad[tail], s64.grad, 1e-2, "tail grads")
+
+
+def test_alpha0_without_labels_is_zero(impl):
+    """No CE term and no soft term: the loss is 0 and so is the gradient (the kernel has nothing to compute)."""
+    s, t, _ = make_inputs(3, 50)
+    a = s.clone().to(device_for(impl)).requires_grad_()
+    out = kd_loss(a, t.to(a.device), None, alpha=0.0)
+    assert out.item() == 0.0
+    out.backward()
+    assert not a.grad.any()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compiles for the GPU without one: catches what the interpreter lets through (e.g. non-constexpr globals)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+_COMPILE_SCRIPT = r"""
+import importlib, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+fn = importlib.import_module("kdbench.kernels.kd_loss")._kd_loss_fwd_kernel
+variants = [  # dtype, divergence, single, has_labels, alpha
+    ("bf16", 0, True, True, 0.5), ("fp16", 1, False, True, 0.5), ("fp32", 2, False, False, 1.0),
+    ("bf16", 2, True, True, 0.0), ("fp32", 0, True, False, 0.0),
+]
+for dtype, divergence, single, has_labels, alpha in variants:
+    consts = dict(
+        s_stride_v=1, t_stride_v=1, DIVERGENCE=divergence, HAS_LABELS=has_labels, DO_SOFT=alpha != 0.0,
+        DO_CE=has_labels and alpha != 1.0, SAME_T=False, WRITE_GRAD=True, SINGLE=single,
+        BLOCK_V=8192 if single else 4096,
+    )
+    types = dict(
+        s_ptr=f"*{dtype}", t_ptr=f"*{dtype}", lab_ptr="*i64", grad_ptr=f"*{dtype}", loss_ptr="*fp32",
+        scale_ptr="*fp32", s_stride_r="i64", t_stride_r="i64", V="i32", inv_T="fp32", T="fp32", alpha="fp32",
+        beta="fp32", log_beta="fp32", log_1m_beta="fp32", ignore_index="i32",
+    )
+    sig = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
+    out = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": 16})
+    assert out.asm["cubin"], (dtype, divergence, single)
+print("compiled", len(variants))
+"""
+
+
+def test_kernel_compiles_for_sm90():
+    """Compile the forward kernel to sm_90 machine code (Triton's bundled ptxas, no GPU needed)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KDBENCH_KERNEL")}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env)
+    if out.returncode != 0 and "ptxas" in out.stderr and "No such file" in out.stderr:
+        pytest.skip("Triton's ptxas is missing here")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "compiled 5" in out.stdout
