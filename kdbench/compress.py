@@ -294,8 +294,11 @@ class PruneStructured(Compressor):
         shapes_before = {n: t.shape for n, t in model.named_parameters()}
 
         was_training = model.training
+        frozen = {n for n, t in model.named_parameters() if not t.requires_grad}
         model.eval()
         try:
+            for t in model.parameters():  # tracing needs grad_fn on every weight, frozen ones included
+                t.requires_grad_(True)
             # Tracing follows grad_fn, so it needs autograd on, even if the caller is in inference mode.
             with torch.inference_mode(False), torch.enable_grad():
                 dg = tp.DependencyGraph().build_dependency(
@@ -314,6 +317,8 @@ class PruneStructured(Compressor):
             ) from e
         finally:
             model.train(was_training)
+            for n, t in model.named_parameters():  # by name: torch-pruning replaces the Parameters it cuts
+                t.requires_grad_(n not in frozen)
 
         # torch-pruning follows the traced graph: make sure it cut only heads and FFN neurons, never the residual
         # width (embeddings, LayerNorms, the hidden side of every projection, the head).
@@ -530,13 +535,15 @@ def apply_variant(
     """
     dev = _device(device)
     validated = [(name, compressors.validate_params(name, params)) for name, params in steps]
-    if copy_model:
-        model = copy.deepcopy(model)
-    model = model.to(dev).eval()
-    infos = []
-    for name, params in validated:
-        info = compressors.get(name)(params).apply(model, device=dev, inputs=inputs)
-        infos.append({"name": name, "params": params.model_dump(), **info})
+    # Copies made under a caller's inference_mode would be inference tensors, which pruning cannot trace.
+    with torch.inference_mode(False):
+        if copy_model:
+            model = copy.deepcopy(model)
+        model = model.to(dev).eval()
+        infos = []
+        for name, params in validated:
+            info = compressors.get(name)(params).apply(model, device=dev, inputs=inputs)
+            infos.append({"name": name, "params": params.model_dump(), **info})
     return model, {"steps": infos}
 
 

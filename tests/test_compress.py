@@ -206,3 +206,13 @@ def test_untraceable_model_raises_kdbench_error():
     model = UntraceableBert(tiny_bert().config)
     with pytest.raises(KdbenchError, match="torch-pruning cannot prune UntraceableBert: "):
         apply_variant(model, [("prune_structured", {})], "cpu")
+
+
+def test_structured_pruning_under_inference_mode_keeps_requires_grad():
+    model = tiny_bert()
+    model.bert.embeddings.requires_grad_(False)
+    model.bert.encoder.layer[0].requires_grad_(False)  # frozen, and it gets pruned
+    with torch.inference_mode():
+        pruned, _ = apply_variant(model, [("prune_structured", {})], "cpu")
+    expect = {n: t.requires_grad for n, t in model.named_parameters()}
+    assert {n: t.requires_grad for n, t in pruned.named_parameters()} == expect

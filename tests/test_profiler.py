@@ -2,10 +2,7 @@
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
-from kdbench.compress import apply_variant, save_variant
-from kdbench.errors import KdbenchError
 from kdbench.profiler import (
     Timer,
     count_parameters,
@@ -17,10 +14,14 @@ from kdbench.profiler import (
     tensor_bytes,
 )
 
+# The memory fork server imports torch + transformers (seconds): start it at collection, in the background,
+# so it is ready by the time the memory tests (last in this file) run.
+start_memory_server()
 
-@pytest.fixture(scope="module", autouse=True)
-def memory_server():
-    start_memory_server()  # imports torch + transformers in the background while the other tests run
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+from kdbench.compress import apply_variant, save_variant  # noqa: E402
+from kdbench.errors import KdbenchError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,8 @@ def test_count_parameters_dense_sparse_and_quantized(model):
 def test_size_on_disk_formats(model):
     dense = size_on_disk(model)
     assert dense["format"] == "safetensors"
-    assert dense["bytes"] == pytest.approx(tensor_bytes(model) - 512 * 8 - 2 * 512 * 8, rel=0.02)  # no int buffers
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert param_bytes < dense["bytes"] < param_bytes + 16_000  # + the JSON header; non-persistent buffers left out
     assert dense["mb"] == dense["bytes"] / 2**20 and "safetensors" in dense["method"]
     quant, _ = apply_variant(model, [("int8", {})], "cpu")
     q = size_on_disk(quant)
