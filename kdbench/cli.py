@@ -1,0 +1,132 @@
+"""`kdbench` command line: a thin shell over the Python API (kdbench.suite, kdbench.runner, kdbench.report).
+
+Heavy libraries load inside the commands, so `kdbench --help` is instant. Bad input ends with one line naming
+the culprit and exit code 2; finished runs stay on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from kdbench.errors import KdbenchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Benchmark knowledge distillation: distill, compress and profile students.")
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, show_time=False)], force=True)
+    for noisy in ("transformers", "datasets", "torchao", "torch", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.getLogger("kdbench").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _fail(e: KdbenchError) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(code=e.exit_code)
+
+
+@app.command()
+def run(
+    suite: Path = typer.Argument(..., help="suite YAML file"),
+    results_dir: Optional[Path] = typer.Option(None, "--results-dir", help="base folder (default: the suite's output_dir)"),
+    rerun: bool = typer.Option(False, "--rerun", help="run again even if a result exists"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and whether each would run, then stop"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Run a suite: teachers, students alone, each method, compressed variants; write results and tables."""
+    _setup_logging(verbose)
+    try:
+        from kdbench.suite import expand, load_suite
+
+        s = load_suite(suite)
+        if dry_run:
+            from kdbench.results import is_done, run_path
+            from kdbench.runner import results_dir_for
+
+            out = results_dir_for(s, results_dir)
+            for spec in expand(s):
+                done = not rerun and is_done(run_path(out, spec.run_id), spec.spec_hash)
+                typer.echo(f"{'done' if done else 'run '}  {spec.run_id}")
+            return
+        from kdbench.report import task_tables
+        from kdbench.results import read_results
+        from kdbench.runner import run_suite
+
+        outcome = run_suite(s, results_dir, rerun=rerun)
+    except KdbenchError as e:
+        _fail(e)
+    for task, table in task_tables(read_results(outcome.results_dir)).items():
+        typer.echo(f"\n## {task}\n\n{table}")
+    ran = sum(r.status != "skipped" for r in outcome.runs)
+    typer.echo(f"\n{ran} run(s) executed, {len(outcome.runs) - ran} already done; "
+               f"report: {outcome.results_dir / 'README.md'}")
+    for r in outcome.failed:
+        typer.echo(f"error: run {r.run_id} failed: {r.error}", err=True)
+    raise typer.Exit(code=outcome.exit_code)
+
+
+@app.command()
+def validate(suites: List[Path] = typer.Argument(..., help="suite YAML files")):
+    """Check suite files without running anything."""
+    from kdbench.suite import expand, load_suite
+
+    bad = 0
+    for path in suites:
+        try:
+            s = load_suite(path)
+            typer.echo(f"ok  {path}: {len(expand(s))} runs")
+        except KdbenchError as e:
+            typer.echo(f"error: {e}", err=True)
+            bad += 1
+    raise typer.Exit(code=2 if bad else 0)
+
+
+class Registries(str, Enum):
+    tasks = "tasks"
+    methods = "methods"
+    compressors = "compressors"
+    models = "models"
+
+
+@app.command("ls")
+def ls(what: Registries = typer.Argument(..., help="tasks | methods | compressors | models")):
+    """List registered tasks, methods, compressors or inline model types, with their parameters."""
+    if what is Registries.tasks:
+        from kdbench.tasks import tasks as reg
+    elif what is Registries.methods:
+        from kdbench.methods import methods as reg
+    elif what is Registries.compressors:
+        from kdbench.compress import compressors as reg
+    else:
+        from kdbench.models import model_types as reg
+    for name in reg.names():
+        params = ", ".join(reg.params_schema(name).model_fields) if what is not Registries.models else ""
+        typer.echo(f"{name:26s} {reg.describe(name)}" + (f"\n{'':26s} params: {params}" if params else ""))
+
+
+@app.command()
+def report(results_dir: Path = typer.Argument(..., help="a suite's results folder, e.g. results/quickstart")):
+    """Re-render a suite's tables from its RunResult JSONs."""
+    from kdbench.report import write_report
+
+    if not (results_dir / "runs").is_dir():
+        _fail(KdbenchError(f"no results in {results_dir} (expected {results_dir / 'runs'})"))
+    typer.echo(write_report(results_dir))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

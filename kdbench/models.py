@@ -1,0 +1,151 @@
+"""Models and tokenizers: inline tiny configs, local folders and hub names, all through the Auto classes.
+
+A model reference in a suite is either a string (a local folder if one exists at that path, else a hub name)
+or an inline config: `model_type` plus config fields. Tiny configs share a WordPiece tokenizer trained on the
+task's training split, so teacher and student always agree on the vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from kdbench.errors import KdbenchError
+from kdbench.registry import Registry
+
+log = logging.getLogger(__name__)
+
+# Model families that an inline config may name, with the config class that builds them. Classification heads
+# come from AutoModelForSequenceClassification.
+model_types: Registry = Registry("model type")
+for _name, _cls in (("bert", "BertConfig"), ("distilbert", "DistilBertConfig"), ("roberta", "RobertaConfig")):
+    model_types.register(_name)(_cls)
+
+
+def _config_class(model_type: str):
+    import transformers
+
+    return getattr(transformers, model_types.get(model_type))
+
+
+def check_model_ref(ref, where: str) -> None:
+    """Fail early on an unknown model type, an unknown config field, or a local path that does not exist."""
+    if isinstance(ref, str):
+        looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1
+        if looks_local and not Path(ref).expanduser().exists():
+            raise KdbenchError(f"{where}: model path not found: {ref}")
+        return
+    fields = dict(ref.model_extra or {})
+    try:
+        cls = _config_class(ref.model_type)
+    except KdbenchError as e:
+        raise KdbenchError(f"{where}: {e}") from None
+    known = set(cls().to_dict()) | set(getattr(cls, "attribute_map", {}))
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise KdbenchError(f"{where}: unknown {ref.model_type} config field {unknown[0]!r}")
+
+
+def describe(ref) -> str:
+    if isinstance(ref, str):
+        return ref
+    f = ref.model_extra or {}
+    layers = f.get("num_hidden_layers", f.get("n_layers", "?"))
+    width = f.get("hidden_size", f.get("dim", "?"))
+    return f"{ref.model_type} {layers}L/{width}H"
+
+
+def is_pretrained(ref) -> bool:
+    return isinstance(ref, str)
+
+
+def _from_pretrained(loader, ref: str, **kwargs):
+    path = Path(ref).expanduser()
+    try:
+        return loader.from_pretrained(str(path) if path.exists() else ref, **kwargs)
+    except OSError as e:
+        if path.exists():
+            raise KdbenchError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+        raise KdbenchError(
+            f"model {ref!r} is not a local folder and cannot be fetched from the hub "
+            "(needs a network, or give a local path)"
+        ) from None
+
+
+def load_tokenizer(ref: str):
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, ref)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, save_dir: Path):
+    """Train a WordPiece tokenizer on `texts` (cached in `save_dir`) and wrap it for transformers."""
+    from transformers import PreTrainedTokenizerFast
+
+    if (save_dir / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(str(save_dir))
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    save_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(save_dir))
+    return fast
+
+
+def pair_tokenizer(teacher_ref, student_ref, train_texts: list[str], cache_dir: Path, cache_key: str,
+                   vocab_size: int = 2000):
+    """The one tokenizer a pair shares. Pretrained models bring theirs; two must have the same vocabulary."""
+    pretrained = {role: ref for role, ref in (("teacher", teacher_ref), ("student", student_ref)) if is_pretrained(ref)}
+    if not pretrained:
+        return train_tokenizer(train_texts, vocab_size, cache_dir / "tokenizers" / cache_key)
+    toks = {role: load_tokenizer(ref) for role, ref in pretrained.items()}
+    if len(toks) == 2:
+        t, s = toks["teacher"], toks["student"]
+        if t.get_vocab() != s.get_vocab():
+            raise KdbenchError(
+                f"teacher {teacher_ref!r} and student {student_ref!r} have different vocabularies "
+                f"({len(t)} vs {len(s)} tokens); logit distillation needs a shared tokenizer"
+            )
+    tok = toks.get("teacher") or toks["student"]
+    for role, ref in (("teacher", teacher_ref), ("student", student_ref)):
+        size = None if is_pretrained(ref) else (ref.model_extra or {}).get("vocab_size")
+        if size is not None and size != len(tok):
+            raise KdbenchError(f"{role} vocab_size {size} differs from the pair's tokenizer ({len(tok)} tokens)")
+    return tok
+
+
+def build_model(ref, *, num_labels: int, vocab_size: int, seed: int, attention_maps: bool = False):
+    """A sequence classifier: a fresh model from an inline config, or a pretrained one with a (new) head."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    extra: dict[str, Any] = {"attn_implementation": "eager"} if attention_maps else {}
+    if is_pretrained(ref):
+        return _from_pretrained(
+            AutoModelForSequenceClassification, ref, num_labels=num_labels, ignore_mismatched_sizes=True, **extra
+        )
+    fields = dict(ref.model_extra or {})
+    fields.setdefault("vocab_size", vocab_size)
+    config = _config_class(ref.model_type)(num_labels=num_labels, **fields)
+    torch.manual_seed(seed)  # initial weights depend on the run seed only
+    return AutoModelForSequenceClassification.from_config(config, **extra)
+
+
+def load_saved(path: Path):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(str(path))

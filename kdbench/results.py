@@ -1,0 +1,93 @@
+"""RunResult files: one JSON per run, written atomically, read back by the report and by resumed suites.
+
+Layout: <results_dir>/runs/<run_id>.json with keys
+    run_id, spec (the resolved RunSpec), spec_hash, status ("ok" | "failed"), error, error_kind,
+    versions, device, started, wall_s, training (wall_s, steps, samples, samples_per_s),
+    variants: [{name, kind, metric, retention, params, nonzero_params, size_bytes, latency, memory, energy, ...}]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+RUNS = "runs"
+
+
+def run_path(results_dir: Path, run_id: str) -> Path:
+    return Path(results_dir) / RUNS / f"{run_id}.json"
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(result, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_result(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_results(results_dir: Path) -> list[dict]:
+    runs = sorted((Path(results_dir) / RUNS).glob("*.json"))
+    return [r for r in (read_result(p) for p in runs) if r is not None]
+
+
+def is_done(path: Path, spec_hash: str) -> bool:
+    """A run is skipped when its result exists, succeeded, and was made from the same spec."""
+    r = read_result(path)
+    return bool(r) and r.get("status") == "ok" and r.get("spec_hash") == spec_hash
+
+
+def versions() -> dict[str, str | None]:
+    import torch
+    import transformers
+
+    import kdbench
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "kdbench": kdbench.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+def device_info(device: str) -> dict[str, Any]:
+    import torch
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = platform.processor() or platform.machine()
+        try:  # the model name is more telling than "x86_64"
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return {"type": device, "name": name, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}

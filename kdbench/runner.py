@@ -1,0 +1,435 @@
+"""The runner: executes a suite's runs in order, caching what it can and recording every outcome.
+
+Order per (task, pair): the teacher (fine-tuned once and cached on disk by the hash of its spec), then per seed
+the student alone and the student distilled by each method; each distilled student is also compressed into the
+suite's variants. Every run writes one RunResult JSON; a run whose result exists with the same spec hash is
+skipped, so an interrupted suite resumes where it stopped. A run that fails is recorded and the suite goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kdbench.errors import KdbenchError
+from kdbench.results import device_info, is_done, read_result, run_path, versions, write_result
+from kdbench.suite import RunSpec, Suite, expand, spec_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    status: str  # "ok" | "failed" | "skipped" (already done)
+    error: str | None = None
+    error_kind: str | None = None  # "input" (bad input: exit 2) | "bug"
+
+
+@dataclass
+class SuiteOutcome:
+    results_dir: Path
+    runs: list[RunOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        return [r for r in self.runs if r.status == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        if not self.failed:
+            return 0
+        return 2 if any(r.error_kind == "input" for r in self.failed) else 1
+
+
+def resolve_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise KdbenchError("device: cuda was requested but no CUDA device is available")
+    return setting
+
+
+def results_dir_for(suite: Suite, base: str | Path | None = None) -> Path:
+    return Path(base or suite.output_dir) / suite.name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-process state shared by the runs of one suite: data, tokenizers and teachers are built once.
+
+
+class Context:
+    def __init__(self, suite: Suite, results_dir: Path, device: str, progress=None):
+        self.suite, self.results_dir, self.device, self.progress = suite, results_dir, device, progress
+        self.cache_dir = Path(suite.cache_dir)
+        self._memo: dict[tuple, Any] = {}
+
+    def memo(self, key: tuple, build):
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    def task_data(self, spec: RunSpec):
+        from kdbench.tasks import load_task
+
+        return self.memo(("task", spec.task.name), lambda: load_task(spec.task.task, spec.task.params))
+
+    def tokenizer(self, spec: RunSpec):
+        from kdbench.models import pair_tokenizer
+
+        def build():
+            data = self.task_data(spec)
+            key = spec_hash(["tokenizer", spec.task.model_dump(mode="json")])
+            return pair_tokenizer(spec.pair.teacher.model, spec.pair.student.model,
+                                  [r["text"] for r in data.train], self.cache_dir, key)
+
+        return self.memo(("tokenizer", spec.task.name, spec.pair.name), build)
+
+    def encoded(self, spec: RunSpec, split: str):
+        """Tokenized rows of a split, with only the inputs both models accept (DistilBERT has no token types)."""
+
+        def build():
+            tok = self.tokenizer(spec)
+            rows = getattr(self.task_data(spec), split)
+            return encode(rows, tok, spec.training.max_seq_length)
+
+        return self.memo(("encoded", spec.task.name, spec.pair.name, split), build)
+
+    def teacher_key(self, spec: RunSpec) -> str:
+        t = spec.pair.teacher
+        return spec_hash(["teacher", spec.task.model_dump(mode="json"), t.model_dump(mode="json"),
+                          spec.training.max_seq_length, spec.seed])
+
+    def teacher(self, spec: RunSpec):
+        """The task's teacher: loaded from the on-disk cache, or fine-tuned once and saved there."""
+        return self.memo(("teacher", spec.task.name, spec.pair.name), lambda: self._build_teacher(spec))
+
+    def _build_teacher(self, spec: RunSpec):
+        from kdbench import models, trainer
+
+        data = self.task_data(spec)
+        tmodel = spec.pair.teacher
+        folder = self.cache_dir / "teachers" / self.teacher_key(spec)
+        stats = None
+        if (folder / "config.json").exists():
+            model = models.load_saved(folder)
+            log.info("teacher loaded from cache %s", folder)
+        else:
+            if tmodel.finetune is None and not models.is_pretrained(tmodel.model):
+                raise KdbenchError(f"pairs.{spec.pair.name}.teacher: an inline config needs `finetune:` settings")
+            model = models.build_model(tmodel.model, num_labels=data.num_labels,
+                                       vocab_size=len(self.tokenizer(spec)), seed=spec.seed)
+            if tmodel.finetune is not None:
+                stats = trainer.train(model, self.encoded(spec, "train"), self.collator(spec), tmodel.finetune,
+                                      seed=spec.seed, device=self.device, progress=self.progress,
+                                      description=f"fine-tune teacher {spec.pair.name}")
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                tmp = folder.with_name(folder.name + ".tmp")
+                model.save_pretrained(str(tmp))
+                tmp.rename(folder)  # atomic: a half-written teacher is never reused
+        model.to(self.device).eval()
+        return model, stats
+
+    def collator(self, spec: RunSpec):
+        from transformers import DataCollatorWithPadding
+
+        return self.memo(("collator", spec.task.name, spec.pair.name),
+                         lambda: DataCollatorWithPadding(self.tokenizer(spec)))
+
+    def teacher_metric(self, spec: RunSpec) -> float | None:
+        r = read_result(run_path(self.results_dir, teacher_run_id(spec)))
+        if r and r.get("status") == "ok":
+            return r["variants"][0]["metric"]
+        return None
+
+    def teacher_latency(self, spec: RunSpec) -> dict:
+        """The teacher's latency measured in this process, so every speedup compares like with like."""
+        def build():
+            model, _ = self.teacher(spec)
+            return measure_latency(model, spec, self)
+
+        return self.memo(("teacher_latency", spec.task.name, spec.pair.name), build)
+
+
+def teacher_run_id(spec: RunSpec) -> str:
+    return f"{spec.task.name}__{spec.pair.name}__teacher"
+
+
+def encode(rows: list[dict], tokenizer, max_len: int) -> list[dict]:
+    texts = [r["text"] for r in rows]
+    pairs = [r["text_pair"] for r in rows] if rows and "text_pair" in rows[0] else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_len)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    return [{**{k: enc[k][i] for k in keys}, "labels": r["label"]} for i, r in enumerate(rows)]
+
+
+def model_inputs(batch: dict, *models) -> dict:
+    """Keep only the keys every model's forward accepts."""
+    accepted = None
+    for m in models:
+        params = set(inspect.signature(m.forward).parameters)
+        accepted = params if accepted is None else accepted & params
+    return {k: v for k, v in batch.items() if k in accepted}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measurement of one model variant
+
+
+def evaluate(model, rows: list[dict], collator, device: str, batch_size: int = 128) -> float:
+    """Task metric (accuracy) of `model` on tokenized `rows`."""
+    import torch
+
+    from kdbench.tasks import accuracy
+
+    model.eval()
+    preds, labels = [], []
+    with torch.inference_mode():
+        for i in range(0, len(rows), batch_size):
+            batch = collator([{k: v for k, v in r.items()} for r in rows[i : i + batch_size]])
+            labels.append(batch.pop("labels"))
+            batch = model_inputs({k: v.to(device) for k, v in batch.items()}, model)
+            preds.append(model(**batch).logits.argmax(-1).cpu())
+    return accuracy(torch.cat(preds), torch.cat(labels))
+
+
+def example_batch(spec: RunSpec, ctx: Context, batch_size: int) -> dict:
+    """A padded batch of real eval inputs at the profiling sequence length (cycled if the split is small)."""
+    rows = ctx.encoded(spec, "eval")
+    seq = spec.profiling.seq_length or spec.training.max_seq_length
+    picked = [rows[i % len(rows)] for i in range(batch_size)]
+    batch = ctx.collator(spec)([{k: v for k, v in r.items() if k != "labels"} for r in picked])
+    if batch["input_ids"].shape[1] < seq:  # pad up to the profiling length so latency means what it says
+        tok = ctx.tokenizer(spec)
+        batch = tok.pad({k: v.tolist() for k, v in batch.items()}, padding="max_length", max_length=seq,
+                        return_tensors="pt")
+    return {k: v[:, :seq] for k, v in batch.items()}
+
+
+def measure_latency(model, spec: RunSpec, ctx: Context) -> dict:
+    from kdbench import profiler
+
+    p = spec.profiling
+    return profiler.measure_latency(
+        model, lambda bs: model_inputs(example_batch(spec, ctx, bs), model), batch_sizes=p.batch_sizes,
+        warmup=p.warmup, min_repeats=p.min_repeats, max_repeats=p.max_repeats, time_budget_s=p.time_budget_s,
+        device=ctx.device,
+    )
+
+
+def profile_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *, teacher_metric: float | None,
+                    teacher_latency: dict | None, info: dict | None = None, training: dict | None = None) -> dict:
+    """Quality, size, latency, memory and energy of one model variant, measured the same way for all."""
+    from kdbench import profiler
+
+    metric = evaluate(model, ctx.encoded(spec, "eval"), ctx.collator(spec), ctx.device)
+    total, nonzero = profiler.count_parameters(model)
+    latency = measure_latency(model, spec, ctx)
+    speedup = {}
+    if teacher_latency:
+        for bs, lat in latency.items():
+            ref = teacher_latency.get(bs)
+            if ref and lat.get("median_ms"):
+                speedup[bs] = ref["median_ms"] / lat["median_ms"]
+    largest = max(spec.profiling.batch_sizes)
+    memory = None
+    if spec.profiling.memory:
+        memory = profiler.measure_peak_memory(
+            model, lambda bs: model_inputs(example_batch(spec, ctx, bs), model), batch_size=largest, device=ctx.device
+        )
+    energy = profiler.measure_energy(
+        model, lambda bs: model_inputs(example_batch(spec, ctx, bs), model), batch_size=largest, device=ctx.device
+    )
+    return {
+        "name": name,
+        "kind": kind,
+        "metric_name": "accuracy",
+        "metric": metric,
+        "retention": metric / teacher_metric if teacher_metric else None,
+        "params": total,
+        "nonzero_params": nonzero,
+        "size": profiler.size_on_disk(model),
+        "latency": latency,
+        "speedup_vs_teacher": speedup,
+        "memory": memory,
+        "energy": energy,
+        "compression": info or {},
+        "training": training,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The three kinds of run
+
+
+def run_teacher(spec: RunSpec, ctx: Context) -> dict:
+    model, stats = ctx.teacher(spec)
+    variant = profile_variant("teacher", "teacher", model, spec, ctx, teacher_metric=None,
+                              teacher_latency=ctx.teacher_latency(spec),
+                              training=stats.as_dict() if stats else None)
+    variant["retention"] = 1.0
+    return {"variants": [variant], "training": variant["training"]}
+
+
+def _require_teacher_metric(spec: RunSpec, ctx: Context) -> float:
+    metric = ctx.teacher_metric(spec)
+    if metric is None:
+        raise KdbenchError(f"teacher run {teacher_run_id(spec)} did not succeed; its students cannot run")
+    return metric
+
+
+def run_student(spec: RunSpec, ctx: Context) -> dict:
+    from kdbench import models, trainer
+
+    teacher_metric = _require_teacher_metric(spec, ctx)
+    data = ctx.task_data(spec)
+    student = models.build_model(spec.pair.student.model, num_labels=data.num_labels,
+                                 vocab_size=len(ctx.tokenizer(spec)), seed=spec.seed)
+    stats = trainer.train(student, ctx.encoded(spec, "train"), ctx.collator(spec), spec.training, seed=spec.seed,
+                          device=ctx.device, progress=ctx.progress, description=f"student alone, seed {spec.seed}")
+    variant = profile_variant("student", "student", student, spec, ctx, teacher_metric=teacher_metric,
+                              teacher_latency=ctx.teacher_latency(spec), training=stats.as_dict())
+    return {"variants": [variant], "training": stats.as_dict()}
+
+
+def run_distill(spec: RunSpec, ctx: Context) -> dict:
+    from kdbench import models, trainer
+    from kdbench.methods import make_objective
+
+    teacher_metric = _require_teacher_metric(spec, ctx)
+    data = ctx.task_data(spec)
+    teacher, _ = ctx.teacher(spec)
+    objective = make_objective(spec.method.method, spec.method.params)
+    student = models.build_model(spec.pair.student.model, num_labels=data.num_labels,
+                                 vocab_size=len(ctx.tokenizer(spec)), seed=spec.seed,
+                                 attention_maps=objective.needs_attentions)
+    # The student sees the labelled split plus the transfer set, which the teacher labels.
+    kd_rows = ctx.encoded(spec, "train") + ctx.encoded(spec, "transfer")
+
+    def distill(model, description, max_steps=None):
+        return trainer.train(model, kd_rows, ctx.collator(spec), spec.training, seed=spec.seed, device=ctx.device,
+                             teacher=teacher, objective=objective, progress=ctx.progress,
+                             description=description, max_steps=max_steps)
+
+    stats = distill(student, f"{spec.method.name}, seed {spec.seed}")
+    t_lat = ctx.teacher_latency(spec)
+    variants = [profile_variant("distilled", "distilled", student, spec, ctx, teacher_metric=teacher_metric,
+                                teacher_latency=t_lat, training=stats.as_dict())]
+    for comp in spec.compression:
+        model, info, recovery = compress_variant(student, comp, ctx, distill)
+        variants.append(profile_variant(comp.name, "compressed", model, spec, ctx, teacher_metric=teacher_metric,
+                                        teacher_latency=t_lat, info=info, training=recovery))
+    return {"variants": variants, "training": stats.as_dict()}
+
+
+# Compressors after which the model can still be trained; recovery runs before the first one that is not
+# (a quantized or cast model cannot take optimizer steps).
+TRAINABLE_COMPRESSORS = {"prune_unstructured", "prune_structured"}
+
+
+@contextlib.contextmanager
+def frozen_sparsity(model):
+    """Keep weights that are exactly zero at zero while training (torch.nn.utils.prune masks, then removed)."""
+    import torch
+    from torch.nn.utils import prune
+
+    masked = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and (module.weight == 0).any():
+            prune.custom_from_mask(module, "weight", mask=module.weight != 0)
+            masked.append(module)
+    try:
+        yield model
+    finally:
+        for module in masked:
+            prune.remove(module, "weight")
+
+
+def compress_variant(student, comp, ctx: Context, distill):
+    """Apply a compression spec to a copy of `student`; with `recover_steps`, distil before quantizing."""
+    from kdbench import compress
+
+    steps = [(s.compressor, s.params) for s in comp.steps]
+    split = next((i for i, (name, _) in enumerate(steps) if name not in TRAINABLE_COMPRESSORS), len(steps))
+    model, info = compress.apply_variant(student, steps[:split], device=ctx.device) if split else (
+        copy.deepcopy(student), {"steps": []})
+    recovery = None
+    if comp.recover_steps:
+        with frozen_sparsity(model):  # pruned weights stay zero while the survivors adapt
+            recovery = distill(model, f"recover {comp.name}", max_steps=comp.recover_steps).as_dict()
+        info["recovered_before_step"] = split
+    if split < len(steps):
+        model, rest = compress.apply_variant(model, steps[split:], device=ctx.device, copy_model=False)
+        info["steps"] += rest["steps"]
+    return model, info, recovery
+
+
+RUNNERS = {"teacher": run_teacher, "student": run_student, "distill": run_distill}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The suite loop
+
+
+def execute(spec: RunSpec, ctx: Context) -> dict:
+    """Run one spec and return its RunResult (never raises for a failure inside the run)."""
+    from transformers import set_seed
+
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    base = {"run_id": spec.run_id, "spec": spec.model_dump(mode="json"), "spec_hash": spec.spec_hash,
+            "versions": versions(), "device": device_info(ctx.device), "started": started}
+    try:
+        set_seed(spec.seed)
+        body = RUNNERS[spec.kind](spec, ctx)
+        return {**base, "status": "ok", "error": None, "error_kind": None,
+                "wall_s": round(time.perf_counter() - t0, 3), **body}
+    except KdbenchError as e:
+        log.error("%s failed: %s", spec.run_id, e)
+        return {**base, "status": "failed", "error": str(e), "error_kind": "input",
+                "wall_s": round(time.perf_counter() - t0, 3), "variants": []}
+    except Exception as e:  # a bug: keep the traceback in the result, go on with the suite
+        log.error("%s failed with a bug: %s: %s", spec.run_id, type(e).__name__, e)
+        log.debug("traceback", exc_info=True)
+        return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "error_kind": "bug",
+                "traceback": traceback.format_exc(), "wall_s": round(time.perf_counter() - t0, 3), "variants": []}
+
+
+def run_suite(suite: Suite, results_dir: str | Path | None = None, *, rerun: bool = False, show_progress=True,
+              only: list[str] | None = None) -> SuiteOutcome:
+    """Run every pending run of `suite`, write the RunResults and the report; return what happened."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kdbench import report
+
+    out = results_dir_for(suite, results_dir)
+    specs = [s for s in expand(suite) if only is None or s.run_id in only]
+    outcome = SuiteOutcome(out)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=Console(stderr=True), disable=not show_progress, transient=False)
+    with progress:
+        ctx = Context(suite, out, resolve_device(suite.device), progress)
+        runs_task = progress.add_task(f"suite {suite.name}", total=len(specs))
+        for spec in specs:
+            path = run_path(out, spec.run_id)
+            if not rerun and is_done(path, spec.spec_hash):
+                outcome.runs.append(RunOutcome(spec.run_id, "skipped"))
+            else:
+                progress.update(runs_task, description=f"suite {suite.name}: {spec.run_id}")
+                result = execute(spec, ctx)
+                write_result(path, result)
+                outcome.runs.append(RunOutcome(spec.run_id, result["status"], result["error"], result["error_kind"]))
+            progress.advance(runs_task)
+    report.write_report(out, suite_name=suite.name)
+    return outcome

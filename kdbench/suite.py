@@ -1,0 +1,270 @@
+"""The suite file: schema, loading with line-numbered errors, and expansion into runs.
+
+A suite is YAML loaded with `yaml.safe_load` semantics (no tags, no code) and validated by pydantic models that
+forbid unknown keys. Tasks, methods and compressors are named by registry key; their `params` are validated by
+the registered entry's own schema, so adding a method never touches this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdbench.errors import KdbenchError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimSettings(Strict):
+    """How a model is trained. Defaults suit tiny CPU models."""
+
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = Field(32, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = 0.01
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class TrainingSettings(OptimSettings):
+    """Student training, and the sequence length every model of the suite sees."""
+
+    max_seq_length: int = Field(64, gt=0)
+
+
+class FinetuneSettings(OptimSettings):
+    """Fine-tuning of a teacher on the task's labelled split, cached on disk by the hash of this spec."""
+
+
+class InlineConfig(BaseModel):
+    """A tiny model built from a transformers config: `model_type` plus config fields (sizes)."""
+
+    model_config = ConfigDict(extra="allow")  # config fields are checked against the config class in models.py
+    model_type: str
+
+
+ModelRef = Union[str, InlineConfig]  # a hub name or local path, or an inline config
+
+
+class ModelSpec(Strict):
+    model: ModelRef
+    finetune: FinetuneSettings | None = None  # teachers only: fine-tune on the task first (cached)
+
+
+class PairSpec(Strict):
+    name: str
+    teacher: ModelSpec
+    student: ModelSpec
+
+    @model_validator(mode="after")
+    def _student_not_finetuned(self):
+        if self.student.finetune is not None:
+            raise ValueError("student.finetune is not allowed: students are trained by the methods")
+        return self
+
+
+class TaskSpec(Strict):
+    name: str  # the name used in tables
+    task: str  # registry key
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class MethodSpec(Strict):
+    name: str
+    method: str  # registry key
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class CompressionStep(Strict):
+    compressor: str  # registry key
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class CompressionSpec(Strict):
+    name: str
+    steps: list[CompressionStep] = Field(min_length=1)
+    recover_steps: int = Field(0, ge=0)  # distil the compressed student from the teacher for N steps first
+
+
+class ProfilingSettings(Strict):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
+    seq_length: int | None = None  # default: the training max_seq_length
+    warmup: int = Field(3, ge=0)
+    min_repeats: int = Field(5, ge=1)
+    max_repeats: int = Field(50, ge=1)
+    time_budget_s: float = Field(1.0, gt=0)
+    memory: bool = True  # peak memory (a subprocess on CPU: costs a few seconds per variant)
+
+
+class Suite(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tasks: list[TaskSpec] = Field(min_length=1)
+    pairs: list[PairSpec] = Field(min_length=1)
+    methods: list[MethodSpec] = Field(default_factory=list)
+    compression: list[CompressionSpec] = Field(default_factory=list)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    profiling: ProfilingSettings = Field(default_factory=ProfilingSettings)
+    output_dir: str = "results"  # results land in <output_dir>/<name>/
+    cache_dir: str = ".kdbench_cache"  # fine-tuned teachers, tokenizers, trained students
+
+    @field_validator("tasks", "pairs", "methods", "compression")
+    @classmethod
+    def _unique_names(cls, items):
+        names = [i.name for i in items]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate name {sorted(dup)[0]!r}")
+        return items
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Parse and validate a suite file; every problem is a KdbenchError naming the file, key path and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise KdbenchError(f"suite file not found: {path}")
+    text = path.read_text()
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f" line {mark.line + 1}" if mark else ""
+        raise KdbenchError(f"{path}:{line}: invalid YAML: {e.problem or e}".replace(": line", " line")) from None
+    except yaml.YAMLError as e:
+        raise KdbenchError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise KdbenchError(f"{path}: a suite must be a YAML mapping, got {type(data).__name__}")
+    try:
+        suite = Suite.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [p for p in err["loc"] if not _is_union_tag(p)]
+        raise KdbenchError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: {_message(err)}") from None
+    try:
+        check_registry_names(suite)
+    except KdbenchError as e:
+        raise KdbenchError(f"{path}: {e}") from None
+    return suite
+
+
+def check_registry_names(suite: Suite) -> None:
+    """Resolve every registry key and validate its params, so a typo fails before any training starts."""
+    from kdbench.compress import compressors
+    from kdbench.methods import methods
+    from kdbench.tasks import tasks
+
+    for t in suite.tasks:
+        tasks.validate_params(t.task, t.params)
+    for m in suite.methods:
+        methods.validate_params(m.method, m.params)
+    for c in suite.compression:
+        for step in c.steps:
+            compressors.validate_params(step.compressor, step.params)
+    from kdbench.models import check_model_ref
+
+    for p in suite.pairs:
+        check_model_ref(p.teacher.model, f"pairs.{p.name}.teacher")
+        check_model_ref(p.student.model, f"pairs.{p.name}.student")
+
+
+def _is_union_tag(part) -> bool:
+    # pydantic inserts the union member's name (e.g. 'str', 'InlineConfig') into error locations
+    return isinstance(part, str) and (part in ("str", "InlineConfig") or part.startswith("function-"))
+
+
+def _dotted(loc) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _message(err) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    return err["msg"]
+
+
+def _line_of(node, loc) -> str:
+    """Line number of the deepest YAML node reachable along `loc` (1-based), as ' line N'."""
+    best = node
+    for part in loc:
+        nxt = None
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            for k, v in node.value:
+                if k.value == part:
+                    nxt, best = v, k  # the key's own line is what a user looks for
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            nxt = best = node.value[part]
+        if nxt is None:
+            break
+        node = nxt
+    return f" line {best.start_mark.line + 1}" if best is not None else ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Expansion into runs
+
+
+class RunSpec(BaseModel):
+    """One unit of work: a (task, pair, role, seed). Its hash is the cache key of its result."""
+
+    model_config = ConfigDict(frozen=True)
+
+    suite: str
+    kind: Literal["teacher", "student", "distill"]
+    task: TaskSpec
+    pair: PairSpec
+    method: MethodSpec | None = None
+    seed: int
+    training: TrainingSettings
+    compression: list[CompressionSpec] = Field(default_factory=list)
+    profiling: ProfilingSettings
+
+    @property
+    def run_id(self) -> str:
+        role = {"teacher": "teacher", "student": "student"}.get(self.kind) or self.method.name
+        seed = "" if self.kind == "teacher" else f"__s{self.seed}"
+        return f"{self.task.name}__{self.pair.name}__{role}{seed}"
+
+    @property
+    def spec_hash(self) -> str:
+        return spec_hash(self.model_dump(mode="json"))
+
+
+def spec_hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def expand(suite: Suite) -> list[RunSpec]:
+    """Per (task, pair): the teacher once, then per seed the student alone and each method.
+
+    Baselines are shared by all methods. Compression variants apply to every distilled student, so
+    the table shows each method both uncompressed and compressed.
+    """
+    runs = []
+    for task in suite.tasks:
+        for pair in suite.pairs:
+            common = dict(suite=suite.name, task=task, pair=pair, training=suite.training, profiling=suite.profiling)
+            runs.append(RunSpec(kind="teacher", seed=suite.seeds[0], **common))
+            for seed in suite.seeds:
+                runs.append(RunSpec(kind="student", seed=seed, **common))
+                for m in suite.methods:
+                    runs.append(RunSpec(kind="distill", method=m, seed=seed, compression=suite.compression, **common))
+    return runs

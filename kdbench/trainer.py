@@ -1,0 +1,129 @@
+"""Distiller: a `transformers.Trainer` that swaps in a distillation loss, and nothing else.
+
+The training loop, DDP, mixed precision and checkpointing stay the Trainer's. `compute_loss` runs the frozen
+teacher under `eval()` and `no_grad`, fills in teacher labels for transfer-set rows, and asks the method's
+Objective for the loss. Without a teacher it is plain cross-entropy: the "student alone" baseline.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from kdbench.errors import NonFiniteLossError
+from kdbench.methods import DistillationConfig, LogitKD, Objective
+from kdbench.tasks import TEACHER_LABEL
+
+
+class Distiller(Trainer):
+    """`Distiller(model=student, teacher=teacher, objective=LogitKD(DistillationConfig(...)), args=..., ...)`.
+
+    `teacher=None` trains the student on its labels alone. Rows labelled TEACHER_LABEL (-1) take the teacher's
+    argmax as their hard label, so an unlabelled transfer set can be mixed into the training data.
+    """
+
+    def __init__(self, *args, teacher: torch.nn.Module | None = None, objective: Objective | None = None,
+                 distillation: DistillationConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        self.objective = objective or (LogitKD(distillation) if teacher is not None else None)
+        if teacher is not None:
+            teacher.to(self.args.device).eval()
+            teacher.requires_grad_(False)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        obj = self.objective
+        flags = dict(output_hidden_states=bool(obj and obj.needs_hidden_states),
+                     output_attentions=bool(obj and obj.needs_attentions))
+        student_out = model(**inputs, **flags)
+        if self.teacher is None:
+            loss = F.cross_entropy(student_out.logits.float(), labels, ignore_index=-100)
+        else:
+            self.teacher.eval()  # Trainer.train() puts every registered module in train mode
+            with torch.no_grad():
+                teacher_out = self.teacher(**inputs, **flags)
+            labels = torch.where(labels == TEACHER_LABEL, teacher_out.logits.argmax(-1), labels)
+            loss = obj.loss(student_out, teacher_out, labels)
+        if not torch.isfinite(loss.detach()):
+            raise NonFiniteLossError(f"loss is {loss.item()} at step {self.state.global_step + 1}; run stopped")
+        return (loss, student_out) if return_outputs else loss
+
+
+@dataclass
+class TrainStats:
+    wall_s: float
+    steps: int
+    samples: int
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.wall_s if self.wall_s > 0 else math.nan
+
+    def as_dict(self) -> dict:
+        return {"wall_s": round(self.wall_s, 3), "steps": self.steps, "samples": self.samples,
+                "samples_per_s": round(self.samples_per_s, 1)}
+
+
+class _StepProgress(TrainerCallback):
+    """Feeds a rich progress bar (one task over training steps)."""
+
+    def __init__(self, progress, description: str):
+        self.progress, self.description, self.task = progress, description, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.task = self.progress.add_task(self.description, total=state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.progress.update(self.task, completed=state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.progress.remove_task(self.task)
+
+
+def training_arguments(settings, *, seed: int, device: str, output_dir: str, max_steps: int | None = None):
+    """TrainingArguments from kdbench's TrainingSettings: no checkpoints, no logging integrations."""
+    steps = max_steps if max_steps is not None else settings.max_steps
+    return TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=settings.epochs,
+        max_steps=steps if steps and steps > 0 else -1,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps in transformers 5
+        bf16=settings.precision == "bf16",
+        fp16=settings.precision == "fp16",
+        use_cpu=device == "cpu",
+        seed=seed,
+        data_seed=seed,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def train(model, dataset, collator, settings, *, seed: int, device: str, teacher=None, objective=None,
+          progress=None, description: str = "training", max_steps: int | None = None) -> TrainStats:
+    """Train `model` in place on `dataset` (a list of tokenized dicts); return wall time, steps, samples."""
+    with tempfile.TemporaryDirectory(prefix="kdbench-trainer-") as tmp:
+        args = training_arguments(settings, seed=seed, device=device, output_dir=tmp, max_steps=max_steps)
+        callbacks = [_StepProgress(progress, description)] if progress is not None else []
+        trainer = Distiller(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                            teacher=teacher, objective=objective, callbacks=callbacks)
+        trainer.remove_callback(PrinterCallback)  # it prints a metrics dict to stdout; tables own stdout
+        start = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - start
+        steps = trainer.state.global_step
+    return TrainStats(wall_s=wall, steps=steps, samples=steps * settings.batch_size)
