@@ -27,6 +27,10 @@ def _setup_logging(verbose: bool) -> None:
                         handlers=[RichHandler(show_path=False, show_time=False)], force=True)
     for noisy in ("transformers", "datasets", "torchao", "torch", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # rich draws kdbench's own bars
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.getLogger("kdbench").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
@@ -122,6 +126,22 @@ def report(results_dir: Path = typer.Argument(..., help="a suite's results folde
     if not (results_dir / "runs").is_dir():
         _fail(KdbenchError(f"no results in {results_dir} (expected {results_dir / 'runs'})"))
     typer.echo(write_report(results_dir))
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of kdbench's own kernels.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("kernels")
+def bench_kernels(
+    out_dir: Path = typer.Option(Path("results/kernels"), "--out-dir", help="where <gpu>.md is written"),
+    quick: bool = typer.Option(False, "--quick", help="small shapes only"),
+):
+    """Time the KD loss (eager, torch.compile, Liger-Kernel if installed, kdbench's kernel) and write a table."""
+    _setup_logging(False)
+    from kdbench.bench import bench_kernels as run_bench
+
+    typer.echo(run_bench(out_dir, quick=quick))
 
 
 def main() -> None:  # pragma: no cover

@@ -2,8 +2,10 @@
 
 Each compressor is a registry entry (a class) with its own pydantic `Params`; a suite names it by key:
 
-    variants:
-      - [prune_structured: {amount: 0.25}, int8: {mode: dynamic}]
+    compression:
+      - name: pruned+int8
+        steps: [{compressor: prune_structured, params: {amount: 0.25}}, {compressor: int8}]
+        recover_steps: 100   # distil the pruned student for 100 steps before it is quantized
 
 `compressors.get(name)(params).apply(model, device=...)` changes `model` in place and returns an info dict
 (what was done, e.g. `{"sparsity": 0.5}`). `apply_variant` runs a list of steps in order on a copy.
@@ -21,6 +23,7 @@ same environment: the pickle names transformers and torchao classes). Head-prune
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -185,6 +188,7 @@ class Compressor:
 
     name = "?"
     Params: type[BaseModel]
+    trainable = False  # can the compressed model still take optimizer steps (recovery)? Pruned: yes; quantized: no
 
     def __init__(self, params: BaseModel | dict | None = None):
         if not isinstance(params, BaseModel):
@@ -210,6 +214,7 @@ def _register(name: str):
 
 @_register("prune_unstructured")
 class PruneUnstructured(Compressor):
+    trainable = True
     """Global magnitude pruning of the encoder's Linear weights (zeros in place; same shapes).
 
     Which weights: every nn.Linear inside the transformer blocks (attention q/k/v/out and FFN). Not the
@@ -250,6 +255,7 @@ class PruneUnstructured(Compressor):
 
 @_register("prune_structured")
 class PruneStructured(Compressor):
+    trainable = True
     """Remove whole attention heads and FFN neurons (smaller dense model), with torch-pruning.
 
     Importance: L2 magnitude. A head scores ||W_q[h]||^2 + ||W_k[h]||^2 + ||W_v[h]||^2 + ||W_o[:, h]||^2 (its rows
@@ -545,6 +551,27 @@ def apply_variant(
             info = compressors.get(name)(params).apply(model, device=dev, inputs=inputs)
             infos.append({"name": name, "params": params.model_dump(), **info})
     return model, {"steps": infos}
+
+
+@contextlib.contextmanager
+def frozen_sparsity(model: torch.nn.Module):
+    """Keep exactly-zero Linear weights at zero while training (recovery after pruning).
+
+    Masks are registered with torch.nn.utils.prune, so the zeros stay zeros through optimizer steps, and are made
+    permanent again on exit.
+    """
+    from torch.nn.utils import prune
+
+    masked = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and bool((module.weight == 0).any()):
+            prune.custom_from_mask(module, "weight", mask=module.weight != 0)
+            masked.append(module)
+    try:
+        yield model
+    finally:
+        for module in masked:
+            prune.remove(module, "weight")
 
 
 # ---------------------------------------------------------------------------------------------------------------

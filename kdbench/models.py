@@ -7,6 +7,7 @@ task's training split, so teacher and student always agree on the vocabulary.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,16 @@ log = logging.getLogger(__name__)
 model_types: Registry = Registry("model type")
 for _name, _cls in (("bert", "BertConfig"), ("distilbert", "DistilBertConfig"), ("roberta", "RobertaConfig")):
     model_types.register(_name)(_cls)
+
+
+def model_inputs(batch: dict, *models) -> dict:
+    """Keep only the keys every model's forward accepts (DistilBERT takes no token_type_ids)."""
+    accepted = None
+    for m in models:
+        m = getattr(m, "module", getattr(m, "_orig_mod", m))  # DDP and torch.compile wrappers hide the signature
+        params = set(inspect.signature(m.forward).parameters)
+        accepted = params if accepted is None else accepted & params
+    return {k: v for k, v in batch.items() if k in accepted}
 
 
 def _config_class(model_type: str):

@@ -8,9 +8,7 @@ skipped, so an interrupted suite resumes where it stopped. A run that fails is r
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import inspect
 import logging
 import time
 import traceback
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kdbench.errors import KdbenchError
+from kdbench.models import model_inputs
 from kdbench.results import device_info, is_done, read_result, run_path, versions, write_result
 from kdbench.suite import RunSpec, Suite, expand, spec_hash
 
@@ -173,15 +172,6 @@ def encode(rows: list[dict], tokenizer, max_len: int) -> list[dict]:
     return [{**{k: enc[k][i] for k in keys}, "labels": r["label"]} for i, r in enumerate(rows)]
 
 
-def model_inputs(batch: dict, *models) -> dict:
-    """Keep only the keys every model's forward accepts."""
-    accepted = None
-    for m in models:
-        params = set(inspect.signature(m.forward).parameters)
-        accepted = params if accepted is None else accepted & params
-    return {k: v for k, v in batch.items() if k in accepted}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Measurement of one model variant
 
@@ -228,13 +218,14 @@ def measure_latency(model, spec: RunSpec, ctx: Context) -> dict:
 
 
 def profile_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *, teacher_metric: float | None,
-                    teacher_latency: dict | None, info: dict | None = None, training: dict | None = None) -> dict:
+                    teacher_latency: dict | None, info: dict | None = None, training: dict | None = None,
+                    latency: dict | None = None) -> dict:
     """Quality, size, latency, memory and energy of one model variant, measured the same way for all."""
     from kdbench import profiler
 
     metric = evaluate(model, ctx.encoded(spec, "eval"), ctx.collator(spec), ctx.device)
     total, nonzero = profiler.count_parameters(model)
-    latency = measure_latency(model, spec, ctx)
+    latency = latency or measure_latency(model, spec, ctx)
     speedup = {}
     if teacher_latency:
         for bs, lat in latency.items():
@@ -274,9 +265,9 @@ def profile_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *,
 
 def run_teacher(spec: RunSpec, ctx: Context) -> dict:
     model, stats = ctx.teacher(spec)
-    variant = profile_variant("teacher", "teacher", model, spec, ctx, teacher_metric=None,
-                              teacher_latency=ctx.teacher_latency(spec),
-                              training=stats.as_dict() if stats else None)
+    latency = ctx.teacher_latency(spec)
+    variant = profile_variant("teacher", "teacher", model, spec, ctx, teacher_metric=None, teacher_latency=latency,
+                              latency=latency, training=stats.as_dict() if stats else None)
     variant["retention"] = 1.0
     return {"variants": [variant], "training": variant["training"]}
 
@@ -315,6 +306,10 @@ def run_distill(spec: RunSpec, ctx: Context) -> dict:
                                  attention_maps=objective.needs_attentions)
     # The student sees the labelled split plus the transfer set, which the teacher labels.
     kd_rows = ctx.encoded(spec, "train") + ctx.encoded(spec, "transfer")
+    if not (objective.needs_hidden_states or objective.needs_attentions):
+        # Logits of a frozen teacher in eval mode do not change between epochs, seeds or methods: compute once.
+        kd_rows = ctx.memo(("teacher_logits", spec.task.name, spec.pair.name),
+                           lambda: trainer.cache_teacher_logits(teacher, kd_rows, ctx.collator(spec), ctx.device))
 
     def distill(model, description, max_steps=None):
         return trainer.train(model, kd_rows, ctx.collator(spec), spec.training, seed=spec.seed, device=ctx.device,
@@ -332,40 +327,21 @@ def run_distill(spec: RunSpec, ctx: Context) -> dict:
     return {"variants": variants, "training": stats.as_dict()}
 
 
-# Compressors after which the model can still be trained; recovery runs before the first one that is not
-# (a quantized or cast model cannot take optimizer steps).
-TRAINABLE_COMPRESSORS = {"prune_unstructured", "prune_structured"}
-
-
-@contextlib.contextmanager
-def frozen_sparsity(model):
-    """Keep weights that are exactly zero at zero while training (torch.nn.utils.prune masks, then removed)."""
-    import torch
-    from torch.nn.utils import prune
-
-    masked = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and (module.weight == 0).any():
-            prune.custom_from_mask(module, "weight", mask=module.weight != 0)
-            masked.append(module)
-    try:
-        yield model
-    finally:
-        for module in masked:
-            prune.remove(module, "weight")
-
-
 def compress_variant(student, comp, ctx: Context, distill):
-    """Apply a compression spec to a copy of `student`; with `recover_steps`, distil before quantizing."""
+    """Apply a compression spec to a copy of `student`.
+
+    With `recover_steps`, the student is distilled from the teacher for that many steps after the last step that
+    leaves it trainable (pruning) and before the first that does not (quantization, casts).
+    """
     from kdbench import compress
 
     steps = [(s.compressor, s.params) for s in comp.steps]
-    split = next((i for i, (name, _) in enumerate(steps) if name not in TRAINABLE_COMPRESSORS), len(steps))
+    split = next((i for i, (name, _) in enumerate(steps) if not compress.compressors.get(name).trainable), len(steps))
     model, info = compress.apply_variant(student, steps[:split], device=ctx.device) if split else (
         copy.deepcopy(student), {"steps": []})
     recovery = None
     if comp.recover_steps:
-        with frozen_sparsity(model):  # pruned weights stay zero while the survivors adapt
+        with compress.frozen_sparsity(model):  # pruned weights stay zero while the survivors adapt
             recovery = distill(model, f"recover {comp.name}", max_steps=comp.recover_steps).as_dict()
         info["recovered_before_step"] = split
     if split < len(steps):

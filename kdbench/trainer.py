@@ -11,12 +11,14 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from kdbench.errors import NonFiniteLossError
+from kdbench.models import model_inputs
 from kdbench.methods import DistillationConfig, LogitKD, Objective
 from kdbench.tasks import TEACHER_LABEL
 
@@ -26,6 +28,8 @@ class Distiller(Trainer):
 
     `teacher=None` trains the student on its labels alone. Rows labelled TEACHER_LABEL (-1) take the teacher's
     argmax as their hard label, so an unlabelled transfer set can be mixed into the training data.
+    A batch may carry precomputed `teacher_logits` (N, C) (see `cache_teacher_logits`): then the teacher's forward
+    pass is skipped. That is exact for a frozen teacher in eval mode and saves its cost on every epoch and seed.
     """
 
     def __init__(self, *args, teacher: torch.nn.Module | None = None, objective: Objective | None = None,
@@ -39,21 +43,39 @@ class Distiller(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
+        cached = inputs.pop("teacher_logits", None)
         obj = self.objective
         flags = dict(output_hidden_states=bool(obj and obj.needs_hidden_states),
                      output_attentions=bool(obj and obj.needs_attentions))
-        student_out = model(**inputs, **flags)
+        student_out = model(**model_inputs(inputs, model), **flags)
         if self.teacher is None:
             loss = F.cross_entropy(student_out.logits.float(), labels, ignore_index=-100)
         else:
-            self.teacher.eval()  # Trainer.train() puts every registered module in train mode
-            with torch.no_grad():
-                teacher_out = self.teacher(**inputs, **flags)
+            if cached is not None:
+                teacher_out = SimpleNamespace(logits=cached)
+            else:
+                self.teacher.eval()  # Trainer.train() puts every registered module in train mode
+                with torch.no_grad():
+                    teacher_out = self.teacher(**model_inputs(inputs, self.teacher), **flags)
             labels = torch.where(labels == TEACHER_LABEL, teacher_out.logits.argmax(-1), labels)
             loss = obj.loss(student_out, teacher_out, labels)
         if not torch.isfinite(loss.detach()):
             raise NonFiniteLossError(f"loss is {loss.item()} at step {self.state.global_step + 1}; run stopped")
         return (loss, student_out) if return_outputs else loss
+
+
+def cache_teacher_logits(teacher, rows: list[dict], collator, device: str, batch_size: int = 256) -> list[dict]:
+    """Rows with the frozen teacher's logits attached as `teacher_logits` (one inference pass over the data)."""
+    teacher.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            batch = collator([{k: v for k, v in r.items() if k != "labels"} for r in chunk])
+            batch = model_inputs({k: v.to(device) for k, v in batch.items()}, teacher)
+            logits = teacher(**batch).logits.float().cpu()
+            out += [{**r, "teacher_logits": logits[j].tolist()} for j, r in enumerate(chunk)]
+    return out
 
 
 @dataclass
