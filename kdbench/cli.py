@@ -21,10 +21,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _setup_logging(verbose: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
+    # stderr: stdout carries the tables only
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, show_time=False)], force=True)
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)],
+                        force=True)
     for noisy in ("transformers", "datasets", "torchao", "torch", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import os
