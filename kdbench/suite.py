@@ -151,7 +151,9 @@ def load_suite(path: str | Path) -> Suite:
     try:
         suite = Suite.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
+        errors = e.errors()
+        # A typo of a required key also makes that key missing: name the typo, which is what the user wrote.
+        err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
         loc = [p for p in err["loc"] if not _is_union_tag(p)]
         raise KdbenchError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: {_message(err)}") from None
     try:
