@@ -75,9 +75,11 @@ def _from_pretrained(loader, ref: str, **kwargs):
     path = Path(ref).expanduser()
     try:
         return loader.from_pretrained(str(path) if path.exists() else ref, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # a local folder without weights is an OSError, a bad config.json a ValueError
         if path.exists():
             raise KdbenchError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+        if isinstance(e, ValueError):
+            raise
         raise KdbenchError(
             f"model {ref!r} is not a local folder and cannot be fetched from the hub "
             "(needs a network, or give a local path)"
