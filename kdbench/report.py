@@ -1,141 +1,661 @@
-"""Reports: markdown tables rendered from the RunResult JSONs, so `kdbench report DIR` can redo them any time.
+"""Reports: markdown tables and plots rendered from the RunResult JSONs, so `kdbench report DIR` can redo them.
 
-One table per task. Rows: the teacher, the student trained alone, each method's distilled student, and each
-compressed variant; runs that differ only by seed are aggregated as mean ± standard deviation (n seeds).
+`write_report(dir)` writes `dir/README.md` and, next to it, two PNG plots per task. Per task the README has:
+  1. the variant table: one row per variant (the teacher, the student trained alone, each method's distilled
+     student, each compressed variant), aggregated over seeds as mean ± sample std, with a "how measured"
+     legend built from the `method` strings that the profiler recorded;
+  2. "what should I ship": the best student, the smallest and the fastest within 1% of it, and the Pareto fronts;
+  3. plots of quality vs latency and quality vs size, Pareto front marked;
+  4. per pair, what each compression family (pruning, quantization, distillation, combined) bought in this suite.
+`compare(dir_a, dir_b)` tabulates the changes between two results folders (two versions, two machines).
+
+The metric is taken as higher-is-better (accuracy); latency, size and memory as lower-is-better.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import re
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 from tabulate import tabulate
 
 from kdbench.results import read_results
 
+log = logging.getLogger(__name__)
 
-def _role(result: dict) -> str:
-    spec = result["spec"]
-    if spec["kind"] == "teacher":
-        return "teacher"
-    if spec["kind"] == "student":
-        return "student alone"
-    return spec["method"]["name"]
+# Recommendations accept any student whose mean metric is at least (1 - TOLERANCE) x the best student's.
+TOLERANCE = 0.01
+
+# Compressor registry keys by family; a variant's family comes from the steps it actually ran.
+PRUNING = frozenset({"prune_structured", "prune_unstructured"})
+QUANTIZATION = frozenset({"int8", "fp16", "bf16"})
+FAMILIES = {
+    "pruning": "structured or unstructured pruning of the distilled student",
+    "quantization": "int8, fp16 or bf16 of the distilled student",
+    "distillation": "the distilled student itself",
+    "combined": "distillation + pruning + quantization",
+}
 
 
-def _row_label(result: dict, variant: dict) -> str:
-    role = _role(result)
+# ---------------------------------------------------------------------------------------------------------------
+# Rows: which variant of which run goes on which line
+
+
+class Stat(NamedTuple):
+    mean: float
+    std: float  # sample standard deviation (n - 1); 0.0 for a single value
+    n: int
+
+
+def summarise(values) -> Stat | None:
+    """Mean ± sample std of the values that were measured; None when none were (never a made-up 0)."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    return Stat(statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals))
+
+
+# Readers of one variant dict (see runner.profile_variant); each returns None when the figure was not measured.
+def metric_of(v: dict):
+    return v.get("metric")
+
+
+def retention_of(v: dict):
+    return v.get("retention")
+
+
+def size_of(v: dict):
+    return (v.get("size") or {}).get("bytes")
+
+
+def memory_of(v: dict):
+    return (v.get("memory") or {}).get("peak_mb")
+
+
+def energy_of(v: dict):
+    return (v.get("energy") or {}).get("joules_per_sample")
+
+
+def train_s_of(v: dict):
+    return (v.get("training") or {}).get("wall_s")
+
+
+def latency_of(bs: str) -> Callable[[dict], float | None]:
+    return lambda v: ((v.get("latency") or {}).get(bs) or {}).get("median_ms")
+
+
+def speedup_of(bs: str) -> Callable[[dict], float | None]:
+    return lambda v: (v.get("speedup_vs_teacher") or {}).get(bs)
+
+
+def compression_family(variant: dict) -> str | None:
+    """pruning | quantization | combined | distillation | other; None for the teacher and the student alone."""
+    if variant["kind"] == "distilled":
+        return "distillation"
+    if variant["kind"] != "compressed":
+        return None
+    steps = {s["name"] for s in (variant.get("compression") or {}).get("steps", [])}
+    if not steps or steps - PRUNING - QUANTIZATION:
+        return "other"
+    if steps & PRUNING and steps & QUANTIZATION:
+        return "combined"
+    return "pruning" if steps & PRUNING else "quantization"
+
+
+def row_label(run: dict, variant: dict) -> str:
+    spec = run["spec"]
+    role = {"teacher": "teacher", "student": "student alone"}.get(spec["kind"]) or spec["method"]["name"]
     return role if variant["kind"] != "compressed" else f"{role} + {variant['name']}"
 
 
-def _model_label(result: dict, variant: dict) -> str:
+def _model_label(run: dict, variant: dict) -> str:
     from kdbench.models import describe
     from kdbench.suite import InlineConfig
 
-    pair = result["spec"]["pair"]
+    pair = run["spec"]["pair"]
     ref = pair["teacher" if variant["kind"] == "teacher" else "student"]["model"]
     return describe(ref if isinstance(ref, str) else InlineConfig.model_validate(ref))
 
 
-def _mean_std(values: list[float], fmt: str, scale: float = 1.0) -> str:
-    vals = [v * scale for v in values if v is not None]
-    if not vals:
+@dataclass
+class Row:
+    """One line of a task table: one variant of one (task, pair), over the seeds (runs) that produced it."""
+
+    task: str
+    pair: str
+    label: str  # "teacher", "student alone", "<method>", "<method> + <compression>"
+    kind: str  # teacher | student | distilled | compressed
+    family: str | None
+    model: str
+    members: list[tuple[dict, dict]] = field(default_factory=list)  # (RunResult, its variant dict), one per seed
+
+    @property
+    def variants(self) -> list[dict]:
+        return [v for _, v in self.members]
+
+    def stat(self, read: Callable[[dict], float | None]) -> Stat | None:
+        return summarise(read(v) for v in self.variants)
+
+    def mean(self, read: Callable[[dict], float | None]) -> float | None:
+        s = self.stat(read)
+        return s.mean if s else None
+
+
+def collect_rows(results: list[dict]) -> dict[str, list[Row]]:
+    """{task: [Row]} from the ok RunResults, ordered teacher, student alone, then each method and its variants."""
+    rank = {"teacher": 0, "student": 1, "distill": 2}
+    ok = sorted((r for r in results if r.get("status") == "ok"), key=lambda r: (rank[r["spec"]["kind"]], r["run_id"]))
+    rows: dict[tuple, Row] = {}
+    for run in ok:
+        task, pair = run["spec"]["task"]["name"], run["spec"]["pair"]["name"]
+        for v in run["variants"]:
+            key = (task, pair, row_label(run, v))
+            if key not in rows:
+                rows[key] = Row(task, pair, key[2], v["kind"], compression_family(v), _model_label(run, v))
+            rows[key].members.append((run, v))
+    by_task: dict[str, list[Row]] = defaultdict(list)
+    for row in rows.values():
+        by_task[row.task].append(row)
+    return dict(by_task)
+
+
+def batch_sizes(rows: list[Row]) -> list[str]:
+    """Profiled batch sizes of a task, ascending, as the string keys the JSON uses."""
+    return sorted({bs for r in rows for v in r.variants for bs in (v.get("latency") or {})}, key=int)
+
+
+def metric_name(rows: list[Row]) -> str:
+    return rows[0].variants[0].get("metric_name", "metric")
+
+
+def display_names(rows: list[Row]) -> list[str]:
+    """Row labels, prefixed by the pair when a task has several pairs (so "teacher" stays unambiguous)."""
+    several = len({r.pair for r in rows}) > 1
+    return [f"{r.pair}: {r.label}" if several else r.label for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numbers a person can read: three significant figures, "n/a" for anything not measured
+
+
+def _decimals(x: float, digits: int = 3) -> int:
+    if x == 0 or not math.isfinite(x):
+        return 2
+    return min(6, max(0, digits - 1 - math.floor(math.log10(abs(x)))))
+
+
+def fmt_stat(s: Stat | None, *, decimals: int | None = None, scale: float = 1.0, suffix: str = "",
+             signed: bool = False) -> str:
+    """"2.25 ± 0.15", the std at the mean's precision; the mean alone for one seed; "n/a" when not measured."""
+    if s is None:
         return "n/a"
-    if len(vals) == 1:
-        return format(vals[0], fmt)
-    return f"{format(statistics.mean(vals), fmt)} ± {format(statistics.stdev(vals), fmt)}"
+    mean, std = s.mean * scale, s.std * scale
+    d = _decimals(mean) if decimals is None else decimals
+    shown = f"{mean:{'+' if signed else ''}.{d}f}"
+    # an exactly constant figure (a file size) shows no "± 0"; the seeds column still says how many runs
+    return f"{shown}{suffix}" if s.n == 1 or s.std == 0 else f"{shown} ± {std:.{d}f}{suffix}"
 
 
-def _latency(variants: list[dict], bs: str):
-    return [v["latency"].get(bs, {}).get("median_ms") for v in variants if v.get("latency")]
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{_decimals(n / scale)}f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{_decimals(n / scale)}f}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_ratio(num: float | None, den: float | None) -> str:
+    return f"{num / den:.{_decimals(num / den)}f}x" if num and den else "n/a"
+
+
+def fmt_change(a: Stat | None, b: Stat | None) -> str:
+    """Relative change A -> B; "†" marks a change no larger than the seed spread of the two sides."""
+    if a is None or b is None or a.mean == 0:
+        return "n/a"
+    change = f"{(b.mean - a.mean) / abs(a.mean):+.1%}"
+    spread = a.std + b.std if a.n > 1 and b.n > 1 else 0.0  # one seed tells nothing about the spread
+    noisy = spread > 0 and abs(b.mean - a.mean) <= spread
+    return change + " †" if noisy else change
+
+
+def _table(header: list[str], body: list[list[str]], text_columns: int) -> str:
+    # The pipe format writes the alignment row, so GitHub right-aligns the numeric columns.
+    align = ["left"] * text_columns + ["right"] * (len(header) - text_columns)
+    return tabulate(body, headers=header, tablefmt="pipe", disable_numparse=True, colalign=align)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The variant table
+
+
+def teacher_row(rows: list[Row], pair: str) -> Row | None:
+    return next((r for r in rows if r.pair == pair and r.kind == "teacher"), None)
+
+
+def task_table(rows: list[Row]) -> str:
+    """Markdown table: one line per variant, every figure as mean ± std over seeds."""
+    bss = batch_sizes(rows)
+    header = (["pair", "variant", "model", "seeds", metric_name(rows), "retention", "params", "non-zero", "size",
+               "size ÷"] + [f"latency b{b} ms" for b in bss] + [f"speedup b{b}" for b in bss]
+              + ["peak MB", "J/sample", "train s"])
+    body = []
+    for row in rows:
+        teacher = teacher_row(rows, row.pair)
+        params = row.mean(lambda v: v.get("params"))
+        nonzero = row.stat(lambda v: v["nonzero_params"] / v["params"] if v.get("params") else None)
+        body.append(
+            [row.pair, row.label, row.model, str(len(row.members)),
+             fmt_stat(row.stat(metric_of), decimals=3),
+             fmt_stat(row.stat(retention_of), decimals=1, scale=100, suffix="%"),
+             fmt_count(params) if params else "n/a",
+             fmt_stat(nonzero, decimals=1, scale=100, suffix="%"),
+             fmt_bytes(row.mean(size_of)),
+             fmt_ratio(teacher and teacher.mean(size_of), row.mean(size_of))]
+            + [fmt_stat(row.stat(latency_of(b))) for b in bss]
+            + [fmt_stat(row.stat(speedup_of(b)), suffix="x") for b in bss]
+            + [fmt_stat(row.stat(memory_of)), fmt_stat(row.stat(energy_of)), fmt_stat(row.stat(train_s_of))]
+        )
+    return _table(header, body, text_columns=3)
 
 
 def task_tables(results: list[dict]) -> dict[str, str]:
-    """{task name: markdown table} from ok RunResults."""
-    groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    order: dict[str, list[str]] = defaultdict(list)
-    kind_rank = {"teacher": 0, "student": 1, "distill": 2}
-    ok = sorted((r for r in results if r.get("status") == "ok"),
-                key=lambda r: (kind_rank[r["spec"]["kind"]], r["run_id"]))
-    batch_sizes: dict[str, list[str]] = {}
-    for r in ok:
-        task = r["spec"]["task"]["name"]
-        batch_sizes.setdefault(task, [str(b) for b in r["spec"]["profiling"]["batch_sizes"]])
-        for v in r["variants"]:
-            key = f"{r['spec']['pair']['name']}|{_row_label(r, v)}"
-            if key not in groups[task]:
-                order[task].append(key)
-            groups[task][key].append((r, v))
-    tables = {}
-    for task, rows_by_key in groups.items():
-        bss = batch_sizes[task]
-        header = ["pair", "variant", "model", "seeds", "accuracy", "retention", "params", "non-zero", "size MB",
-                  "size ÷"] + [f"latency b{b} ms" for b in bss] + [f"speedup b{bss[-1]}", "peak MB", "J/sample",
-                                                                       "train s"]
-        teacher_size = {}
-        for key in order[task]:
-            r, v = rows_by_key[key][0]
-            if v["kind"] == "teacher":
-                teacher_size[r["spec"]["pair"]["name"]] = v["size"]["bytes"]
-        body = []
-        for key in order[task]:
-            pairs = rows_by_key[key]
-            r0, v0 = pairs[0]
-            pair = r0["spec"]["pair"]["name"]
-            vs = [v for _, v in pairs]
-            size = v0["size"]["bytes"]
-            t_size = teacher_size.get(pair)
-            energy = [v["energy"]["joules_per_sample"] for v in vs if v.get("energy")]
-            memory = [v["memory"]["peak_mb"] for v in vs if v.get("memory")]
-            train = [v["training"]["wall_s"] for v in vs if v.get("training")]
-            body.append(
-                [pair, key.split("|", 1)[1], _model_label(r0, v0), len(vs),
-                 _mean_std([v["metric"] for v in vs], ".4f"),
-                 _mean_std([v["retention"] for v in vs], ".1%"),
-                 f"{v0['params']:,}", f"{v0['nonzero_params']:,}", f"{size / 1e6:.2f}",
-                 f"{t_size / size:.1f}x" if t_size else "n/a"]
-                + [_mean_std(_latency(vs, b), ".2f") for b in bss]
-                + [_mean_std([v["speedup_vs_teacher"].get(bss[-1]) for v in vs if v.get("speedup_vs_teacher")],
-                             ".1f") + "x",
-                   _mean_std(memory, ".0f"), _mean_std(energy, ".3g") if energy else "n/a",
-                   _mean_std(train, ".1f") if train else "n/a"]
-            )
-        tables[task] = tabulate(body, headers=header, tablefmt="github", disable_numparse=True)
-    return tables
+    """{task name: markdown table} from RunResults (the CLI prints these after a run)."""
+    return {task: task_table(rows) for task, rows in collect_rows(results).items()}
 
 
-def render(results: list[dict], suite_name: str) -> str:
-    ok = [r for r in results if r.get("status") == "ok"]
+# ---------------------------------------------------------------------------------------------------------------
+# How each figure was measured: the profiler's own `method` strings, deduplicated
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def merge_numbers(strings: list[str]) -> str:
+    """Merge strings that differ only in their numbers, slot by slot: a few values as "1/32", many as "5–30".
+
+    ["batch 1, 30 calls", "batch 32, 5 calls"] -> "batch 1/32, 5/30 calls". All strings must share the template
+    `_NUMBER.sub("#", s)`.
+    """
+    parts = _NUMBER.sub("#", strings[0]).split("#")
+    slots = zip(*(_NUMBER.findall(s) for s in strings))
+    merged = parts[0]
+    for part, values in zip(parts[1:], slots):
+        distinct = sorted(set(values), key=float)
+        merged += distinct[0] if len(distinct) == 1 else (
+            "/".join(distinct) if len(distinct) <= 3 else f"{distinct[0]}–{distinct[-1]}")
+        merged += part
+    return merged
+
+
+def _method_strings(v: dict) -> list[tuple[str, str]]:
+    """(figure, how it was measured) pairs recorded in one variant."""
+    found = [("latency method", lat["method"]) for lat in (v.get("latency") or {}).values() if lat.get("method")]
+    if (v.get("memory") or {}).get("method"):
+        found.append(("peak memory method", v["memory"]["method"]))
+    if (v.get("size") or {}).get("method"):
+        found.append(("size format", f"{v['size'].get('format', '?')}, {v['size']['method']}"))
+    if (v.get("energy") or {}).get("method"):
+        found.append(("energy method", v["energy"]["method"]))
+    return found
+
+
+def how_measured(rows: list[Row]) -> list[str]:
+    """Legend lines: each distinct measurement method once, with the rows it covers when it is not all of them."""
+    names = display_names(rows)
+    # figure -> template -> (the strings, the rows that used them), in first-seen order
+    groups: dict[str, dict[str, tuple[list[str], list[str]]]] = defaultdict(dict)
+    for row, name in zip(rows, names):
+        for v in row.variants:
+            for figure, method in _method_strings(v):
+                strings, covered = groups[figure].setdefault(_NUMBER.sub("#", method), ([], []))
+                strings.append(method)
+                if name not in covered:
+                    covered.append(name)
+    lines = []
+    for figure, templates in groups.items():
+        for strings, covered in templates.values():
+            scope = "" if len(covered) == len(rows) else f" (rows: {', '.join(covered)})"
+            lines.append(f"- **{figure}**: {merge_numbers(strings)}{scope}")
+    return lines
+
+
+DEFINITIONS = [
+    "- **{metric}**: on the task's eval split; **retention**: {metric} / the teacher's {metric}.",
+    "- **size ÷**: the teacher's size / this row's size; sizes in decimal units (1 kB = 1000 B); "
+    "**non-zero**: non-zero parameters / parameters.",
+    "- **latency**: median over the timed calls; **speedup**: the teacher's latency / this row's, with the "
+    "teacher measured in the same process as the row (so the teacher's own row is a repeatability check: "
+    "1.0x when timing is stable).",
+    "- **train s**: wall time of the training that made the row: fine-tuning for the teacher, training for "
+    "students, recovery steps for compressed variants (n/a: none).",
+    "- Every figure is mean ± sample std over seeds; n/a: not measured.",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What each compression family bought: the families table of one (task, pair)
+
+
+def _base_variant(run: dict, v: dict, students_by_seed: dict[int, dict]) -> dict | None:
+    """What a variant was made from: a compressed variant from its run's distilled student; a distilled student
+    is compared with the student trained alone from the same seed (same initialisation)."""
+    if v["kind"] == "compressed":
+        return next((b for b in run["variants"] if b["kind"] == "distilled"), None)
+    if v["kind"] == "distilled":
+        return students_by_seed.get(run["spec"]["seed"])
+    return None
+
+
+def total_train_s(run: dict, v: dict) -> float | None:
+    """Training behind a variant: the run's distillation plus, for a compressed variant, its recovery steps."""
+    base = (run.get("training") or {}).get("wall_s")
+    if base is None:
+        return None
+    return base + ((train_s_of(v) or 0.0) if v["kind"] == "compressed" else 0.0)
+
+
+def families_table(rows: list[Row], pair: str) -> str:
+    """Per compression family: size, quality, speed and training cost against the teacher and against the base."""
+    pair_rows = [r for r in rows if r.pair == pair]
+    bs = batch_sizes(rows)[-1] if batch_sizes(rows) else None
+    teacher = teacher_row(pair_rows, pair)
+    teacher_size = teacher.mean(size_of) if teacher else None
+    student = next((r for r in pair_rows if r.kind == "student"), None)
+    students_by_seed = {run["spec"]["seed"]: v for run, v in (student.members if student else [])}
+    header = ["family", "variant", "seeds", "size ÷ teacher", "retention", f"speedup b{bs}", "training s",
+              "size ÷ base", "Δ metric vs base"]
+    body = []
+    present = list(FAMILIES) + sorted({r.family for r in pair_rows if r.family} - set(FAMILIES))
+    for family in present:
+        members = [r for r in pair_rows if r.family == family]
+        if not members:
+            body.append([family, "not measured"] + [""] * (len(header) - 2))
+        for i, row in enumerate(members):
+            bases = [(v, b) for run, v in row.members if (b := _base_variant(run, v, students_by_seed))]
+            body.append([
+                family if i == 0 else "", row.label, str(len(row.members)),
+                fmt_ratio(teacher_size, row.mean(size_of)),
+                fmt_stat(row.stat(retention_of), decimals=1, scale=100, suffix="%"),
+                fmt_stat(row.stat(speedup_of(bs)), suffix="x") if bs else "n/a",
+                fmt_stat(summarise(total_train_s(run, v) for run, v in row.members)),
+                fmt_stat(summarise(size_of(b) / size_of(v) for v, b in bases if size_of(b) and size_of(v)),
+                         suffix="x"),
+                fmt_stat(summarise(metric_of(v) - metric_of(b) for v, b in bases
+                                   if metric_of(v) is not None and metric_of(b) is not None), decimals=3, signed=True),
+            ])
+    return _table(header, body, text_columns=2)
+
+
+FAMILIES_NOTE = (
+    "Families: " + "; ".join(f"**{name}**: {what}" for name, what in FAMILIES.items()) + ". "
+    "Every compressed variant starts from a distilled student, so its figures against the teacher include "
+    "distillation's. The **base** columns isolate one step: a compressed variant against the distilled student "
+    "it was made from (same run), the distilled student against the student trained alone from the same seed "
+    "(the KD gain). **training s**: distillation plus any recovery steps; the teacher's fine-tuning is not "
+    "included. Δ metric: mean ± std of the per-seed differences."
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What to ship: the Pareto front and a recommendation computed from it
+
+
+def pareto_front(points: list[tuple[float, ...]]) -> list[int]:
+    """Indices of the points that no other point dominates, cheapest first.
+
+    A point is (quality, cost, ...costs): quality is maximised, every cost minimised. Point q dominates p when
+    it is at least as good in every coordinate and better in one; identical points do not dominate each other.
+    """
+
+    def dominates(q, p):
+        no_worse = q[0] >= p[0] and all(qc <= pc for qc, pc in zip(q[1:], p[1:]))
+        return no_worse and tuple(q) != tuple(p)
+
+    front = [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
+    return sorted(front, key=lambda i: (points[i][1:], -points[i][0], i))
+
+
+def recommend(rows: list[Row], tolerance: float = TOLERANCE) -> list[str]:
+    """The best student, the smallest and fastest within `tolerance` of it, and the Pareto fronts (markdown)."""
+    names = dict(zip(map(id, rows), display_names(rows)))
+    metric = metric_name(rows)
+    students = [r for r in rows if r.kind != "teacher" and r.stat(metric_of)]
+    if not students:
+        return ["No student finished, so there is nothing to recommend."]
+    bss = batch_sizes(rows)
+    best = max(students, key=lambda r: r.mean(metric_of))
+    best_metric = best.stat(metric_of)
+    threshold = best_metric.mean * (1 - tolerance)
+    close = [r for r in students if r.mean(metric_of) >= threshold]
+    lines = [f"- **Best student**: `{names[id(best)]}`, {metric} {fmt_stat(best_metric, decimals=3)} "
+             f"({fmt_stat(best.stat(retention_of), decimals=1, scale=100, suffix='%')} of the teacher)."]
+    # (what, by which figure, its reader, how to show it); the figure is minimised among the close students
+    costs = [("size", size_of, lambda s: fmt_bytes(s.mean))]
+    if bss:
+        costs.insert(0, (f"latency at batch {bss[-1]}", latency_of(bss[-1]), lambda s: f"{fmt_stat(s)} ms"))
+    for word, (figure, read, show) in zip(["Fastest", "Smallest"] if bss else ["Smallest"], costs):
+        measured = [r for r in close if r.stat(read)]
+        if measured:
+            # ties (e.g. the same file size) go to the better metric
+            pick = min(measured, key=lambda r: (r.mean(read), -r.mean(metric_of)))
+            lines.append(f"- **{word} within {tolerance:.0%} of it** ({metric} ≥ {threshold:.3f}, by {figure}): "
+                         f"`{names[id(pick)]}`, {show(pick.stat(read))}, {metric} "
+                         f"{fmt_stat(pick.stat(metric_of), decimals=3)}.")
+    for figure, read, _ in costs:
+        measured = [r for r in rows if r.stat(metric_of) and r.stat(read)]
+        front = pareto_front([(r.mean(metric_of), r.mean(read)) for r in measured])
+        lines.append(f"- Pareto front ({metric} vs {figure}, cheapest first): "
+                     + ", ".join(f"`{names[id(measured[i])]}`" for i in front) + ".")
+    margin = best_metric.mean - threshold
+    if best_metric.n > 1 and best_metric.std > margin:
+        lines.append(f"- Caution: the best student's seed spread (± {best_metric.std:.3f}) is wider than the "
+                     f"{tolerance:.0%} margin ({margin:.3f}), so these picks are within noise at {best_metric.n} "
+                     "seeds.")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots: quality against latency and against size, one point per row, the Pareto front marked
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "task"
+
+
+def _colour_key(row: Row) -> str:
+    return row.family or {"teacher": "teacher", "student": "student alone"}.get(row.kind, row.kind)
+
+
+COLOURS = {"teacher": "black", "student alone": "grey", "distillation": "tab:blue", "pruning": "tab:green",
+           "quantization": "tab:orange", "combined": "tab:purple", "other": "tab:brown"}
+
+
+def plot_tradeoff(rows: list[Row], read_x: Callable, xlabel: str, title: str, path: Path,
+                  x_format: Callable[[float], str] | None = None) -> bool:
+    """One PNG: mean metric (y) against mean cost (x) with std error bars; False when nothing was measured."""
+    # The object API with an Agg canvas: no pyplot, so no global backend switch in the caller's process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    names = display_names(rows)
+    points = [(row, name, row.stat(metric_of), row.stat(read_x)) for row, name in zip(rows, names)]
+    points = [p for p in points if p[2] and p[3]]
+    if not points:
+        return False
+    fig = Figure(figsize=(11, 5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.07, 0.11, 0.58, 0.8))
+    # Variants often share a size or a latency, so points carry numbers and the names go in a key beside the
+    # axes; neighbouring numbers get staggered heights so they stay legible.
+    for k, (number, (row, name, y, x)) in enumerate(
+            sorted(enumerate(points, 1), key=lambda p: (p[1][3].mean, p[1][2].mean))):
+        key = _colour_key(row)
+        ax.errorbar(x.mean, y.mean, xerr=x.std, yerr=y.std, fmt="o", capsize=3, color=COLOURS.get(key, "tab:red"),
+                    label=key)
+        ax.annotate(str(number), (x.mean, y.mean), xytext=(5, (3, -10, 12)[k % 3]), textcoords="offset points",
+                    fontsize=8)
+    front = pareto_front([(y.mean, x.mean) for _, _, y, x in points])
+    fx, fy = [points[i][3].mean for i in front], [points[i][2].mean for i in front]
+    # steps-post traces the attainable region: each front point's quality holds until a costlier one beats it
+    ax.plot(fx, fy, "--", color="tab:red", drawstyle="steps-post", linewidth=1)
+    ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="tab:red", label="Pareto front")
+    xs = [x.mean for *_, x in points]
+    if min(xs) > 0 and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")
+    if x_format:
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: x_format(value)))
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # one legend entry per colour, in the same order on every plot
+    order = sorted(unique, key=lambda k: list(COLOURS).index(k) if k in COLOURS else len(COLOURS))
+    ax.legend([unique[k] for k in order], order, fontsize=7, loc="best")
+    metric = metric_name(rows)
+    ax.set(xlabel=xlabel, ylabel=f"{metric} (mean ± std over seeds)", title=title)
+    ax.grid(True, alpha=0.3)
+    on_front = set(front)
+    key_text = "\n".join(f"{n:>2}  {name}{'  (front)' if n - 1 in on_front else ''}"
+                         for n, (_, name, _, _) in enumerate(points, 1))
+    fig.text(0.67, 0.91, key_text, fontsize=8, va="top", family="monospace")
+    fig.savefig(path, format="png")
+    return True
+
+
+def write_plots(rows: list[Row], out_dir: Path) -> list[tuple[str, str]]:
+    """Write a task's plots into out_dir; return (title, file name) for each plot written."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots")
+        return []
+    metric = metric_name(rows)
+    bss = batch_sizes(rows)
+    plots = [("size", size_of, "size on disk", fmt_bytes)]
+    if bss:
+        plots.insert(0, ("latency", latency_of(bss[-1]), f"latency at batch {bss[-1]} (ms, median of timed calls)",
+                         None))
+    written = []
+    for figure, read, xlabel, x_format in plots:
+        name = f"{_slug(rows[0].task)}_{metric}_vs_{figure}.png"
+        title = f"{rows[0].task}: {metric} vs {figure} (Pareto front circled)"
+        if plot_tradeoff(rows, read, xlabel, title, Path(out_dir) / name, x_format):
+            written.append((f"{metric} vs {figure}", name))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The README
+
+
+def _distinct(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def header_lines(results: list[dict]) -> list[str]:
+    """Where and with what the runs were made; several values mean a suite resumed on another setup."""
+    ok = [r for r in results if r.get("status") == "ok"] or results  # a failed run still says where it ran
+    devices = _distinct(f"{r['device']['type']} ({r['device']['name']}), torch threads {r['device']['threads']}"
+                        + (f" of {r['device']['cpus']} CPUs" if r["device"].get("cpus") else "") for r in ok)
+    keys = _distinct(k for r in ok for k in r.get("versions", {}))
+    versions = [f"{k} {'/'.join(map(str, vals))}" for k in keys
+                if (vals := _distinct(r["versions"].get(k) for r in ok if r["versions"].get(k)))]
+    started = sorted(datetime.fromisoformat(r["started"]).astimezone(timezone.utc) for r in ok if r.get("started"))
+    lines = [f"- device: {' | '.join(devices)}" + ("  (runs from more than one setup: compare with care)"
+                                                  if len(devices) > 1 else ""),
+             f"- versions: {', '.join(versions)}"]
+    if started:
+        lines.append(f"- runs made: {started[0]:%Y-%m-%d %H:%M} to {started[-1]:%Y-%m-%d %H:%M} UTC")
+    n_ok = sum(r.get("status") == "ok" for r in results)
+    lines.append(f"- rendered: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {n_ok} ok runs "
+                 f"({len(results) - n_ok} failed) by `kdbench report <this folder>`")
+    return lines
+
+
+def render(results: list[dict], suite_name: str, plots: dict[str, list[tuple[str, str]]] | None = None) -> str:
+    """The README text; `plots` maps a task to the (title, file name) of its plots, written beforehand."""
     failed = [r for r in results if r.get("status") != "ok"]
     lines = [f"# kdbench results: {suite_name}", ""]
-    if ok:
-        r = ok[-1]
-        dev, ver = r["device"], r["versions"]
-        lines += [
-            f"- device: {dev['type']} ({dev['name']}), torch threads {dev['threads']}",
-            "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v),
-            f"- rendered: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from {len(ok)} runs",
-            "",
-            "accuracy: on the task's eval split; retention: accuracy / teacher accuracy; size: bytes of the saved "
-            "weights; latency: median of timed batches after warm-up at the profiling sequence length; "
-            "speedup: teacher latency / variant latency, measured in the same process; mean ± std over seeds.",
-            "",
-        ]
-    for task, table in task_tables(results).items():
-        lines += [f"## {task}", "", table, ""]
+    lines += header_lines(results) + [""] if results else ["No runs found.", ""]
+    for task, rows in collect_rows(results).items():
+        metric = metric_name(rows)
+        lines += [f"## {task}", "", task_table(rows), "", "How measured:", ""]
+        lines += [d.format(metric=metric) for d in DEFINITIONS] + how_measured(rows) + [""]
+        lines += ["### What should I ship?", ""] + recommend(rows) + [""]
+        lines += [f"![{title}]({name})" for title, name in (plots or {}).get(task, [])] + [""]
+        for pair in _distinct(r.pair for r in rows):
+            lines += [f"### What each compression bought: {pair}", "", families_table(rows, pair), "",
+                      FAMILIES_NOTE, ""]
     if failed:
-        lines += ["## failed runs", ""]
-        lines += [f"- `{r['run_id']}`: {r.get('error')}" for r in failed]
-        lines.append("")
+        lines += ["## Failed runs", ""]
+        lines += [f"- `{r['run_id']}` ({r.get('error_kind') or 'error'}): {r.get('error')}" for r in failed] + [""]
     return "\n".join(lines)
 
 
 def write_report(results_dir: Path, suite_name: str | None = None) -> str:
+    """Write results_dir/README.md and the plots next to it; return the README text."""
     results_dir = Path(results_dir)
     results = read_results(results_dir)
-    text = render(results, suite_name or results_dir.name)
     results_dir.mkdir(parents=True, exist_ok=True)
+    plots = {task: write_plots(rows, results_dir) for task, rows in collect_rows(results).items()}
+    text = render(results, suite_name or results_dir.name, plots)
     (results_dir / "README.md").write_text(text)
     return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Comparing two results folders
+
+
+def _side(results: list[dict], label: str, folder: Path) -> str:
+    ok = [r for r in results if r.get("status") == "ok"]
+    devices = _distinct(f"{r['device']['type']} ({r['device']['name']})" for r in ok)
+    torch = _distinct(r["versions"].get("torch") for r in ok)
+    kdb = _distinct(r["versions"].get("kdbench") for r in ok)
+    return (f"- **{label}**: `{folder}`: {len(ok)} ok runs, {len(results) - len(ok)} failed; "
+            f"{' | '.join(devices) or 'no device'}; torch {'/'.join(map(str, torch))}, "
+            f"kdbench {'/'.join(map(str, kdb))}")
+
+
+def compare(dir_a: Path, dir_b: Path) -> str:
+    """Markdown: per task, each (pair, variant) row's metric, retention, latency and size in A and B, and the
+    relative change B vs A; rows found on one side only are listed as such."""
+    results_a, results_b = read_results(Path(dir_a)), read_results(Path(dir_b))
+    rows_a, rows_b = collect_rows(results_a), collect_rows(results_b)
+    lines = ["# kdbench compare", "", _side(results_a, "A", dir_a), _side(results_b, "B", dir_b), "",
+             "Values are mean ± std over seeds; Δ: the relative change (B − A) / |A|; † the change is within the "
+             "seed spread (|B − A| ≤ std A + std B).", ""]
+    for task in _distinct(list(rows_a) + list(rows_b)):
+        a = {(r.pair, r.label): r for r in rows_a.get(task, [])}
+        b = {(r.pair, r.label): r for r in rows_b.get(task, [])}
+        common = set(batch_sizes(rows_a.get(task, []))) & set(batch_sizes(rows_b.get(task, [])))
+        bs = max(common, key=int) if common else None
+        reads = [("metric", metric_of, lambda s: fmt_stat(s, decimals=3)),
+                 ("retention", retention_of, lambda s: fmt_stat(s, decimals=1, scale=100, suffix="%")),
+                 (f"latency b{bs} ms", latency_of(bs) if bs else (lambda v: None), fmt_stat),
+                 ("size", size_of, lambda s: fmt_bytes(s.mean) if s else "n/a")]
+        header = ["pair", "variant"] + [h for name, _, _ in reads for h in (f"{name} A", f"{name} B", f"{name} Δ")]
+        body = []
+        for key in [k for k in _distinct(list(a) + list(b)) if k in a and k in b]:
+            cells = list(key)
+            for _, read, show in reads:
+                sa, sb = a[key].stat(read), b[key].stat(read)
+                cells += [show(sa), show(sb), fmt_change(sa, sb)]
+            body.append(cells)
+        lines += [f"## {task}", "", _table(header, body, text_columns=2) if body else "No row in both.", ""]
+        only = [(side, key) for side, mine, other in (("A", a, b), ("B", b, a)) for key in mine if key not in other]
+        lines += [f"- only in {side}: `{pair}: {label}`" for side, (pair, label) in only]
+        lines += [""] if only else []
+    return "\n".join(lines)
