@@ -131,6 +131,24 @@ def report(results_dir: Path = typer.Argument(..., help="a suite's results folde
     typer.echo(write_report(results_dir))
 
 
+@app.command()
+def compare(
+    dir_a: Path = typer.Argument(..., help="results folder A, e.g. results/quickstart"),
+    dir_b: Path = typer.Argument(..., help="results folder B"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write the markdown here"),
+):
+    """Compare two results folders (two versions or machines): metric, retention, latency, size and their change."""
+    from kdbench.report import compare as compare_dirs
+
+    for d in (dir_a, dir_b):
+        if not (d / "runs").is_dir():
+            _fail(KdbenchError(f"no results in {d} (expected {d / 'runs'})"))
+    text = compare_dirs(dir_a, dir_b)
+    if output:
+        output.write_text(text)
+    typer.echo(text)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of kdbench's own kernels.")
 app.add_typer(bench_app, name="bench")
 

@@ -3,7 +3,10 @@
 Layout: <results_dir>/runs/<run_id>.json with keys
     run_id, spec (the resolved RunSpec), spec_hash, status ("ok" | "failed"), error, error_kind,
     versions, device, started, wall_s, training (wall_s, steps, samples, samples_per_s),
-    variants: [{name, kind, metric, retention, params, nonzero_params, size_bytes, latency, memory, energy, ...}]
+    variants: [{name, kind, metric_name, metric, retention, params, nonzero_params,
+                size {bytes, format, method}, latency {batch size: {median_ms, p90_ms, ..., method}},
+                speedup_vs_teacher {batch size: x}, memory {peak_mb, method}, energy {joules_per_sample, method},
+                compression {steps: [...]}, training {wall_s, steps, samples, samples_per_s}}]
 """
 
 from __future__ import annotations
