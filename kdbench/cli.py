@@ -79,6 +79,9 @@ def run(
                f"report: {outcome.results_dir / 'README.md'}")
     for r in outcome.failed:
         typer.echo(f"error: run {r.run_id} failed: {r.error}", err=True)
+    for r in outcome.runs:
+        for v in r.failed_variants:
+            typer.echo(f"error: run {r.run_id}: variant {v['name']} failed: {v['error']}", err=True)
     raise typer.Exit(code=outcome.exit_code)
 
 

@@ -601,6 +601,10 @@ def render(results: list[dict], suite_name: str, plots: dict[str, list[tuple[str
     if failed:
         lines += ["## Failed runs", ""]
         lines += [f"- `{r['run_id']}` ({r.get('error_kind') or 'error'}): {r.get('error')}" for r in failed] + [""]
+    failed_variants = [(r, v) for r in results for v in r.get("failed_variants", [])]
+    if failed_variants:
+        lines += ["## Failed variants", "", "The runs themselves succeeded; only these compressed variants failed.", ""]
+        lines += [f"- `{r['run_id']}` / `{v['name']}`: {v['error']}" for r, v in failed_variants] + [""]
     return "\n".join(lines)
 
 

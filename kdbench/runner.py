@@ -31,6 +31,7 @@ class RunOutcome:
     status: str  # "ok" | "failed" | "skipped" (already done)
     error: str | None = None
     error_kind: str | None = None  # "input" (bad input: exit 2) | "bug"
+    failed_variants: list[dict] = field(default_factory=list)  # compressed variants that failed in an ok run
 
 
 @dataclass
@@ -44,9 +45,10 @@ class SuiteOutcome:
 
     @property
     def exit_code(self) -> int:
-        if not self.failed:
-            return 0
-        return 2 if any(r.error_kind == "input" for r in self.failed) else 1
+        """0: all ran; 2: bad input somewhere (a failed run or variant); 1: a bug."""
+        if any(r.error_kind == "input" for r in self.failed) or any(r.failed_variants for r in self.runs):
+            return 2
+        return 1 if self.failed else 0
 
 
 def resolve_device(setting: str) -> str:
@@ -320,11 +322,16 @@ def run_distill(spec: RunSpec, ctx: Context) -> dict:
     t_lat = ctx.teacher_latency(spec)
     variants = [profile_variant("distilled", "distilled", student, spec, ctx, teacher_metric=teacher_metric,
                                 teacher_latency=t_lat, training=stats.as_dict())]
+    failed = []
     for comp in spec.compression:
-        model, info, recovery = compress_variant(student, comp, ctx, distill)
-        variants.append(profile_variant(comp.name, "compressed", model, spec, ctx, teacher_metric=teacher_metric,
-                                        teacher_latency=t_lat, info=info, training=recovery))
-    return {"variants": variants, "training": stats.as_dict()}
+        try:
+            model, info, recovery = compress_variant(student, comp, ctx, distill)
+            variants.append(profile_variant(comp.name, "compressed", model, spec, ctx, teacher_metric=teacher_metric,
+                                            teacher_latency=t_lat, info=info, training=recovery))
+        except KdbenchError as e:  # one variant the model or device cannot take; the others still count
+            log.error("%s: compression %s failed: %s", spec.run_id, comp.name, e)
+            failed.append({"name": comp.name, "error": str(e)})
+    return {"variants": variants, "failed_variants": failed, "training": stats.as_dict()}
 
 
 def compress_variant(student, comp, ctx: Context, distill):
@@ -405,7 +412,8 @@ def run_suite(suite: Suite, results_dir: str | Path | None = None, *, rerun: boo
                 progress.update(runs_task, description=f"suite {suite.name}: {spec.run_id}")
                 result = execute(spec, ctx)
                 write_result(path, result)
-                outcome.runs.append(RunOutcome(spec.run_id, result["status"], result["error"], result["error_kind"]))
+                outcome.runs.append(RunOutcome(spec.run_id, result["status"], result["error"], result["error_kind"],
+                                               result.get("failed_variants", [])))
             progress.advance(runs_task)
     report.write_report(out, suite_name=suite.name)
     return outcome
