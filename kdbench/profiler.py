@@ -387,6 +387,7 @@ _FORK_SERVER_CODE = (
     "from kdbench.profiler import _fork_server; _fork_server(proto)"
 )
 _server: subprocess.Popen | None = None
+_server_ready = False  # the server has said "ready" (its first line) and this process has read it
 _server_lock = threading.Lock()
 
 
@@ -432,6 +433,7 @@ def _run_forkserver(args: dict, timeout_s: float) -> dict[str, Any]:
     """Ask kdbench's fork server (started on first use, kept for this process's life) to measure in a fork."""
     with _server_lock:
         server = _start_server()
+        _await_ready(server, timeout_s)
         with tempfile.NamedTemporaryFile(prefix="kdbench-mem-", suffix=".json", delete=False) as f:
             result_path = f.name
         try:
@@ -464,9 +466,29 @@ def start_memory_server() -> None:
         _start_server()
 
 
+def wait_memory_server(timeout_s: float = 120.0) -> None:
+    """Block until the fork server has finished its imports. Its start-up takes a core for seconds, so latency
+    measured meanwhile would be inflated; the runner waits for it before timing anything."""
+    with _server_lock:
+        _await_ready(_start_server(), timeout_s)
+
+
+def _await_ready(server: subprocess.Popen, timeout_s: float) -> None:
+    global _server_ready
+    if _server_ready:
+        return
+    ready, _, _ = select.select([server.stdout], [], [], timeout_s)
+    line = server.stdout.readline().strip() if ready else ""
+    if line != "ready":
+        _stop_server(server)
+        raise RuntimeError(f"memory measurement fork server did not start (said {line!r} within {timeout_s:.0f} s)")
+    _server_ready = True
+
+
 def _start_server() -> subprocess.Popen:
-    global _server
+    global _server, _server_ready
     if _server is None or _server.poll() is not None:
+        _server_ready = False
         _server = subprocess.Popen(
             [sys.executable, "-c", _FORK_SERVER_CODE],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -496,6 +518,8 @@ def _fork_server(out) -> None:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - optional (torchao) or broken: the fork imports what it needs
             pass
+    out.write("ready\n")  # the parent waits for this before timing anything (see wait_memory_server)
+    out.flush()
     for line in sys.stdin:
         args = json.loads(line)
         pid = os.fork()

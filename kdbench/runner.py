@@ -212,6 +212,8 @@ def measure_latency(model, spec: RunSpec, ctx: Context) -> dict:
     from kdbench import profiler
 
     p = spec.profiling
+    if ctx.device == "cpu" and p.memory:
+        profiler.wait_memory_server()  # never time a model while the server's start-up holds a core
     return profiler.measure_latency(
         model, lambda bs: model_inputs(example_batch(spec, ctx, bs), model), batch_sizes=p.batch_sizes,
         warmup=p.warmup, min_repeats=p.min_repeats, max_repeats=p.max_repeats, time_budget_s=p.time_budget_s,
@@ -403,6 +405,10 @@ def run_suite(suite: Suite, results_dir: str | Path | None = None, *, rerun: boo
                         console=Console(stderr=True), disable=not show_progress, transient=False)
     with progress:
         ctx = Context(suite, out, resolve_device(suite.device), progress)
+        if ctx.device == "cpu" and suite.profiling.memory and specs:
+            from kdbench import profiler
+
+            profiler.start_memory_server()  # boots (seconds) while the first model trains
         runs_task = progress.add_task(f"suite {suite.name}", total=len(specs))
         for spec in specs:
             path = run_path(out, spec.run_id)
