@@ -1,0 +1,222 @@
+"""Models and tokenizers: inline configs, local folders, hub names offline, the pair's shared vocabulary."""
+
+import socket
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, DataCollatorWithPadding
+
+from kdbench import models
+from kdbench.errors import KdbenchError
+from kdbench.runner import encode, model_inputs
+from kdbench.suite import InlineConfig, TrainingSettings, load_suite
+from kdbench.trainer import Distiller, training_arguments
+
+TEXTS = [
+    "the plot was not good",
+    "the acting felt really great but the ending was dull",
+    "although the cast was fine , the music was awful",
+    "the story seemed never boring",
+] * 5
+OTHER_TEXTS = ["colourless green ideas sleep furiously", "a quick brown fox jumps over the lazy dog"] * 5
+
+BERT = dict(model_type="bert", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=32)
+DISTILBERT = dict(model_type="distilbert", dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=32)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return models.train_tokenizer(TEXTS, 120, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def saved_bert(tmp_path_factory, tokenizer):
+    """A tiny BertForSequenceClassification and its tokenizer saved with save_pretrained: a local model folder."""
+    folder = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_labels=2)
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return model, folder
+
+
+def batch_of(tok, texts=TEXTS[:4]):
+    return tok(texts, padding=True, return_tensors="pt")
+
+
+def logits(model, batch):
+    model.eval()
+    with torch.inference_mode():
+        return model(**model_inputs(dict(batch), model)).logits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def test_train_tokenizer_is_cached_on_disk(tmp_path):
+    tok = models.train_tokenizer(TEXTS, 120, tmp_path)
+    assert (tmp_path / "tokenizer.json").is_file()
+    again = models.train_tokenizer(OTHER_TEXTS, 60, tmp_path)  # the folder wins: same vocabulary back
+    assert again.get_vocab() == tok.get_vocab()
+    ids = tok("the plot was not good")["input_ids"]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    assert tok.unk_token_id not in ids
+    assert tok.pad_token == "[PAD]"
+
+
+def test_inline_pair_trains_one_tokenizer(tmp_path):
+    ref = InlineConfig(**BERT)
+    tok = models.pair_tokenizer(ref, ref, TEXTS, tmp_path, "key", vocab_size=100)
+    assert (tmp_path / "tokenizers" / "key" / "tokenizer.json").is_file()
+    assert len(tok) <= 100
+
+
+def test_pair_with_different_vocabularies_is_refused(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    models.train_tokenizer(TEXTS, 120, a)
+    models.train_tokenizer(OTHER_TEXTS, 80, b)
+    with pytest.raises(KdbenchError) as info:
+        models.pair_tokenizer(str(a), str(b), TEXTS, tmp_path, "key")
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"teacher '{a}' and student '{b}' have different vocabularies" in message
+    assert "shared tokenizer" in message
+
+
+def test_inline_vocab_size_must_match_a_pretrained_tokenizer(saved_bert, tmp_path):
+    _, folder = saved_bert
+    student = InlineConfig(**BERT, vocab_size=7)
+    with pytest.raises(KdbenchError, match=r"student vocab_size 7 differs from the pair's tokenizer"):
+        models.pair_tokenizer(str(folder), student, TEXTS, tmp_path, "key")
+    # Without vocab_size, the inline student takes the pretrained teacher's tokenizer.
+    tok = models.pair_tokenizer(str(folder), InlineConfig(**BERT), TEXTS, tmp_path, "key")
+    assert len(tok) == len(models.load_tokenizer(str(folder)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A local model folder as a suite's model reference
+
+
+def test_local_folder_round_trips_through_a_suite(saved_bert, tokenizer, tmp_path):
+    model, folder = saved_bert
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(
+        "name: local\n"
+        "tasks: [{name: t, task: generated_sentiment}]\n"
+        f"pairs: [{{name: p, teacher: {{model: {folder}}}, student: {{model: {folder}}}}}]\n"
+    )
+    pair = load_suite(suite_file).pairs[0]
+    ref = pair.teacher.model
+    assert ref == str(folder) and models.is_pretrained(ref)
+
+    tok = models.pair_tokenizer(pair.teacher.model, pair.student.model, TEXTS, tmp_path, "key")
+    assert tok.get_vocab() == tokenizer.get_vocab() == models.load_tokenizer(ref).get_vocab()
+    loaded = models.build_model(ref, num_labels=2, vocab_size=len(tok), seed=123)
+    batch = batch_of(tok)
+    assert torch.equal(logits(loaded, batch), logits(model, batch))
+
+
+def test_local_folder_with_another_head_size_gets_a_new_head(saved_bert):
+    _, folder = saved_bert
+    loaded = models.build_model(str(folder), num_labels=5, vocab_size=0, seed=0)
+    assert loaded.config.num_labels == 5 and loaded.classifier.out_features == 5
+
+
+@pytest.mark.parametrize("content", ["empty", "config-without-model-type", "tokenizer-only"])
+def test_broken_local_folder_is_named(tmp_path, tokenizer, content):
+    if content == "config-without-model-type":
+        (tmp_path / "config.json").write_text("{}")
+    elif content == "tokenizer-only":
+        tokenizer.save_pretrained(str(tmp_path))
+    with pytest.raises(KdbenchError) as info:
+        models.build_model(str(tmp_path), num_labels=2, vocab_size=10, seed=0)
+    assert str(info.value).startswith(f"cannot load model from {tmp_path}: ")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("load", ["tokenizer", "model"])
+def test_hub_name_offline_says_it_needs_a_network(load):
+    name = "kdbench-tests/no-such-model"
+    with pytest.raises(KdbenchError) as info:
+        if load == "tokenizer":
+            models.load_tokenizer(name)
+        else:
+            models.build_model(name, num_labels=2, vocab_size=10, seed=0)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message == (f"model {name!r} is not a local folder and cannot be fetched from the hub "
+                       "(needs a network, or give a local path)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inline configs
+
+
+def test_inline_config_builds_a_seeded_model():
+    ref = InlineConfig(**BERT)
+    a = models.build_model(ref, num_labels=3, vocab_size=50, seed=0)
+    b = models.build_model(ref, num_labels=3, vocab_size=50, seed=0)
+    c = models.build_model(ref, num_labels=3, vocab_size=50, seed=1)
+    assert a.config.hidden_size == 16 and a.config.vocab_size == 50 and a.config.num_labels == 3
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.classifier.weight, c.classifier.weight)
+    assert models.describe(ref) == "bert 1L/16H"
+
+
+@pytest.mark.parametrize("spec, culprit", [
+    ({**BERT, "hidden_sise": 8}, "unknown bert config field 'hidden_sise'"),
+    ({**DISTILBERT, "hidden_size": 8}, None),  # attribute_map: DistilBERT's hidden_size is `dim`
+    ({**DISTILBERT, "num_hidden_layer": 2}, "unknown distilbert config field 'num_hidden_layer'"),
+    ({"model_type": "gpt2"}, "unknown model type 'gpt2'; available: bert, distilbert, roberta"),
+])
+def test_check_model_ref(spec, culprit):
+    ref = InlineConfig(**spec)
+    if culprit is None:
+        models.check_model_ref(ref, "pairs.p.student")
+        return
+    with pytest.raises(KdbenchError) as info:
+        models.check_model_ref(ref, "pairs.p.student")
+    assert str(info.value) == f"pairs.p.student: {culprit}"
+
+
+def test_check_model_ref_paths(tmp_path):
+    models.check_model_ref("google-bert/bert-base-uncased", "t")  # a hub name: checked when loaded, not here
+    models.check_model_ref(str(tmp_path), "t")
+    with pytest.raises(KdbenchError, match=r"^t: model path not found: ./no/such/folder$"):
+        models.check_model_ref("./no/such/folder", "t")
+
+
+def test_distilbert_student_with_the_pair_tokenizer(tmp_path):
+    """DistilBERT takes no token_type_ids: inputs are filtered per model, and a BERT teacher still gets them."""
+    teacher_ref, student_ref = InlineConfig(**BERT), InlineConfig(**DISTILBERT)
+    tok = models.pair_tokenizer(teacher_ref, student_ref, TEXTS, tmp_path, "key", vocab_size=100)
+    teacher = models.build_model(teacher_ref, num_labels=2, vocab_size=len(tok), seed=0)
+    student = models.build_model(student_ref, num_labels=2, vocab_size=len(tok), seed=0)
+    assert type(student).__name__ == "DistilBertForSequenceClassification"
+
+    rows = encode([{"text": t, "label": i % 2} for i, t in enumerate(TEXTS[:4])], tok, 32)
+    batch = DataCollatorWithPadding(tok)(rows)
+    batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])  # as a BERT-style tokenizer would give
+    assert "token_type_ids" not in model_inputs(batch, student)
+    assert "token_type_ids" in model_inputs(batch, teacher)
+    assert "token_type_ids" not in model_inputs(batch, teacher, student)
+    assert logits(student, batch).shape == (4, 2)
+
+    args = training_arguments(TrainingSettings(), seed=0, device="cpu", output_dir=str(tmp_path / "out"))
+    distiller = Distiller(model=student, args=args, teacher=teacher)
+    student.train()
+    loss = distiller.compute_loss(student, dict(batch))
+    assert torch.isfinite(loss) and loss.requires_grad

@@ -1,0 +1,212 @@
+"""The runner: failures are recorded and the suite goes on, finished runs are never lost, results are atomic."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kdbench import runner
+from kdbench.errors import KdbenchError
+from kdbench.methods import LogitKD, methods
+from kdbench.results import read_result, run_path, write_result
+from kdbench.runner import run_suite
+from kdbench.suite import expand, load_suite
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+BERT = {"model_type": "bert", "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32}
+FAST_PROFILING = {"batch_sizes": [1], "warmup": 0, "min_repeats": 1, "max_repeats": 1, "time_budget_s": 0.01,
+                  "memory": False}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core box, two spinning OpenMP threads run tiny models ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """Shared by the tests of this file: the teacher is fine-tuned once and loaded from here afterwards."""
+    return tmp_path_factory.mktemp("cache")
+
+
+class NanKD(LogitKD):
+    """A method whose loss is NaN from the first step: how a diverging run looks to the runner."""
+
+    def loss(self, student_out, teacher_out, labels):
+        return super().loss(student_out, teacher_out, labels) * float("nan")
+
+
+@pytest.fixture
+def nan_method(monkeypatch):
+    monkeypatch.setitem(methods._entries, "nan_loss", NanKD)
+
+
+def tiny_suite(tmp_path: Path, cache_dir: Path, methods_: list[dict], **overrides):
+    """A seconds-long suite, written as YAML and loaded the way a user's is."""
+    data = {
+        "name": "tiny",
+        "device": "cpu",
+        "seeds": [0],
+        "tasks": [{"name": "sentiment", "task": "generated_sentiment",
+                   "params": {"train_size": 64, "transfer_size": 32, "eval_size": 32}}],
+        "pairs": [{"name": "pair",
+                   "teacher": {"model": {**BERT, "hidden_size": 16, "intermediate_size": 32},
+                               "finetune": {"max_steps": 2, "batch_size": 16}},
+                   "student": {"model": {**BERT, "hidden_size": 8, "intermediate_size": 16}}}],
+        "methods": methods_,
+        "training": {"max_steps": 2, "batch_size": 16, "max_seq_length": 32},
+        "profiling": FAST_PROFILING,
+        "output_dir": str(tmp_path / "results"),
+        "cache_dir": str(cache_dir),
+        **overrides,
+    }
+    path = tmp_path / f"suite-{len(list(tmp_path.glob('suite-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_suite(path)
+
+
+def snapshot(results_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((results_dir / "runs").glob("*.json"))}
+
+
+def statuses(outcome) -> dict[str, str]:
+    return {r.run_id.split("__", 2)[2]: r.status for r in outcome.runs}
+
+
+KD = {"name": "kd", "method": "logit", "params": {"temperature": 2.0}}
+NAN = {"name": "nan", "method": "nan_loss"}
+KD_AFTER = {"name": "kd-after", "method": "logit", "params": {"alpha": 0.9}}
+
+
+def test_a_failed_run_is_recorded_the_suite_goes_on_and_nothing_is_lost(tmp_path, cache_dir, nan_method):
+    first = run_suite(tiny_suite(tmp_path, cache_dir, [KD]), show_progress=False)
+    assert statuses(first) == {"teacher": "ok", "student__s0": "ok", "kd__s0": "ok"}
+    assert first.exit_code == 0
+    out = first.results_dir
+    assert out == tmp_path / "results" / "tiny"
+    finished = snapshot(out)
+    assert len(finished) == 3
+
+    # The same suite with a method whose loss is NaN, then one more method after it.
+    suite = tiny_suite(tmp_path, cache_dir, [KD, NAN, KD_AFTER])
+    second = run_suite(suite, show_progress=False)
+    assert statuses(second) == {"teacher": "skipped", "student__s0": "skipped", "kd__s0": "skipped",
+                                "nan__s0": "failed", "kd-after__s0": "ok"}
+    assert second.exit_code == 2  # a NaN loss is reported like bad input: one line, exit code 2
+    [failed] = second.failed
+    assert failed.error_kind == "input" and failed.error == "loss is nan at step 1; run stopped"
+
+    after = snapshot(out)
+    assert {k: after[k] for k in finished} == finished  # finished runs untouched, byte for byte
+    record = read_result(run_path(out, "sentiment__pair__nan__s0"))
+    assert record["status"] == "failed" and record["error_kind"] == "input"
+    assert record["error"] == "loss is nan at step 1; run stopped" and record["variants"] == []
+    spec = next(s for s in expand(suite) if s.run_id == "sentiment__pair__nan__s0")
+    assert record["spec_hash"] == spec.spec_hash and record["spec"] == spec.model_dump(mode="json")
+    assert record["versions"]["torch"] == torch.__version__ and record["device"]["type"] == "cpu"
+    assert read_result(run_path(out, "sentiment__pair__kd-after__s0"))["status"] == "ok"
+
+    readme = (out / "README.md").read_text()
+    [failed_line] = [line for line in readme.splitlines() if "sentiment__pair__nan__s0" in line]
+    assert "loss is nan at step 1" in failed_line
+    assert any(line.startswith("|") and "kd-after" in line for line in readme.splitlines())
+
+    # Failed runs are retried on the next invocation; finished ones are not.
+    third = run_suite(suite, show_progress=False)
+    assert statuses(third) == {"teacher": "skipped", "student__s0": "skipped", "kd__s0": "skipped",
+                               "nan__s0": "failed", "kd-after__s0": "skipped"}
+    assert {k: v for k, v in snapshot(out).items() if "nan" not in k} == {
+        k: v for k, v in after.items() if "nan" not in k}
+
+
+def test_a_bug_is_recorded_with_its_traceback_and_exit_code_1(tmp_path, cache_dir, monkeypatch):
+    def broken(spec, ctx):
+        raise ZeroDivisionError("a bug in the student run")
+
+    monkeypatch.setitem(runner.RUNNERS, "student", broken)
+    outcome = run_suite(tiny_suite(tmp_path, cache_dir, [KD], seeds=[0, 1]), show_progress=False)
+    assert statuses(outcome) == {"teacher": "ok", "student__s0": "failed", "kd__s0": "ok",
+                                 "student__s1": "failed", "kd__s1": "ok"}
+    assert outcome.exit_code == 1
+    record = read_result(run_path(outcome.results_dir, "sentiment__pair__student__s0"))
+    assert record["error"] == "ZeroDivisionError: a bug in the student run" and record["error_kind"] == "bug"
+    assert "Traceback" in record["traceback"] and "broken" in record["traceback"]
+
+
+def test_a_failed_teacher_fails_its_students_in_one_line_each(tmp_path, cache_dir):
+    task = {"name": "local", "task": "text_classification",
+            "params": {"train_file": str(tmp_path / "missing.tsv"), "eval_file": str(tmp_path / "missing.tsv")}}
+    outcome = run_suite(tiny_suite(tmp_path, cache_dir, [KD], tasks=[task]), show_progress=False)
+    assert statuses(outcome) == {"teacher": "failed", "student__s0": "failed", "kd__s0": "failed"}
+    assert outcome.exit_code == 2
+    errors = [r.error for r in outcome.runs]
+    assert errors[0] == f"task data file not found: {tmp_path / 'missing.tsv'}"
+    assert errors[1:] == ["teacher run local__pair__teacher did not succeed; its students cannot run"] * 2
+    readme = (outcome.results_dir / "README.md").read_text()
+    assert f"task data file not found: {tmp_path / 'missing.tsv'}" in readme
+
+
+def test_cuda_requested_without_cuda_is_a_user_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(KdbenchError, match="device: cuda was requested but no CUDA device is available"):
+        runner.resolve_device("cuda")
+    assert runner.resolve_device("auto") == "cpu"
+
+
+def test_write_result_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "runs" / "r.json"
+    write_result(path, {"status": "ok", "n": 1})
+    before = path.read_bytes()
+
+    def crash(obj, f, **kwargs):
+        f.write('{"status": "o')  # half a JSON, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_result(path, {"status": "failed"})
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary file left behind
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real SST-2 copy through the local-files task
+
+
+@pytest.mark.slow
+def test_sst2_local_suite_cut_down(tmp_path, monkeypatch):
+    """suites/sst2-local.yaml with a few hundred rows and a few steps: the table covers every variant and every
+    accuracy is a count over the 872 test sentences."""
+    if not (SHARED_DATA / "sst2" / "train.tsv").is_file():
+        pytest.skip(f"{SHARED_DATA / 'sst2'} is absent")
+    monkeypatch.chdir(REPO)  # the suite's data paths are relative to the repository root
+    data = yaml.safe_load((REPO / "suites" / "sst2-local.yaml").read_text())
+    data["tasks"][0]["params"].update(max_train=300, transfer_from_train=200)
+    data["pairs"][0]["teacher"]["finetune"] = {"max_steps": 20, "batch_size": 32, "learning_rate": 2e-3}
+    data["training"].update(max_steps=20)
+    data["compression"] = [c for c in data["compression"] if c["name"] == "int8"]
+    data["profiling"] = {**FAST_PROFILING, "batch_sizes": [1, 8]}
+    data.update(output_dir=str(tmp_path / "results"), cache_dir=str(tmp_path / "cache"))
+    cut = tmp_path / "sst2-cut.yaml"
+    cut.write_text(yaml.safe_dump(data))
+
+    outcome = run_suite(load_suite(cut), show_progress=False)
+    assert [r.status for r in outcome.runs] == ["ok"] * 3, [r.error for r in outcome.runs]
+    readme = (outcome.results_dir / "README.md").read_text()
+    assert "## sst2" in readme
+    for row in ("| teacher ", "| student alone ", "| logit-kd ", "| logit-kd + int8 "):
+        assert row in readme, row
+    for record in (read_result(p) for p in (outcome.results_dir / "runs").glob("*.json")):
+        for variant in record["variants"]:
+            correct = variant["metric"] * 872
+            assert abs(correct - round(correct)) < 1e-3, (variant["name"], variant["metric"])
