@@ -214,7 +214,6 @@ def _register(name: str):
 
 @_register("prune_unstructured")
 class PruneUnstructured(Compressor):
-    trainable = True
     """Global magnitude pruning of the encoder's Linear weights (zeros in place; same shapes).
 
     Which weights: every nn.Linear inside the transformer blocks (attention q/k/v/out and FFN). Not the
@@ -225,6 +224,8 @@ class PruneUnstructured(Compressor):
     The model keeps its shapes and its dense kernels: this saves nothing on disk or in latency by itself; it is
     the baseline that structured pruning and sparse kernels are compared with.
     """
+
+    trainable = True
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -255,7 +256,6 @@ class PruneUnstructured(Compressor):
 
 @_register("prune_structured")
 class PruneStructured(Compressor):
-    trainable = True
     """Remove whole attention heads and FFN neurons (smaller dense model), with torch-pruning.
 
     Importance: L2 magnitude. A head scores ||W_q[h]||^2 + ||W_k[h]||^2 + ||W_v[h]||^2 + ||W_o[:, h]||^2 (its rows
@@ -272,6 +272,8 @@ class PruneStructured(Compressor):
     its config (`kdbench_attention_head_size`) and loads with `kdbench.compress.load_variant`.
     Supported: BERT, RoBERTa and DistilBERT sequence models; others raise naming the model class.
     """
+
+    trainable = True
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
