@@ -60,5 +60,8 @@ class Registry(Generic[T]):
             raise KdbenchError(f"{self.kind} {name!r}: params.{where}: {first['msg']}") from None
 
     def describe(self, name: str) -> str:
-        doc = (getattr(self.get(name), "__doc__", None) or "").strip().splitlines()
+        entry = self.get(name)
+        if isinstance(entry, str):  # an entry that is a name (model types: a config class) describes itself
+            return entry
+        doc = (getattr(entry, "__doc__", None) or "").strip().splitlines()
         return doc[0] if doc else ""
