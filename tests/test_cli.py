@@ -175,8 +175,16 @@ def test_report_on_a_folder_without_results(tmp_path):
 def test_ls_lists_every_entry(what, registry):
     result = kdbench("ls", what)
     assert result.exit_code == 0
-    listed = [line.split()[0] for line in result.stdout.splitlines() if line and not line.startswith(" ")]
-    assert listed == registry.names()
+    entries = [line.split(None, 1) for line in result.stdout.splitlines() if line and not line.startswith(" ")]
+    assert [e[0] for e in entries] == registry.names()
+    # Each entry says what it is: the first line of its docstring.
+    assert all(len(e) == 2 and e[1] == registry.describe(e[0]) for e in entries), entries
+
+
+def test_ls_models_names_the_config_classes():
+    result = kdbench("ls", "models")
+    assert result.stdout.split() == ["bert", "BertConfig", "distilbert", "DistilBertConfig", "roberta",
+                                     "RobertaConfig"]
 
 
 def test_ls_shows_params():
