@@ -55,9 +55,13 @@ class Registry(Generic[T]):
         try:
             return schema.model_validate(params or {})
         except ValidationError as e:
-            first = e.errors()[0]
+            errors = e.errors()
+            first = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
             where = ".".join(str(p) for p in first["loc"]) or "params"
-            raise KdbenchError(f"{self.kind} {name!r}: params.{where}: {first['msg']}") from None
+            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+            err = KdbenchError(f"{self.kind} {name!r}: params.{where}: {msg}")
+            err.loc = ("params", *first["loc"])  # lets the suite loader point at the line
+            raise err from None
 
     def describe(self, name: str) -> str:
         entry = self.get(name)

@@ -380,7 +380,7 @@ def execute(spec: RunSpec, ctx: Context) -> dict:
         return {**base, "status": "ok", "error": None, "error_kind": None,
                 "wall_s": round(time.perf_counter() - t0, 3), **body}
     except KdbenchError as e:
-        log.error("%s failed: %s", spec.run_id, e)
+        log.info("%s failed: %s", spec.run_id, e)  # the CLI prints one line per failure at the end
         return {**base, "status": "failed", "error": str(e), "error_kind": "input",
                 "wall_s": round(time.perf_counter() - t0, 3), "variants": []}
     except Exception as e:  # a bug: keep the traceback in the result, go on with the suite
@@ -388,6 +388,15 @@ def execute(spec: RunSpec, ctx: Context) -> dict:
         log.debug("traceback", exc_info=True)
         return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "error_kind": "bug",
                 "traceback": traceback.format_exc(), "wall_s": round(time.perf_counter() - t0, 3), "variants": []}
+
+
+def keep_finished(path: Path, result: dict) -> Path:
+    """Where to write `result`: a failed re-run never overwrites a finished (ok) result; it goes to runs/failed/."""
+    previous = read_result(path)
+    if result["status"] != "ok" and previous and previous.get("status") == "ok":
+        log.warning("%s failed again; its earlier ok result is kept", result["run_id"])
+        return path.parent / "failed" / path.name
+    return path
 
 
 def run_suite(suite: Suite, results_dir: str | Path | None = None, *, rerun: bool = False, show_progress=True,
@@ -417,7 +426,7 @@ def run_suite(suite: Suite, results_dir: str | Path | None = None, *, rerun: boo
             else:
                 progress.update(runs_task, description=f"suite {suite.name}: {spec.run_id}")
                 result = execute(spec, ctx)
-                write_result(path, result)
+                write_result(keep_finished(path, result), result)
                 outcome.runs.append(RunOutcome(spec.run_id, result["status"], result["error"], result["error_kind"],
                                                result.get("failed_variants", [])))
             progress.advance(runs_task)

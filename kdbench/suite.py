@@ -142,8 +142,8 @@ def load_suite(path: str | Path) -> Suite:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
-        line = f" line {mark.line + 1}" if mark else ""
-        raise KdbenchError(f"{path}:{line}: invalid YAML: {e.problem or e}".replace(": line", " line")) from None
+        line = f" line {mark.line + 1}:" if mark else ""
+        raise KdbenchError(f"{path}:{line} invalid YAML: {e.problem or e}") from None
     except yaml.YAMLError as e:
         raise KdbenchError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -156,31 +156,66 @@ def load_suite(path: str | Path) -> Suite:
         err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
         loc = [p for p in err["loc"] if not _is_union_tag(p)]
         raise KdbenchError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: {_message(err)}") from None
+    resolve_paths(suite, path.parent)
     try:
         check_registry_names(suite)
     except KdbenchError as e:
-        raise KdbenchError(f"{path}: {e}") from None
+        loc = getattr(e, "loc", None)
+        where = f"{_line_of(root, loc)}: {_dotted(loc)}" if loc else ""
+        raise KdbenchError(f"{path}:{where}: {e}") from None
     return suite
 
 
 def check_registry_names(suite: Suite) -> None:
-    """Resolve every registry key and validate its params, so a typo fails before any training starts."""
+    """Resolve every registry key and validate its params, so a typo fails before any training starts.
+
+    A failure carries `loc`, the key path in the suite, when it has one.
+    """
     from kdbench.compress import compressors
     from kdbench.methods import methods
+    from kdbench.models import check_model_ref
+    from kdbench.tasks import tasks
+
+    def check(loc: tuple, validate, *args):
+        try:
+            validate(*args)
+        except KdbenchError as e:
+            e.loc = (*loc, *getattr(e, "loc", ()))
+            raise
+
+    for i, t in enumerate(suite.tasks):
+        check(("tasks", i), tasks.validate_params, t.task, t.params)
+    for i, m in enumerate(suite.methods):
+        check(("methods", i), methods.validate_params, m.method, m.params)
+    for i, c in enumerate(suite.compression):
+        for j, step in enumerate(c.steps):
+            check(("compression", i, "steps", j), compressors.validate_params, step.compressor, step.params)
+    for i, p in enumerate(suite.pairs):
+        for role in ("teacher", "student"):
+            ref = getattr(p, role).model
+            check(("pairs", i, role, "model"), check_model_ref, ref, f"pairs.{p.name}.{role}")
+
+
+def _resolve(value: str, base: Path) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def resolve_paths(suite: Suite, base: Path) -> None:
+    """Relative local paths in a suite (task data files, local model folders) are relative to the suite file,
+    so a suite runs from any working directory. They are stored resolved: the RunResult holds absolute paths."""
     from kdbench.tasks import tasks
 
     for t in suite.tasks:
-        tasks.validate_params(t.task, t.params)
-    for m in suite.methods:
-        methods.validate_params(m.method, m.params)
-    for c in suite.compression:
-        for step in c.steps:
-            compressors.validate_params(step.compressor, step.params)
-    from kdbench.models import check_model_ref
-
+        if t.task not in tasks:
+            continue  # reported by check_registry_names
+        for key in getattr(tasks.get(t.task), "path_params", ()):
+            if isinstance(t.params.get(key), str):
+                t.params[key] = _resolve(t.params[key], base)
     for p in suite.pairs:
-        check_model_ref(p.teacher.model, f"pairs.{p.name}.teacher")
-        check_model_ref(p.student.model, f"pairs.{p.name}.student")
+        for spec in (p.teacher, p.student):
+            if isinstance(spec.model, str) and spec.model.startswith((".", "/", "~")):
+                spec.model = _resolve(spec.model, base)
 
 
 def _is_union_tag(part) -> bool:

@@ -191,6 +191,8 @@ def _build_task_data(train: list[dict], eval_: list[dict], p: _TextClassificatio
 class LocalTextClassification:
     """Text classification from local TSV/CSV/JSON(L) files, read with `datasets`."""
 
+    path_params = ("train_file", "eval_file")  # relative to the suite file (see suite.resolve_paths)
+
     class Params(_TextClassificationParams):
         train_file: str
         eval_file: str

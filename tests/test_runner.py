@@ -12,7 +12,7 @@ from kdbench import runner
 from kdbench.errors import KdbenchError
 from kdbench.methods import LogitKD, methods
 from kdbench.results import read_result, run_path, write_result
-from kdbench.runner import run_suite
+from kdbench.runner import keep_finished, run_suite
 from kdbench.suite import expand, load_suite
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,9 +189,12 @@ def test_sst2_local_suite_cut_down(tmp_path, monkeypatch):
     accuracy is a count over the 872 test sentences."""
     if not (SHARED_DATA / "sst2" / "train.tsv").is_file():
         pytest.skip(f"{SHARED_DATA / 'sst2'} is absent")
-    monkeypatch.chdir(REPO)  # the suite's data paths are relative to the repository root
-    data = yaml.safe_load((REPO / "suites" / "sst2-local.yaml").read_text())
-    data["tasks"][0]["params"].update(max_train=300, transfer_from_train=200)
+    suite_file = REPO / "suites" / "sst2-local.yaml"
+    data = yaml.safe_load(suite_file.read_text())
+    params = data["tasks"][0]["params"]
+    for key in ("train_file", "eval_file"):  # relative to the suite file, which the cut-down copy is not beside
+        params[key] = str((suite_file.parent / params[key]).resolve())
+    params.update(max_train=300, transfer_from_train=200)
     data["pairs"][0]["teacher"]["finetune"] = {"max_steps": 20, "batch_size": 32, "learning_rate": 2e-3}
     data["training"].update(max_steps=20)
     data["compression"] = [c for c in data["compression"] if c["name"] == "int8"]
@@ -210,3 +213,12 @@ def test_sst2_local_suite_cut_down(tmp_path, monkeypatch):
         for variant in record["variants"]:
             correct = variant["metric"] * 872
             assert abs(correct - round(correct)) < 1e-3, (variant["name"], variant["metric"])
+
+
+def test_a_failed_rerun_never_overwrites_a_finished_result(tmp_path):
+    path = run_path(tmp_path, "t__p__kd__s0")
+    failed = {"run_id": "t__p__kd__s0", "status": "failed"}
+    assert keep_finished(path, failed) == path  # nothing there yet: the failure is recorded in place
+    write_result(path, {"run_id": "t__p__kd__s0", "status": "ok"})
+    assert keep_finished(path, failed) == tmp_path / "runs" / "failed" / "t__p__kd__s0.json"
+    assert keep_finished(path, {"run_id": "t__p__kd__s0", "status": "ok"}) == path  # a new ok replaces it
