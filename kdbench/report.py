@@ -337,9 +337,9 @@ DEFINITIONS = [
     "- **{metric}**: on the task's eval split; **retention**: {metric} / the teacher's {metric}.",
     "- **size ÷**: the teacher's size / this row's size; sizes in decimal units (1 kB = 1000 B); "
     "**non-zero**: non-zero parameters / parameters.",
-    "- **latency**: median over the timed calls; **speedup**: the teacher's latency / this row's, with the "
-    "teacher measured in the same process as the row (so the teacher's own row is a repeatability check: "
-    "1.0x when timing is stable).",
+    "- **latency**: median over the timed calls (absolute times drift with the machine's load); **speedup**: "
+    "the teacher and this row timed in alternation, median over rounds of teacher time / row time, so drift "
+    "cancels (the teacher's own row is 1x by definition).",
     "- **train s**: wall time of the training that made the row: fine-tuning for the teacher, training for "
     "students, recovery steps for compressed variants (n/a: none).",
     "- Every figure is mean ± sample std over seeds; n/a: not measured.",

@@ -153,14 +153,6 @@ class Context:
             return r["variants"][0]["metric"]
         return None
 
-    def teacher_latency(self, spec: RunSpec) -> dict:
-        """The teacher's latency measured in this process, so every speedup compares like with like."""
-        def build():
-            model, _ = self.teacher(spec)
-            return measure_latency(model, spec, self)
-
-        return self.memo(("teacher_latency", spec.task.name, spec.pair.name), build)
-
 
 def teacher_run_id(spec: RunSpec) -> str:
     return f"{spec.task.name}__{spec.pair.name}__teacher"
@@ -208,34 +200,36 @@ def example_batch(spec: RunSpec, ctx: Context, batch_size: int) -> dict:
     return {k: v[:, :seq] for k, v in batch.items()}
 
 
-def measure_latency(model, spec: RunSpec, ctx: Context) -> dict:
+def measure_latency(model, spec: RunSpec, ctx: Context, teacher=None) -> tuple[dict, dict]:
+    """(latency per batch size, speedup over `teacher` per batch size), timed with the suite's settings."""
     from kdbench import profiler
 
     p = spec.profiling
     if ctx.device == "cpu" and p.memory:
         profiler.wait_memory_server()  # never time a model while the server's start-up holds a core
-    return profiler.measure_latency(
-        model, lambda bs: model_inputs(example_batch(spec, ctx, bs), model), batch_sizes=p.batch_sizes,
-        warmup=p.warmup, min_repeats=p.min_repeats, max_repeats=p.max_repeats, time_budget_s=p.time_budget_s,
-        device=ctx.device,
-    )
+    inputs_for = lambda m: lambda bs: model_inputs(example_batch(spec, ctx, bs), m)  # noqa: E731
+    settings = dict(batch_sizes=p.batch_sizes, warmup=p.warmup, min_repeats=p.min_repeats,
+                    max_repeats=p.max_repeats, time_budget_s=p.time_budget_s, device=ctx.device)
+    latency = profiler.measure_latency(model, inputs_for(model), **settings)
+    if teacher is None:
+        return latency, {}
+    return latency, profiler.measure_speedup(model, teacher, inputs_for(model), inputs_for(teacher), **settings)
 
 
 def profile_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *, teacher_metric: float | None,
-                    teacher_latency: dict | None, info: dict | None = None, training: dict | None = None,
-                    latency: dict | None = None) -> dict:
-    """Quality, size, latency, memory and energy of one model variant, measured the same way for all."""
+                    teacher=None, info: dict | None = None, training: dict | None = None) -> dict:
+    """Quality, size, latency, memory and energy of one model variant, measured the same way for all.
+
+    The speedup over `teacher` is timed in alternation with it (profiler.measure_speedup); the teacher's own row
+    has `teacher=None` and a speedup of 1 by definition.
+    """
     from kdbench import profiler
 
     metric = evaluate(model, ctx.encoded(spec, "eval"), ctx.collator(spec), ctx.device)
     total, nonzero = profiler.count_parameters(model)
-    latency = latency or measure_latency(model, spec, ctx)
-    speedup = {}
-    if teacher_latency:
-        for bs, lat in latency.items():
-            ref = teacher_latency.get(bs)
-            if ref and lat.get("median_ms"):
-                speedup[bs] = ref["median_ms"] / lat["median_ms"]
+    latency, paired = measure_latency(model, spec, ctx, teacher)
+    speedup = {bs: r["speedup"] for bs, r in paired.items()} if teacher is not None else {
+        bs: 1.0 for bs in latency}
     largest = max(spec.profiling.batch_sizes)
     memory = None
     if spec.profiling.memory:
@@ -256,6 +250,7 @@ def profile_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *,
         "size": profiler.size_on_disk(model),
         "latency": latency,
         "speedup_vs_teacher": speedup,
+        "speedup": paired,  # the paired measurement behind each speedup, with its method
         "memory": memory,
         "energy": energy,
         "compression": info or {},
@@ -269,9 +264,8 @@ def profile_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *,
 
 def run_teacher(spec: RunSpec, ctx: Context) -> dict:
     model, stats = ctx.teacher(spec)
-    latency = ctx.teacher_latency(spec)
-    variant = profile_variant("teacher", "teacher", model, spec, ctx, teacher_metric=None, teacher_latency=latency,
-                              latency=latency, training=stats.as_dict() if stats else None)
+    variant = profile_variant("teacher", "teacher", model, spec, ctx, teacher_metric=None,
+                              training=stats.as_dict() if stats else None)
     variant["retention"] = 1.0
     return {"variants": [variant], "training": variant["training"]}
 
@@ -292,8 +286,9 @@ def run_student(spec: RunSpec, ctx: Context) -> dict:
                                  vocab_size=len(ctx.tokenizer(spec)), seed=spec.seed)
     stats = trainer.train(student, ctx.encoded(spec, "train"), ctx.collator(spec), spec.training, seed=spec.seed,
                           device=ctx.device, progress=ctx.progress, description=f"student alone, seed {spec.seed}")
+    teacher, _ = ctx.teacher(spec)
     variant = profile_variant("student", "student", student, spec, ctx, teacher_metric=teacher_metric,
-                              teacher_latency=ctx.teacher_latency(spec), training=stats.as_dict())
+                              teacher=teacher, training=stats.as_dict())
     return {"variants": [variant], "training": stats.as_dict()}
 
 
@@ -321,15 +316,14 @@ def run_distill(spec: RunSpec, ctx: Context) -> dict:
                              description=description, max_steps=max_steps)
 
     stats = distill(student, f"{spec.method.name}, seed {spec.seed}")
-    t_lat = ctx.teacher_latency(spec)
     variants = [profile_variant("distilled", "distilled", student, spec, ctx, teacher_metric=teacher_metric,
-                                teacher_latency=t_lat, training=stats.as_dict())]
+                                teacher=teacher, training=stats.as_dict())]
     failed = []
     for comp in spec.compression:
         try:
             model, info, recovery = compress_variant(student, comp, ctx, distill)
             variants.append(profile_variant(comp.name, "compressed", model, spec, ctx, teacher_metric=teacher_metric,
-                                            teacher_latency=t_lat, info=info, training=recovery))
+                                            teacher=teacher, info=info, training=recovery))
         except KdbenchError as e:  # one variant the model or device cannot take; the others still count
             log.error("%s: compression %s failed: %s", spec.run_id, comp.name, e)
             failed.append({"name": comp.name, "error": str(e)})

@@ -131,3 +131,27 @@ def test_peak_memory_bad_method(model):
         measure_peak_memory(model, make_inputs, 1, "cpu", method="rss")
     with pytest.raises(KdbenchError, match="method 'cuda' needs a cuda device"):
         measure_peak_memory(model, make_inputs, 1, "cpu", method="cuda")
+
+
+def test_speedup_is_the_median_of_paired_ratios(monkeypatch, model):
+    """Timing is faked so the arithmetic is checked exactly: rounds alternate reference and model, and the
+    speedup is the median of per-round ratios, not a ratio of two separately drifting medians."""
+    from kdbench import profiler
+
+    reference = torch.nn.Identity()  # stands in for the teacher; never timed for real here
+    times = iter([4.0, 1.0,  9.0, 3.0,  6.0, 1.0,  8.0, 4.0,  10.0, 2.0] * 4)  # (reference, model) per round
+    calls = []
+
+    def fake_time_call(m, batch, cuda):
+        calls.append("ref" if m is reference else "model")
+        return next(times)
+
+    monkeypatch.setattr(profiler, "_time_call", fake_time_call)
+    out = profiler.measure_speedup(model, reference, make_inputs, make_inputs, batch_sizes=(2,), warmup=0,
+                                   min_repeats=5, max_repeats=5, time_budget_s=0.0)
+    r = out[2]
+    assert calls == ["ref", "model"] * 5
+    assert r["rounds"] == 5
+    assert r["speedup"] == pytest.approx(4.0)  # ratios 4, 3, 6, 2, 5 -> median 4
+    assert r["model_ms"] == pytest.approx(2.0) and r["reference_ms"] == pytest.approx(8.0)
+    assert "alternation" in r["method"]
