@@ -93,22 +93,34 @@ def load_tokenizer(ref: str):
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, save_dir: Path):
-    """Train a WordPiece tokenizer on `texts` (cached in `save_dir`) and wrap it for transformers."""
+    """A WordPiece tokenizer for `texts` (cached in `save_dir`), wrapped for transformers.
+
+    The vocabulary is every character (alone and as a `##` continuation) plus the most frequent words, ties broken
+    alphabetically, so any word still tokenizes and the same texts always give the same ids. tokenizers' own
+    WordPieceTrainer breaks ties between equally frequent merges in hash-map order, which changes from process to
+    process: the same data gave different vocabularies, hence different metrics for the same seed (measured).
+    """
     from transformers import PreTrainedTokenizerFast
 
     if (save_dir / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(str(save_dir))
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(
+        word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+    )
+    chars = sorted({c for word in counts for c in word})
+    alphabet = chars + [f"##{c}" for c in chars]
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    vocab = special + alphabet + words[: max(vocab_size - len(special) - len(alphabet), 0)]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",

@@ -77,6 +77,24 @@ def test_train_tokenizer_is_cached_on_disk(tmp_path):
     assert tok.pad_token == "[PAD]"
 
 
+def test_trained_vocabulary_is_the_same_every_time(tmp_path):
+    """Same texts, same ids: specials, then every character and its ## continuation, then words by frequency
+    (ties alphabetical). tokenizers' own trainer broke ties in hash-map order, so ids changed between processes."""
+    texts = ["the plot was not good", "the film was good", "a dull plot", "zebra"]
+    a = models.train_tokenizer(texts, 200, tmp_path / "a").get_vocab()
+    b = models.train_tokenizer(list(reversed(texts)), 200, tmp_path / "b").get_vocab()
+    assert a == b
+    order = sorted(a, key=a.get)
+    assert order[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = sorted(set("".join(texts).replace(" ", "")))
+    assert order[5 : 5 + 2 * len(chars)] == chars + [f"##{c}" for c in chars]
+    assert order[5 + 2 * len(chars) :][:4] == ["good", "plot", "the", "was"]  # each twice, alphabetical
+    capped = models.train_tokenizer(texts, 5 + 2 * len(chars) + 1, tmp_path / "c")
+    assert len(capped) == 5 + 2 * len(chars) + 1  # vocab_size caps the words, never the alphabet
+    assert capped.convert_ids_to_tokens(capped("zebra")["input_ids"]) == ["[CLS]", "z", "##e", "##b", "##r", "##a",
+                                                                          "[SEP]"]
+
+
 def test_inline_pair_trains_one_tokenizer(tmp_path):
     ref = InlineConfig(**BERT)
     tok = models.pair_tokenizer(ref, ref, TEXTS, tmp_path, "key", vocab_size=100)
