@@ -28,6 +28,8 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)],
                         force=True)
+    import torch  # noqa: F401  - torch configures its loggers on import; quieten them after that, not before
+
     for noisy in ("transformers", "datasets", "torchao", "torch", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import os
