@@ -55,6 +55,11 @@ def runs_of(results_dir: Path) -> dict[str, bytes]:
     return {p.stem: p.read_bytes() for p in sorted((results_dir / "runs").glob("*.json"))}
 
 
+def report_files_of(results_dir: Path) -> dict[str, bytes]:
+    """The rendered report: README.md and the plots."""
+    return {p.name: p.read_bytes() for p in [results_dir / "README.md", *sorted(results_dir.glob("*.png"))]}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # suites/smoke.yaml end to end
 
@@ -73,8 +78,9 @@ def smoke(tmp_path_factory):
 
     s.first = kdbench("run", suite_file, "--results-dir", base)
     s.first_runs, s.first_readme = runs_of(out), (out / "README.md").read_text()
+    s.first_report = report_files_of(out)
     s.second = kdbench("run", suite_file, "--results-dir", base)
-    s.second_runs = runs_of(out)
+    s.second_runs, s.second_report = runs_of(out), report_files_of(out)
     s.dry = kdbench("run", suite_file, "--results-dir", base, "--dry-run")
     s.dry_rerun = kdbench("run", suite_file, "--results-dir", base, "--dry-run", "--rerun")
     s.rerun = kdbench("run", suite_file, "--results-dir", base, "--rerun")
@@ -123,6 +129,8 @@ def test_second_run_executes_nothing_and_keeps_results_byte_identical(smoke):
     assert smoke.second.exit_code == 0, smoke.second.output
     assert f"0 run(s) executed, {len(smoke.specs)} already done" in smoke.second.stdout
     assert smoke.second_runs == smoke.first_runs
+    assert smoke.second_report == smoke.first_report  # the report is re-rendered to the same bytes
+    assert any(name.endswith(".png") for name in smoke.first_report)
     assert table_lines(smoke.second.stdout) == table_lines(smoke.first.stdout)
 
 
