@@ -300,9 +300,10 @@ def run_distill(spec: RunSpec, ctx: Context) -> dict:
     data = ctx.task_data(spec)
     teacher, _ = ctx.teacher(spec)
     objective = make_objective(spec.method.method, spec.method.params)
+    # Built like every other student (default attention): the Distiller switches it to eager attention only while
+    # an objective that needs attention maps trains it, so all students are profiled the same way.
     student = models.build_model(spec.pair.student.model, num_labels=data.num_labels,
-                                 vocab_size=len(ctx.tokenizer(spec)), seed=spec.seed,
-                                 attention_maps=objective.needs_attentions)
+                                 vocab_size=len(ctx.tokenizer(spec)), seed=spec.seed)
     # The student sees the labelled split plus the transfer set, which the teacher labels.
     kd_rows = ctx.encoded(spec, "train") + ctx.encoded(spec, "transfer")
     if not (objective.needs_hidden_states or objective.needs_attentions):

@@ -3,10 +3,13 @@
 The training loop, DDP, mixed precision and checkpointing stay the Trainer's. `compute_loss` runs the frozen
 teacher under `eval()` and `no_grad`, fills in teacher labels for transfer-set rows, and asks the method's
 Objective for the loss. Without a teacher it is plain cross-entropy: the "student alone" baseline.
+An objective with trainable modules (projections) has them attached to the student for the length of `train()`
+only (`objective_attached`), so the Trainer's optimizer trains them and the student comes back as the plain model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -40,6 +43,12 @@ class Distiller(Trainer):
         if teacher is not None:
             teacher.to(self.args.device).eval()
             teacher.requires_grad_(False)
+            if self.objective is not None:
+                self.objective.setup(self.model, teacher)  # builds its trainable modules (kept if already built)
+
+    def train(self, *args, **kwargs):
+        with objective_attached(self.model, self.teacher, self.objective):
+            return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
@@ -58,10 +67,75 @@ class Distiller(Trainer):
                 with torch.no_grad():
                     teacher_out = self.teacher(**model_inputs(inputs, self.teacher), **flags)
             labels = torch.where(labels == TEACHER_LABEL, teacher_out.logits.argmax(-1), labels)
-            loss = obj.loss(student_out, teacher_out, labels)
+            # Feature methods leave padding tokens out; logit-only objectives keep their 3-argument loss.
+            mask = {"attention_mask": inputs.get("attention_mask")} if any(flags.values()) else {}
+            loss = obj.loss(student_out, teacher_out, labels, **mask)
         if not torch.isfinite(loss.detach()):
             raise NonFiniteLossError(f"loss is {loss.item()} at step {self.state.global_step + 1}; run stopped")
         return (loss, student_out) if return_outputs else loss
+
+
+PROJECTIONS = "kd_projections"  # the student's submodule that holds an objective's trainable modules in training
+
+
+@contextlib.contextmanager
+def objective_attached(student, teacher, objective):
+    """While training: the objective's trainable modules (`objective.modules`) are the student's submodule
+    `kd_projections`, so the Trainer's optimizer, device placement and train/eval switches include them; and if the
+    objective needs attention maps, both models run eager attention (SDPA returns none).
+
+    On exit the student is the plain model again (same parameters, same state_dict, no hooks left by transformers'
+    output capturing) and both models have their attention implementation back, so what is saved, profiled and
+    compressed is what was trained, measured the same way as every other student. No-op without a teacher or
+    objective.
+    """
+    modules = getattr(objective, "modules", None) if teacher is not None else None
+    wants_outputs = teacher is not None and objective is not None and (
+        objective.needs_hidden_states or objective.needs_attentions)
+    hooks = [_forward_hooks(student), _forward_hooks(teacher)] if wants_outputs else []
+    switched = []
+    try:
+        if teacher is not None and objective is not None and objective.needs_attentions:
+            for m in (student, teacher):
+                previous = m.config._attn_implementation
+                if previous != "eager":
+                    m.set_attn_implementation("eager")
+                    switched.append((m, previous))
+        if modules is not None:
+            student.add_module(PROJECTIONS, modules.to(next(student.parameters()).device))
+        yield
+    finally:
+        if modules is not None and PROJECTIONS in student._modules:
+            delattr(student, PROJECTIONS)
+        for m, previous in switched:
+            m.set_attn_implementation(previous)
+        for before in hooks:
+            _remove_new_forward_hooks(before)
+
+
+_HOOKED_FLAG = "_output_capturing_hooks_installed"
+
+
+def _forward_hooks(model) -> list:
+    """(module, its forward-hook ids, whether transformers marked it hooked) for every submodule of `model`."""
+    return [(m, set(m._forward_hooks), _HOOKED_FLAG in m.__dict__) for m in model.modules()]
+
+
+def _remove_new_forward_hooks(before: list) -> None:
+    """Remove the forward hooks added since `_forward_hooks` was taken.
+
+    transformers 5 installs output-capturing hooks (local closures) the first time a model is asked for hidden
+    states or attentions and leaves them there; they make the model unpicklable (the profiler's memory
+    measurement pickles it). Removing them, and the flag that says they are installed, gives back the model as it
+    was: transformers installs them again when it next needs them.
+    """
+    for module, ids, flagged in before:
+        for hid in set(module._forward_hooks) - ids:
+            for table in (module._forward_hooks, module._forward_hooks_with_kwargs,
+                          module._forward_hooks_always_called):
+                table.pop(hid, None)
+        if not flagged and _HOOKED_FLAG in module.__dict__:
+            delattr(module, _HOOKED_FLAG)
 
 
 def cache_teacher_logits(teacher, rows: list[dict], collator, device: str, batch_size: int = 256) -> list[dict]:
