@@ -634,8 +634,8 @@ def _side(results: list[dict], label: str, folder: Path) -> str:
 
 
 def compare(dir_a: Path, dir_b: Path) -> str:
-    """Markdown: per task, each (pair, variant) row's metric, retention, latency and size in A and B, and the
-    relative change B vs A; rows found on one side only are listed as such."""
+    """Markdown: per task, each (pair, variant) row's metric, retention, latency, speedup over the teacher and size
+    in A and B, and the relative change B vs A; rows found on one side only are listed as such."""
     results_a, results_b = read_results(Path(dir_a)), read_results(Path(dir_b))
     rows_a, rows_b = collect_rows(results_a), collect_rows(results_b)
     lines = ["# kdbench compare", "", _side(results_a, "A", dir_a), _side(results_b, "B", dir_b), "",
@@ -649,6 +649,8 @@ def compare(dir_a: Path, dir_b: Path) -> str:
         reads = [("metric", metric_of, lambda s: fmt_stat(s, decimals=3)),
                  ("retention", retention_of, lambda s: fmt_stat(s, decimals=1, scale=100, suffix="%")),
                  (f"latency b{bs} ms", latency_of(bs) if bs else (lambda v: None), fmt_stat),
+                 # paired with the teacher, so it repeats where absolute latency drifts with the machine's load
+                 (f"speedup b{bs}", speedup_of(bs) if bs else (lambda v: None), lambda s: fmt_stat(s, suffix="x")),
                  ("size", size_of, lambda s: fmt_bytes(s.mean) if s else "n/a")]
         header = ["pair", "variant"] + [h for name, _, _ in reads for h in (f"{name} A", f"{name} B", f"{name} Δ")]
         body = []

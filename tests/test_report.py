@@ -309,6 +309,7 @@ def test_compare_two_folders(tmp_path):
         r["versions"]["torch"] = "2.14.0"
         if r["spec"]["kind"] == "distill" and r["status"] == "ok":
             r["variants"][0]["latency"]["8"]["median_ms"] *= 2  # kd twice as slow in B
+            r["variants"][0]["speedup_vs_teacher"]["8"] /= 2
             r["variants"][0]["metric"] += 0.10
             r["variants"][0]["retention"] = r["variants"][0]["metric"] / TEACHER_METRIC
             r["variants"] = [v for v in r["variants"] if v["name"] != "int8"]  # int8 only in A
@@ -321,6 +322,8 @@ def test_compare_two_folders(tmp_path):
     assert (kd["retention A"], kd["retention B"]) == ("91.1 ± 3.1%", "102.2 ± 3.1%")
     latency = (kd["latency b8 ms A"], kd["latency b8 ms B"], kd["latency b8 ms Δ"])
     assert latency == ("4.20 ± 0.28", "8.40 ± 0.57", "+100.0%")
+    assert kd["speedup b8 Δ"] == "-50.0%"
+    assert row_of(table, variant="student alone")["speedup b8 Δ"] == "+0.0% †"
     assert (kd["size A"], kd["size B"], kd["size Δ"]) == ("100 kB", "100 kB", "+0.0%")
     student = row_of(table, variant="student alone")
     assert student["metric Δ"] == "+0.0% †"  # no change: within the seed spread
