@@ -1,7 +1,6 @@
 """The runner: failures are recorded and the suite goes on, finished runs are never lost, results are atomic."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
