@@ -106,10 +106,16 @@ class Context:
 
         return self.memo(("encoded", spec.task.name, spec.pair.name, split), build)
 
+    @property
+    def teacher_seed(self) -> int:
+        # The teacher run uses the suite's first seed; so must every student's teacher, whichever run asks first
+        # (a resumed suite may start at a later seed's student).
+        return self.suite.seeds[0]
+
     def teacher_key(self, spec: RunSpec) -> str:
         t = spec.pair.teacher
         return spec_hash(["teacher", spec.task.model_dump(mode="json"), t.model_dump(mode="json"),
-                          spec.training.max_seq_length, spec.seed])
+                          spec.training.max_seq_length, self.teacher_seed])
 
     def teacher(self, spec: RunSpec):
         """The task's teacher: loaded from the on-disk cache, or fine-tuned once and saved there."""
@@ -129,10 +135,10 @@ class Context:
             if tmodel.finetune is None and not models.is_pretrained(tmodel.model):
                 raise KdbenchError(f"pairs.{spec.pair.name}.teacher: an inline config needs `finetune:` settings")
             model = models.build_model(tmodel.model, num_labels=data.num_labels,
-                                       vocab_size=len(self.tokenizer(spec)), seed=spec.seed)
+                                       vocab_size=len(self.tokenizer(spec)), seed=self.teacher_seed)
             if tmodel.finetune is not None:
                 stats = trainer.train(model, self.encoded(spec, "train"), self.collator(spec), tmodel.finetune,
-                                      seed=spec.seed, device=self.device, progress=self.progress,
+                                      seed=self.teacher_seed, device=self.device, progress=self.progress,
                                       description=f"fine-tune teacher {spec.pair.name}")
                 folder.parent.mkdir(parents=True, exist_ok=True)
                 tmp = folder.with_name(folder.name + ".tmp")

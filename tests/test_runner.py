@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from kdbench import runner
+from kdbench import models, runner
 from kdbench.errors import KdbenchError
 from kdbench.methods import LogitKD, methods
 from kdbench.results import read_result, run_path, write_result
@@ -221,3 +221,22 @@ def test_a_failed_rerun_never_overwrites_a_finished_result(tmp_path):
     write_result(path, {"run_id": "t__p__kd__s0", "status": "ok"})
     assert keep_finished(path, failed) == tmp_path / "runs" / "failed" / "t__p__kd__s0.json"
     assert keep_finished(path, {"run_id": "t__p__kd__s0", "status": "ok"}) == path  # a new ok replaces it
+
+
+def test_every_student_gets_the_teacher_of_the_teacher_run(tmp_path, cache_dir):
+    """A resumed suite may first ask for the teacher from a later seed's run: it must be the same teacher (the one
+    fine-tuned with the suite's first seed, whose accuracy the teacher run recorded), not a new one."""
+    suite = tiny_suite(tmp_path, cache_dir, [{"name": "kd", "method": "logit"}], seeds=[3, 5])
+    specs = expand(suite)
+    ctx = runner.Context(suite, tmp_path / "results", "cpu")
+    teacher_spec = next(s for s in specs if s.kind == "teacher")
+    late_student = next(s for s in specs if s.kind == "distill" and s.seed == 5)
+    assert teacher_spec.seed == 3
+    assert ctx.teacher_key(late_student) == ctx.teacher_key(teacher_spec)
+    model, _ = ctx.teacher(late_student)  # built first from seed 5's run, as after a resume
+    vocab = len(ctx.tokenizer(late_student))
+    reference = models.build_model(suite.pairs[0].teacher.model, num_labels=2, vocab_size=vocab, seed=3)
+    other = models.build_model(suite.pairs[0].teacher.model, num_labels=2, vocab_size=vocab, seed=5)
+    # fine-tuning ran 2 steps from the seed-3 initialisation: the classifier moved little from seed 3's, far from 5's
+    w = model.classifier.weight.detach().cpu()
+    assert (w - reference.classifier.weight).abs().max() < (w - other.classifier.weight).abs().max()
