@@ -58,6 +58,21 @@ class Objective:
     def loss(self, student_out, teacher_out, labels):  # pragma: no cover - interface
         raise NotImplementedError
 
+    def logit_kd(self, student_out, teacher_out, labels, features=None):
+        """The logit terms every method shares (`self.params` is a DistillationConfig), plus an optional feature
+        term `features` = (student_features, teacher_features, weight), all in one fused kd_loss call."""
+        from kdbench.kernels import kd_loss
+
+        p = self.params
+        extra = {}
+        if features is not None:
+            fs, ft, weight = features
+            extra = dict(student_features=fs, teacher_features=ft, feature_weight=weight)
+        return kd_loss(
+            student_out.logits, teacher_out.logits, labels,
+            temperature=p.temperature, alpha=p.alpha, divergence=p.divergence, beta=p.beta, **extra,
+        )
+
 
 @methods.register("logit")
 class LogitKD(Objective):
@@ -69,13 +84,7 @@ class LogitKD(Objective):
         self.params = params or DistillationConfig()
 
     def loss(self, student_out, teacher_out, labels):
-        from kdbench.kernels import kd_loss
-
-        p = self.params
-        return kd_loss(
-            student_out.logits, teacher_out.logits, labels,
-            temperature=p.temperature, alpha=p.alpha, divergence=p.divergence, beta=p.beta,
-        )
+        return self.logit_kd(student_out, teacher_out, labels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,21 +215,16 @@ class HiddenStateKD(Objective):
         return torch.cat(fs), torch.cat(ft)
 
     def loss(self, student_out, teacher_out, labels, attention_mask=None):
-        from kdbench.kernels import kd_loss
-
         p = self.params
-        feats = {}
+        features = None
         if p.feature_weight != 0:
             for who, out in (("student", student_out), ("teacher", teacher_out)):
                 if not getattr(out, "hidden_states", None):
                     raise KdbenchError(f"method 'hidden': the {who} returned no hidden states "
                                        "(a cached teacher, or a model without output_hidden_states)")
             fs, ft = self.features(student_out.hidden_states, teacher_out.hidden_states, attention_mask)
-            feats = dict(student_features=fs, teacher_features=ft, feature_weight=p.feature_weight)
-        return kd_loss(
-            student_out.logits, teacher_out.logits, labels,
-            temperature=p.temperature, alpha=p.alpha, divergence=p.divergence, beta=p.beta, **feats,
-        )
+            features = (fs, ft, p.feature_weight)
+        return self.logit_kd(student_out, teacher_out, labels, features)
 
 
 class AttentionParams(DistillationConfig):
@@ -289,10 +293,8 @@ class AttentionKD(Objective):
         return torch.cat(fs)[:, None], torch.cat(ft)[:, None]
 
     def loss(self, student_out, teacher_out, labels, attention_mask=None):
-        from kdbench.kernels import kd_loss
-
         p = self.params
-        feats = {}
+        features = None
         if p.feature_weight != 0:
             for who, out in (("student", student_out), ("teacher", teacher_out)):
                 attn = getattr(out, "attentions", None)
@@ -300,11 +302,8 @@ class AttentionKD(Objective):
                     raise KdbenchError(f"method 'attention': the {who} returned no attention maps; it needs "
                                        "attn_implementation='eager' (SDPA returns none)")
             fs, ft = self.features(student_out.attentions, teacher_out.attentions, attention_mask)
-            feats = dict(student_features=fs, teacher_features=ft, feature_weight=p.feature_weight)
-        return kd_loss(
-            student_out.logits, teacher_out.logits, labels,
-            temperature=p.temperature, alpha=p.alpha, divergence=p.divergence, beta=p.beta, **feats,
-        )
+            features = (fs, ft, p.feature_weight)
+        return self.logit_kd(student_out, teacher_out, labels, features)
 
 
 def make_objective(name: str, params: dict) -> Objective:
