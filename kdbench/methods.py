@@ -55,6 +55,11 @@ class Objective:
     def setup(self, student, teacher) -> None:
         """Check the objective against this student/teacher pair and build its trainable modules (default: none)."""
 
+    def callbacks(self) -> list:
+        """TrainerCallbacks the Distiller adds while this objective trains (default: none). An objective whose loss
+        changes over training (a schedule of stages) follows the steps through them."""
+        return []
+
     def loss(self, student_out, teacher_out, labels):  # pragma: no cover - interface
         raise NotImplementedError
 

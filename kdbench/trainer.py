@@ -45,6 +45,8 @@ class Distiller(Trainer):
             teacher.requires_grad_(False)
             if self.objective is not None:
                 self.objective.setup(self.model, teacher)  # builds its trainable modules (kept if already built)
+                for callback in self.objective.callbacks():
+                    self.add_callback(callback)
 
     def train(self, *args, **kwargs):
         with objective_attached(self.model, self.teacher, self.objective):
