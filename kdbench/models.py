@@ -17,10 +17,11 @@ from kdbench.registry import Registry
 
 log = logging.getLogger(__name__)
 
-# Model families that an inline config may name, with the config class that builds them. Classification heads
-# come from AutoModelForSequenceClassification.
+# Model families that an inline config may name, with the config class that builds them. The model class comes
+# from the task's head (kdbench.heads): AutoModelForSequenceClassification, AutoModelForCausalLM, ...
 model_types: Registry = Registry("model type")
-for _name, _cls in (("bert", "BertConfig"), ("distilbert", "DistilBertConfig"), ("roberta", "RobertaConfig")):
+for _name, _cls in (("bert", "BertConfig"), ("distilbert", "DistilBertConfig"), ("roberta", "RobertaConfig"),
+                    ("gpt2", "GPT2Config"), ("llama", "LlamaConfig")):
     model_types.register(_name)(_cls)
 
 
@@ -62,8 +63,8 @@ def describe(ref) -> str:
     if isinstance(ref, str):
         return ref
     f = ref.model_extra or {}
-    layers = f.get("num_hidden_layers", f.get("n_layers", "?"))
-    width = f.get("hidden_size", f.get("dim", "?"))
+    layers = next((f[k] for k in ("num_hidden_layers", "n_layers", "n_layer") if k in f), "?")
+    width = next((f[k] for k in ("hidden_size", "dim", "n_embd") if k in f), "?")
     return f"{ref.model_type} {layers}L/{width}H"
 
 
@@ -89,7 +90,10 @@ def _from_pretrained(loader, ref: str, **kwargs):
 def load_tokenizer(ref: str):
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, ref)
+    tok = _from_pretrained(AutoTokenizer, ref)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # GPT-2 and Llama tokenizers have none; padded positions are masked anyway
+    return tok
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, save_dir: Path):
@@ -153,24 +157,37 @@ def pair_tokenizer(teacher_ref, student_ref, train_texts: list[str], cache_dir: 
     return tok
 
 
-def build_model(ref, *, num_labels: int, vocab_size: int, seed: int, attention_maps: bool = False):
-    """A sequence classifier: a fresh model from an inline config, or a pretrained one with a (new) head."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
+def _auto_class(head):
+    import transformers
 
+    return getattr(transformers, head.auto_class)
+
+
+def _head(head):
+    from kdbench import heads
+
+    return head if head is not None else heads.get("classification")
+
+
+def build_model(ref, *, head=None, num_labels: int, vocab_size: int, seed: int, attention_maps: bool = False):
+    """The model a task's head needs (kdbench.heads): fresh from an inline config, or pretrained (a classifier gets
+    a new head of `num_labels`; a causal LM keeps its own). `head=None` is a classifier."""
+    import torch
+
+    head = _head(head)
+    auto = _auto_class(head)
     extra: dict[str, Any] = {"attn_implementation": "eager"} if attention_maps else {}
+    labelled = {"num_labels": num_labels} if head.kind == "classification" else {}
     if is_pretrained(ref):
-        return _from_pretrained(
-            AutoModelForSequenceClassification, ref, num_labels=num_labels, ignore_mismatched_sizes=True, **extra
-        )
+        if labelled:
+            extra["ignore_mismatched_sizes"] = True
+        return _from_pretrained(auto, ref, **labelled, **extra)
     fields = dict(ref.model_extra or {})
     fields.setdefault("vocab_size", vocab_size)
-    config = _config_class(ref.model_type)(num_labels=num_labels, **fields)
+    config = _config_class(ref.model_type)(**labelled, **fields)
     torch.manual_seed(seed)  # initial weights depend on the run seed only
-    return AutoModelForSequenceClassification.from_config(config, **extra)
+    return auto.from_config(config, **extra)
 
 
-def load_saved(path: Path):
-    from transformers import AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification.from_pretrained(str(path))
+def load_saved(path: Path, head=None):
+    return _auto_class(_head(head)).from_pretrained(str(path))

@@ -9,7 +9,8 @@
   4. per pair, what each compression family (pruning, quantization, distillation, combined) bought in this suite.
 `compare(dir_a, dir_b)` tabulates the changes between two results folders (two versions, two machines).
 
-The metric is taken as higher-is-better (accuracy); latency, size and memory as lower-is-better.
+The metric is higher-is-better (accuracy) unless its variants say otherwise (`higher_is_better: false`, as for
+perplexity); latency, size and memory are lower-is-better.
 """
 
 from __future__ import annotations
@@ -175,6 +176,11 @@ def metric_name(rows: list[Row]) -> str:
     return rows[0].variants[0].get("metric_name", "metric")
 
 
+def metric_sign(rows: list[Row]) -> int:
+    """+1 when a higher metric is better (accuracy), -1 when lower is (perplexity)."""
+    return 1 if rows[0].variants[0].get("higher_is_better", True) else -1
+
+
 def display_names(rows: list[Row]) -> list[str]:
     """Row labels, prefixed by the pair when a task has several pairs (so "teacher" stays unambiguous)."""
     several = len({r.pair for r in rows}) > 1
@@ -334,7 +340,7 @@ def how_measured(rows: list[Row]) -> list[str]:
 
 
 DEFINITIONS = [
-    "- **{metric}**: on the task's eval split; **retention**: {metric} / the teacher's {metric}.",
+    "- **{metric}**: on the task's eval split ({better} is better); **retention**: {retention}.",
     "- **size ÷**: the teacher's size / this row's size; sizes in decimal units (1 kB = 1000 B); "
     "**non-zero**: non-zero parameters / parameters.",
     "- **latency**: median over the timed calls (absolute times drift with the machine's load); **speedup**: "
@@ -437,10 +443,12 @@ def recommend(rows: list[Row], tolerance: float = TOLERANCE) -> list[str]:
     if not students:
         return ["No student finished, so there is nothing to recommend."]
     bss = batch_sizes(rows)
-    best = max(students, key=lambda r: r.mean(metric_of))
+    sign = metric_sign(rows)  # compare sign * metric, so "more is better" holds for perplexity too
+    best = max(students, key=lambda r: sign * r.mean(metric_of))
     best_metric = best.stat(metric_of)
-    threshold = best_metric.mean * (1 - tolerance)
-    close = [r for r in students if r.mean(metric_of) >= threshold]
+    threshold = best_metric.mean * (1 - sign * tolerance)
+    close = [r for r in students if sign * r.mean(metric_of) >= sign * threshold]
+    bound = "≥" if sign > 0 else "≤"
     lines = [f"- **Best student**: `{names[id(best)]}`, {metric} {fmt_stat(best_metric, decimals=3)} "
              f"({fmt_stat(best.stat(retention_of), decimals=1, scale=100, suffix='%')} of the teacher)."]
     # (what, by which figure, its reader, how to show it); the figure is minimised among the close students
@@ -451,16 +459,16 @@ def recommend(rows: list[Row], tolerance: float = TOLERANCE) -> list[str]:
         measured = [r for r in close if r.stat(read)]
         if measured:
             # ties (e.g. the same file size) go to the better metric
-            pick = min(measured, key=lambda r: (r.mean(read), -r.mean(metric_of)))
-            lines.append(f"- **{word} within {tolerance:.0%} of it** ({metric} ≥ {threshold:.3f}, by {figure}): "
+            pick = min(measured, key=lambda r: (r.mean(read), -sign * r.mean(metric_of)))
+            lines.append(f"- **{word} within {tolerance:.0%} of it** ({metric} {bound} {threshold:.3f}, by {figure}): "
                          f"`{names[id(pick)]}`, {show(pick.stat(read))}, {metric} "
                          f"{fmt_stat(pick.stat(metric_of), decimals=3)}.")
     for figure, read, _ in costs:
         measured = [r for r in rows if r.stat(metric_of) and r.stat(read)]
-        front = pareto_front([(r.mean(metric_of), r.mean(read)) for r in measured])
+        front = pareto_front([(sign * r.mean(metric_of), r.mean(read)) for r in measured])
         lines.append(f"- Pareto front ({metric} vs {figure}, cheapest first): "
                      + ", ".join(f"`{names[id(measured[i])]}`" for i in front) + ".")
-    margin = best_metric.mean - threshold
+    margin = abs(best_metric.mean - threshold)
     if best_metric.n > 1 and best_metric.std > margin:
         lines.append(f"- Caution: the best student's seed spread (± {best_metric.std:.3f}) is wider than the "
                      f"{tolerance:.0%} margin ({margin:.3f}), so these picks are within noise at {best_metric.n} "
@@ -509,7 +517,7 @@ def plot_tradeoff(rows: list[Row], read_x: Callable, xlabel: str, title: str, pa
                     label=key)
         ax.annotate(str(number), (x.mean, y.mean), xytext=(5, (3, -10, 12)[k % 3]), textcoords="offset points",
                     fontsize=8)
-    front = pareto_front([(y.mean, x.mean) for _, _, y, x in points])
+    front = pareto_front([(metric_sign(rows) * y.mean, x.mean) for _, _, y, x in points])
     fx, fy = [points[i][3].mean for i in front], [points[i][2].mean for i in front]
     # steps-post traces the attainable region: each front point's quality holds until a costlier one beats it
     ax.plot(fx, fy, "--", color="tab:red", drawstyle="steps-post", linewidth=1)
@@ -524,7 +532,8 @@ def plot_tradeoff(rows: list[Row], read_x: Callable, xlabel: str, title: str, pa
     order = sorted(unique, key=lambda k: list(COLOURS).index(k) if k in COLOURS else len(COLOURS))
     ax.legend([unique[k] for k in order], order, fontsize=7, loc="best")
     metric = metric_name(rows)
-    ax.set(xlabel=xlabel, ylabel=f"{metric} (mean ± std over seeds)", title=title)
+    better = "higher" if metric_sign(rows) > 0 else "lower"
+    ax.set(xlabel=xlabel, ylabel=f"{metric}, {better} is better (mean ± std over seeds)", title=title)
     ax.grid(True, alpha=0.3)
     on_front = set(front)
     key_text = "\n".join(f"{n:>2}  {name}{'  (front)' if n - 1 in on_front else ''}"
@@ -592,7 +601,11 @@ def render(results: list[dict], suite_name: str, plots: dict[str, list[tuple[str
     for task, rows in collect_rows(results).items():
         metric = metric_name(rows)
         lines += [f"## {task}", "", task_table(rows), "", "How measured:", ""]
-        lines += [d.format(metric=metric) for d in DEFINITIONS] + how_measured(rows) + [""]
+        ratio = (f"{metric} / the teacher's {metric}" if metric_sign(rows) > 0
+                 else f"the teacher's {metric} / this row's {metric}")
+        better = "higher" if metric_sign(rows) > 0 else "lower"
+        lines += [d.format(metric=metric, better=better, retention=ratio) for d in DEFINITIONS]
+        lines += how_measured(rows) + [""]
         lines += ["### What should I ship?", ""] + recommend(rows) + [""]
         lines += [f"![{title}]({name})" for title, name in (plots or {}).get(task, [])] + [""]
         for pair in _distinct(r.pair for r in rows):

@@ -96,13 +96,19 @@ class Context:
 
         return self.memo(("tokenizer", spec.task.name, spec.pair.name), build)
 
+    def head(self, spec: RunSpec):
+        """The task's head (kdbench.heads): model class, encoding, loss alignment, metric."""
+        from kdbench import heads
+
+        return self.memo(("head", spec.task.name), lambda: heads.get(self.task_data(spec).head))
+
     def encoded(self, spec: RunSpec, split: str):
-        """Tokenized rows of a split, with only the inputs both models accept (DistilBERT has no token types)."""
+        """Tokenized rows of a split, encoded by the task's head."""
 
         def build():
             tok = self.tokenizer(spec)
             rows = getattr(self.task_data(spec), split)
-            return encode(rows, tok, spec.training.max_seq_length)
+            return self.head(spec).encode(rows, tok, spec.training.max_seq_length)
 
         return self.memo(("encoded", spec.task.name, spec.pair.name, split), build)
 
@@ -129,17 +135,17 @@ class Context:
         folder = self.cache_dir / "teachers" / self.teacher_key(spec)
         stats = None
         if (folder / "config.json").exists():
-            model = models.load_saved(folder)
+            model = models.load_saved(folder, self.head(spec))
             log.info("teacher loaded from cache %s", folder)
         else:
             if tmodel.finetune is None and not models.is_pretrained(tmodel.model):
                 raise KdbenchError(f"pairs.{spec.pair.name}.teacher: an inline config needs `finetune:` settings")
-            model = models.build_model(tmodel.model, num_labels=data.num_labels,
+            model = models.build_model(tmodel.model, head=self.head(spec), num_labels=data.num_labels,
                                        vocab_size=len(self.tokenizer(spec)), seed=self.teacher_seed)
             if tmodel.finetune is not None:
                 stats = trainer.train(model, self.encoded(spec, "train"), self.collator(spec), tmodel.finetune,
                                       seed=self.teacher_seed, device=self.device, progress=self.progress,
-                                      description=f"fine-tune teacher {spec.pair.name}")
+                                      description=f"fine-tune teacher {spec.pair.name}", head=self.head(spec))
                 folder.parent.mkdir(parents=True, exist_ok=True)
                 tmp = folder.with_name(folder.name + ".tmp")
                 model.save_pretrained(str(tmp))
@@ -148,10 +154,8 @@ class Context:
         return model, stats
 
     def collator(self, spec: RunSpec):
-        from transformers import DataCollatorWithPadding
-
         return self.memo(("collator", spec.task.name, spec.pair.name),
-                         lambda: DataCollatorWithPadding(self.tokenizer(spec)))
+                         lambda: self.head(spec).collator(self.tokenizer(spec)))
 
     def teacher_metric(self, spec: RunSpec) -> float | None:
         r = read_result(run_path(self.results_dir, teacher_run_id(spec)))
@@ -164,33 +168,8 @@ def teacher_run_id(spec: RunSpec) -> str:
     return f"{spec.task.name}__{spec.pair.name}__teacher"
 
 
-def encode(rows: list[dict], tokenizer, max_len: int) -> list[dict]:
-    texts = [r["text"] for r in rows]
-    pairs = [r["text_pair"] for r in rows] if rows and "text_pair" in rows[0] else None
-    enc = tokenizer(texts, pairs, truncation=True, max_length=max_len)
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    return [{**{k: enc[k][i] for k in keys}, "labels": r["label"]} for i, r in enumerate(rows)]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Measurement of one model variant
-
-
-def evaluate(model, rows: list[dict], collator, device: str, batch_size: int = 128) -> float:
-    """Task metric (accuracy) of `model` on tokenized `rows`."""
-    import torch
-
-    from kdbench.tasks import accuracy
-
-    model.eval()
-    preds, labels = [], []
-    with torch.inference_mode():
-        for i in range(0, len(rows), batch_size):
-            batch = collator([{k: v for k, v in r.items()} for r in rows[i : i + batch_size]])
-            labels.append(batch.pop("labels"))
-            batch = model_inputs({k: v.to(device) for k, v in batch.items()}, model)
-            preds.append(model(**batch).logits.argmax(-1).cpu())
-    return accuracy(torch.cat(preds), torch.cat(labels))
 
 
 def example_batch(spec: RunSpec, ctx: Context, batch_size: int) -> dict:
@@ -199,6 +178,7 @@ def example_batch(spec: RunSpec, ctx: Context, batch_size: int) -> dict:
     seq = spec.profiling.seq_length or spec.training.max_seq_length
     picked = [rows[i % len(rows)] for i in range(batch_size)]
     batch = ctx.collator(spec)([{k: v for k, v in r.items() if k != "labels"} for r in picked])
+    batch = {k: v for k, v in batch.items() if v is not None}  # seq2seq-style collators leave labels=None
     if batch["input_ids"].shape[1] < seq:  # pad up to the profiling length so latency means what it says
         tok = ctx.tokenizer(spec)
         batch = tok.pad({k: v.tolist() for k, v in batch.items()}, padding="max_length", max_length=seq,
@@ -231,7 +211,8 @@ def profile_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *,
     """
     from kdbench import profiler
 
-    metric = evaluate(model, ctx.encoded(spec, "eval"), ctx.collator(spec), ctx.device)
+    head = ctx.head(spec)
+    metric = head.evaluate(model, ctx.encoded(spec, "eval"), ctx.collator(spec), ctx.device)
     total, nonzero = profiler.count_parameters(model)
     latency, paired = measure_latency(model, spec, ctx, teacher)
     speedup = {bs: r["speedup"] for bs, r in paired.items()} if teacher is not None else {
@@ -248,9 +229,10 @@ def profile_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *,
     return {
         "name": name,
         "kind": kind,
-        "metric_name": "accuracy",
+        "metric_name": head.metric_name,
+        "higher_is_better": head.higher_is_better,
         "metric": metric,
-        "retention": metric / teacher_metric if teacher_metric else None,
+        "retention": head.retention(metric, teacher_metric),
         "params": total,
         "nonzero_params": nonzero,
         "size": profiler.size_on_disk(model),
@@ -288,10 +270,11 @@ def run_student(spec: RunSpec, ctx: Context) -> dict:
 
     teacher_metric = _require_teacher_metric(spec, ctx)
     data = ctx.task_data(spec)
-    student = models.build_model(spec.pair.student.model, num_labels=data.num_labels,
+    student = models.build_model(spec.pair.student.model, head=ctx.head(spec), num_labels=data.num_labels,
                                  vocab_size=len(ctx.tokenizer(spec)), seed=spec.seed)
     stats = trainer.train(student, ctx.encoded(spec, "train"), ctx.collator(spec), spec.training, seed=spec.seed,
-                          device=ctx.device, progress=ctx.progress, description=f"student alone, seed {spec.seed}")
+                          device=ctx.device, progress=ctx.progress, description=f"student alone, seed {spec.seed}",
+                          head=ctx.head(spec))
     teacher, _ = ctx.teacher(spec)
     variant = profile_variant("student", "student", student, spec, ctx, teacher_metric=teacher_metric,
                               teacher=teacher, training=stats.as_dict())
@@ -308,11 +291,12 @@ def run_distill(spec: RunSpec, ctx: Context) -> dict:
     objective = make_objective(spec.method.method, spec.method.params)
     # Built like every other student (default attention): the Distiller switches it to eager attention only while
     # an objective that needs attention maps trains it, so all students are profiled the same way.
-    student = models.build_model(spec.pair.student.model, num_labels=data.num_labels,
+    head = ctx.head(spec)
+    student = models.build_model(spec.pair.student.model, head=head, num_labels=data.num_labels,
                                  vocab_size=len(ctx.tokenizer(spec)), seed=spec.seed)
     # The student sees the labelled split plus the transfer set, which the teacher labels.
     kd_rows = ctx.encoded(spec, "train") + ctx.encoded(spec, "transfer")
-    if not (objective.needs_hidden_states or objective.needs_attentions):
+    if head.caches_teacher_logits and not (objective.needs_hidden_states or objective.needs_attentions):
         # Logits of a frozen teacher in eval mode do not change between epochs, seeds or methods: compute once.
         kd_rows = ctx.memo(("teacher_logits", spec.task.name, spec.pair.name),
                            lambda: trainer.cache_teacher_logits(teacher, kd_rows, ctx.collator(spec), ctx.device))
@@ -320,7 +304,7 @@ def run_distill(spec: RunSpec, ctx: Context) -> dict:
     def distill(model, description, max_steps=None):
         return trainer.train(model, kd_rows, ctx.collator(spec), spec.training, seed=spec.seed, device=ctx.device,
                              teacher=teacher, objective=objective, progress=ctx.progress,
-                             description=description, max_steps=max_steps)
+                             description=description, max_steps=max_steps, head=head)
 
     stats = distill(student, f"{spec.method.name}, seed {spec.seed}")
     variants = [profile_variant("distilled", "distilled", student, spec, ctx, teacher_metric=teacher_metric,

@@ -27,13 +27,16 @@ TEACHER_LABEL = -1
 
 @dataclass
 class TaskData:
-    """Splits as lists of dicts with keys `text`, optional `text_pair`, and `label` (int)."""
+    """Splits as lists of dicts with keys `text`, optional `text_pair`, and `label` (int; classification only).
+
+    `head` names the kdbench.heads entry that builds, trains and scores models for the task.
+    """
 
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
-    label_names: list[str]
+    label_names: list[str] = field(default_factory=list)
     transfer: list[dict[str, Any]] = field(default_factory=list)
-    metric: str = "accuracy"
+    head: str = "classification"
 
     @property
     def num_labels(self) -> int:
@@ -187,6 +190,33 @@ def _build_task_data(train: list[dict], eval_: list[dict], p: _TextClassificatio
     return TaskData(train=train, eval=eval_, transfer=transfer, label_names=names)
 
 
+def _load_local_file(path_str: str, fmt: str):
+    """A local TSV/CSV/JSON(L) file (or, for `txt`, one text per non-empty line) as a `datasets.Dataset`."""
+    import datasets
+
+    path = Path(path_str).expanduser()
+    if not path.is_file():
+        raise KdbenchError(f"task data file not found: {path}")
+    if fmt == "auto":
+        fmt = {".tsv": "tsv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".txt": "txt"}.get(path.suffix.lower())
+        if fmt is None:
+            raise KdbenchError(f"{path}: cannot tell the format from the suffix; set params.format")
+    datasets.disable_progress_bars()
+    try:
+        if fmt == "txt":
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+            return datasets.Dataset.from_dict({"text": [line for line in lines if line]})
+        if fmt == "json":
+            return datasets.load_dataset("json", data_files=str(path), split="train")
+        # Tab files in the wild are unquoted (SST-2's phrases contain quote characters).
+        kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
+        return datasets.load_dataset("csv", data_files=str(path), split="train", **kwargs)
+    except UnicodeDecodeError as e:
+        raise KdbenchError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except Exception as e:  # datasets wraps parser errors in several types
+        raise KdbenchError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
+
+
 @tasks.register("text_classification")
 class LocalTextClassification:
     """Text classification from local TSV/CSV/JSON(L) files, read with `datasets`."""
@@ -201,31 +231,10 @@ class LocalTextClassification:
     def __init__(self, params: Params):
         self.params = params
 
-    def _load_file(self, path_str: str):
-        import datasets
-
-        path = Path(path_str).expanduser()
-        if not path.is_file():
-            raise KdbenchError(f"task data file not found: {path}")
-        fmt = self.params.format
-        if fmt == "auto":
-            fmt = {".tsv": "tsv", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(path.suffix.lower())
-            if fmt is None:
-                raise KdbenchError(f"{path}: cannot tell the format from the suffix; set params.format")
-        datasets.disable_progress_bars()
-        try:
-            if fmt == "json":
-                return datasets.load_dataset("json", data_files=str(path), split="train")
-            # Tab files in the wild are unquoted (SST-2's phrases contain quote characters).
-            kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
-            return datasets.load_dataset("csv", data_files=str(path), split="train", **kwargs)
-        except Exception as e:  # datasets wraps parser errors in several types
-            raise KdbenchError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
-
     def load(self) -> TaskData:
         p = self.params
-        train = _rows_from_dataset(self._load_file(p.train_file), p, p.train_file)
-        eval_ = _rows_from_dataset(self._load_file(p.eval_file), p, p.eval_file)
+        train = _rows_from_dataset(_load_local_file(p.train_file, p.format), p, p.train_file)
+        eval_ = _rows_from_dataset(_load_local_file(p.eval_file, p.format), p, p.eval_file)
         return _build_task_data(train, eval_, p, p.train_file)
 
 
@@ -242,17 +251,9 @@ class _HubTextClassification:
         self.params = params
 
     def load(self) -> TaskData:
-        import datasets
-
         p = self.params
         where = f"dataset {p.dataset!r}"
-        try:
-            ds = datasets.load_dataset(p.dataset, p.config)
-        except Exception as e:
-            raise KdbenchError(
-                f"{where}: cannot load ({type(e).__name__}); hub datasets need a network, "
-                "or use the text_classification task with local files"
-            ) from None
+        ds = _load_hub_dataset(p.dataset, p.config, "text_classification")
         label_names = None
         feature = ds[p.train_split].features.get(p.label_column)
         if getattr(feature, "names", None):
@@ -268,14 +269,27 @@ class _HubTextClassification:
 tasks.register("hub_text_classification")(_HubTextClassification)
 
 
-def _preset(key: str, doc: str, **defaults) -> None:
+def _load_hub_dataset(name: str, config: str | None, local_task: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config)
+    except Exception as e:
+        raise KdbenchError(
+            f"dataset {name!r}: cannot load ({type(e).__name__}); hub datasets need a network, "
+            f"or use the {local_task} task with local files"
+        ) from None
+
+
+def _preset(key: str, doc: str, family=None, **defaults) -> None:
     """A hub task preset: twenty lines of data, like lm-eval-harness task YAMLs."""
-    base = _HubTextClassification.Params
+    family = family or _HubTextClassification
+    base = family.Params
     fields = {k: (type(v) if v is not None else str | None, v) for k, v in defaults.items()}
     from pydantic import create_model
 
     params = create_model(f"{key}_params", __base__=base, **fields)
-    cls = type(key, (_HubTextClassification,), {"Params": params, "__doc__": doc})
+    cls = type(key, (family,), {"Params": params, "__doc__": doc})
     tasks.register(key)(cls)
 
 
@@ -286,6 +300,104 @@ _preset("mnli", "MultiNLI (GLUE) from the hub.", dataset="glue", config="mnli", 
         text_pair_column="hypothesis", eval_split="validation_matched")
 _preset("snli", "SNLI from the hub.", dataset="snli", text_column="premise", text_pair_column="hypothesis")
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Causal language modelling: texts only; the head (kdbench.heads.CausalLM) packs them into blocks.
+
+
+@tasks.register("generated_lm")
+class GeneratedLM:
+    """Embedded offline language-modelling task: the quickstart's reviews, each followed by its verdict.
+
+    'the plot was not bad but the music was dull => negative'. Most tokens follow a small grammar that any
+    model learns; the verdict depends on negation and contrast, which a larger model gets right more often, so
+    the teacher's predictive distribution there is worth distilling. Scored by perplexity on held-out reviews.
+    """
+
+    class Params(_Params):
+        train_size: int = Field(4000, gt=0)
+        eval_size: int = Field(500, gt=0)
+        forms: list[Literal[FORMS]] = Field(default_factory=lambda: ["single", "but"], min_length=1)
+        seed: int = 1234
+
+    def __init__(self, params: Params):
+        self.params = params
+
+    def load(self) -> TaskData:
+        p = self.params
+        rng = random.Random(p.seed)
+
+        def split(n: int) -> list[dict]:
+            rows = []
+            for _ in range(n):
+                text, label = generate_sentiment_example(rng, tuple(p.forms))
+                rows.append({"text": f"{text} => {('negative', 'positive')[label]}"})
+            return rows
+
+        return TaskData(train=split(p.train_size), eval=split(p.eval_size), head="causal_lm")
+
+
+class _LMParams(_Params):
+    text_column: str = "text"
+    max_train: int | None = Field(None, gt=0)  # first N texts (documents or lines), before packing into blocks
+    max_eval: int | None = Field(None, gt=0)
+
+
+def _lm_rows(ds, p: _LMParams, where: str, limit: int | None) -> list[dict]:
+    if p.text_column not in ds.column_names:
+        raise KdbenchError(f"{where}: no column {p.text_column!r}; columns are: {', '.join(ds.column_names)}")
+    texts = [str(t) for t in ds[p.text_column] if t is not None and str(t).strip()]  # wikitext has empty lines
+    if not texts:
+        raise KdbenchError(f"{where}: no non-empty text in column {p.text_column!r}")
+    return [{"text": t} for t in texts[:limit]]
+
+
+@tasks.register("text_lm")
+class LocalTextLM:
+    """Causal language modelling on local text: .txt (one text per non-empty line), or TSV/CSV/JSON(L) with a
+    text column."""
+
+    path_params = ("train_file", "eval_file")
+
+    class Params(_LMParams):
+        train_file: str
+        eval_file: str
+        format: Literal["auto", "txt", "tsv", "csv", "json"] = "auto"
+
+    def __init__(self, params: Params):
+        self.params = params
+
+    def load(self) -> TaskData:
+        p = self.params
+        train = _lm_rows(_load_local_file(p.train_file, p.format), p, p.train_file, p.max_train)
+        eval_ = _lm_rows(_load_local_file(p.eval_file, p.format), p, p.eval_file, p.max_eval)
+        return TaskData(train=train, eval=eval_, head="causal_lm")
+
+
+class _HubTextLM:
+    """Causal language modelling on a hub dataset's text column (needs a network, or the datasets cache)."""
+
+    class Params(_LMParams):
+        dataset: str
+        config: str | None = None
+        train_split: str = "train"
+        eval_split: str = "validation"
+
+    def __init__(self, params):
+        self.params = params
+
+    def load(self) -> TaskData:
+        p = self.params
+        where = f"dataset {p.dataset!r}"
+        ds = _load_hub_dataset(p.dataset, p.config, "text_lm")
+        train = _lm_rows(ds[p.train_split], p, where, p.max_train)
+        eval_ = _lm_rows(ds[p.eval_split], p, where, p.max_eval)
+        return TaskData(train=train, eval=eval_, head="causal_lm")
+
+
+tasks.register("hub_text_lm")(_HubTextLM)
+_preset("wikitext2", "WikiText-2 (raw) language modelling from the hub.", _HubTextLM, dataset="wikitext",
+        config="wikitext-2-raw-v1")
 
 def load_task(name: str, params: dict) -> TaskData:
     cls = tasks.get(name)

@@ -17,27 +17,29 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from kdbench import heads
 from kdbench.errors import NonFiniteLossError
-from kdbench.models import model_inputs
+from kdbench.heads import Head
 from kdbench.methods import DistillationConfig, LogitKD, Objective
-from kdbench.tasks import TEACHER_LABEL
+from kdbench.models import model_inputs
 
 
 class Distiller(Trainer):
     """`Distiller(model=student, teacher=teacher, objective=LogitKD(DistillationConfig(...)), args=..., ...)`.
 
-    `teacher=None` trains the student on its labels alone. Rows labelled TEACHER_LABEL (-1) take the teacher's
-    argmax as their hard label, so an unlabelled transfer set can be mixed into the training data.
+    `head` (kdbench.heads, default: classification) says which logit positions predict which labels and gives the
+    hard loss. `teacher=None` trains the student on its labels alone. A classifier's rows labelled TEACHER_LABEL (-1)
+    take the teacher's argmax as their hard label, so an unlabelled transfer set can be mixed into the training data.
     A batch may carry precomputed `teacher_logits` (N, C) (see `cache_teacher_logits`): then the teacher's forward
     pass is skipped. That is exact for a frozen teacher in eval mode and saves its cost on every epoch and seed.
     """
 
     def __init__(self, *args, teacher: torch.nn.Module | None = None, objective: Objective | None = None,
-                 distillation: DistillationConfig | None = None, **kwargs):
+                 distillation: DistillationConfig | None = None, head: Head | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.head = head or heads.get("classification")
         self.teacher = teacher
         self.objective = objective or (LogitKD(distillation) if teacher is not None else None)
         if teacher is not None:
@@ -59,8 +61,9 @@ class Distiller(Trainer):
         flags = dict(output_hidden_states=bool(obj and obj.needs_hidden_states),
                      output_attentions=bool(obj and obj.needs_attentions))
         student_out = model(**model_inputs(inputs, model), **flags)
+        head = self.head
         if self.teacher is None:
-            loss = F.cross_entropy(student_out.logits.float(), labels, ignore_index=-100)
+            loss = head.hard_loss(student_out.logits, labels)
         else:
             if cached is not None:
                 teacher_out = SimpleNamespace(logits=cached)
@@ -68,13 +71,25 @@ class Distiller(Trainer):
                 self.teacher.eval()  # Trainer.train() puts every registered module in train mode
                 with torch.no_grad():
                     teacher_out = self.teacher(**model_inputs(inputs, self.teacher), **flags)
-            labels = torch.where(labels == TEACHER_LABEL, teacher_out.logits.argmax(-1), labels)
+            labels = head.fill_teacher_labels(labels, teacher_out.logits)
+            # The losses see the logit rows that predict labels (a causal LM's shifted positions); features and
+            # attention maps stay as the models returned them.
+            s_logits, aligned = head.align(student_out.logits, labels)
+            t_logits, _ = head.align(teacher_out.logits, labels)
             # Feature methods leave padding tokens out; logit-only objectives keep their 3-argument loss.
             mask = {"attention_mask": inputs.get("attention_mask")} if any(flags.values()) else {}
-            loss = obj.loss(student_out, teacher_out, labels, **mask)
+            loss = obj.loss(_with_logits(student_out, s_logits), _with_logits(teacher_out, t_logits), aligned, **mask)
         if not torch.isfinite(loss.detach()):
             raise NonFiniteLossError(f"loss is {loss.item()} at step {self.state.global_step + 1}; run stopped")
         return (loss, student_out) if return_outputs else loss
+
+
+def _with_logits(out, logits):
+    """A view of model outputs `out` with other logits (the hidden states and attentions stay)."""
+    if logits is out.logits:
+        return out
+    return SimpleNamespace(logits=logits, hidden_states=getattr(out, "hidden_states", None),
+                           attentions=getattr(out, "attentions", None))
 
 
 PROJECTIONS = "kd_projections"  # the student's submodule that holds an objective's trainable modules in training
@@ -212,13 +227,14 @@ def training_arguments(settings, *, seed: int, device: str, output_dir: str, max
 
 
 def train(model, dataset, collator, settings, *, seed: int, device: str, teacher=None, objective=None,
-          progress=None, description: str = "training", max_steps: int | None = None) -> TrainStats:
+          progress=None, description: str = "training", max_steps: int | None = None,
+          head: Head | None = None) -> TrainStats:
     """Train `model` in place on `dataset` (a list of tokenized dicts); return wall time, steps, samples."""
     with tempfile.TemporaryDirectory(prefix="kdbench-trainer-") as tmp:
         args = training_arguments(settings, seed=seed, device=device, output_dir=tmp, max_steps=max_steps)
         callbacks = [_StepProgress(progress, description)] if progress is not None else []
         trainer = Distiller(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                            teacher=teacher, objective=objective, callbacks=callbacks)
+                            teacher=teacher, objective=objective, callbacks=callbacks, head=head)
         trainer.remove_callback(PrinterCallback)  # it prints a metrics dict to stdout; tables own stdout
         start = time.perf_counter()
         trainer.train()

@@ -8,7 +8,8 @@ from transformers import BertConfig, BertForSequenceClassification, DataCollator
 
 from kdbench import models
 from kdbench.errors import KdbenchError
-from kdbench.runner import encode, model_inputs
+from kdbench.heads import get as get_head
+from kdbench.models import model_inputs
 from kdbench.suite import InlineConfig, TrainingSettings, load_suite
 from kdbench.trainer import Distiller, training_arguments
 
@@ -198,7 +199,7 @@ def test_inline_config_builds_a_seeded_model():
     ({**BERT, "hidden_sise": 8}, "unknown bert config field 'hidden_sise'"),
     ({**DISTILBERT, "hidden_size": 8}, None),  # attribute_map: DistilBERT's hidden_size is `dim`
     ({**DISTILBERT, "num_hidden_layer": 2}, "unknown distilbert config field 'num_hidden_layer'"),
-    ({"model_type": "gpt2"}, "unknown model type 'gpt2'; available: bert, distilbert, roberta"),
+    ({"model_type": "gpt3"}, "unknown model type 'gpt3'; available: bert, distilbert, gpt2, llama, roberta"),
 ])
 def test_check_model_ref(spec, culprit):
     ref = InlineConfig(**spec)
@@ -225,7 +226,7 @@ def test_distilbert_student_with_the_pair_tokenizer(tmp_path):
     student = models.build_model(student_ref, num_labels=2, vocab_size=len(tok), seed=0)
     assert type(student).__name__ == "DistilBertForSequenceClassification"
 
-    rows = encode([{"text": t, "label": i % 2} for i, t in enumerate(TEXTS[:4])], tok, 32)
+    rows = get_head("classification").encode([{"text": t, "label": i % 2} for i, t in enumerate(TEXTS[:4])], tok, 32)
     batch = DataCollatorWithPadding(tok)(rows)
     batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])  # as a BERT-style tokenizer would give
     assert "token_type_ids" not in model_inputs(batch, student)

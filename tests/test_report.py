@@ -268,6 +268,25 @@ def test_recommendation_picks_within_tolerance():
     assert "by size): `kd`, 100 kB" in line(report.recommend(rows, tolerance=0.0), "- **Smallest")
 
 
+def test_recommendation_for_a_lower_is_better_metric():
+    """Perplexity = 10 / accuracy of the same runs: the same picks, thresholds above the best, not below."""
+    runs = copy.deepcopy(fake_runs())
+    for r in runs:
+        for v in r["variants"]:
+            v.update(metric_name="perplexity", higher_is_better=False, metric=10 / v["metric"])
+    rows = report.collect_rows(runs)["toy"]
+    lines = report.recommend(rows)
+    best = statistics.mean([10 / 0.80, 10 / 0.84])
+    assert lines[0].startswith(f"- **Best student**: `kd`, perplexity {best:.3f}")
+    smallest = next(x for x in lines if x.startswith("- **Smallest"))
+    assert smallest.startswith(f"- **Smallest within 1% of it** (perplexity ≤ {best * 1.01:.3f}, by size): "
+                               "`kd + ps+int8`, 40.0 kB")
+    assert next(x for x in lines if x.startswith("- Pareto front (perplexity vs size")).endswith(
+        ": `kd + ps+int8`, `kd`, `teacher`.")
+    text = report.render(runs, "toy-suite")
+    assert "(lower is better); **retention**: the teacher's perplexity / this row's perplexity." in text
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Pareto front
 

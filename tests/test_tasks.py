@@ -108,7 +108,7 @@ def test_generated_sentiment_splits():
     data = sentiment(label_noise=0.2, forms=["single", "but", "although_first", "although_second"])
     assert (len(data.train), len(data.transfer), len(data.eval)) == (300, 50, 200)
     assert data.label_names == ["negative", "positive"] and data.num_labels == 2
-    assert data.metric == "accuracy"
+    assert data.head == "classification"
     # The transfer set is unlabelled: the teacher labels it during distillation.
     assert {r["label"] for r in data.transfer} == {TEACHER_LABEL}
     # Eval stays clean; train carries the requested share of flipped labels.
@@ -248,9 +248,9 @@ def test_missing_columns_are_named(tsv_files):
 
 
 def test_unknown_suffix_needs_a_format(tmp_path, tsv_files):
-    odd = tmp_path / "train.txt"
+    odd = tmp_path / "train.dat"
     odd.write_text(Path(tsv_files["train_file"]).read_text())
-    with pytest.raises(KdbenchError, match=r"train.txt: cannot tell the format from the suffix; set params.format"):
+    with pytest.raises(KdbenchError, match=r"train.dat: cannot tell the format from the suffix; set params.format"):
         local(**{**tsv_files, "train_file": str(odd)})
     assert len(local(**{**tsv_files, "train_file": str(odd)}, format="tsv").train) == len(TSV_ROWS)
 
