@@ -190,8 +190,9 @@ def _build_task_data(train: list[dict], eval_: list[dict], p: _TextClassificatio
     return TaskData(train=train, eval=eval_, transfer=transfer, label_names=names)
 
 
-def _load_local_file(path_str: str, fmt: str):
-    """A local TSV/CSV/JSON(L) file (or, for `txt`, one text per non-empty line) as a `datasets.Dataset`."""
+def _load_local_file(path_str: str, fmt: str, text_column: str = "text"):
+    """A local TSV/CSV/JSON(L) file as a `datasets.Dataset`; a `txt` file is one text per non-empty line, in
+    column `text_column`."""
     import datasets
 
     path = Path(path_str).expanduser()
@@ -205,7 +206,7 @@ def _load_local_file(path_str: str, fmt: str):
     try:
         if fmt == "txt":
             lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-            return datasets.Dataset.from_dict({"text": [line for line in lines if line]})
+            return datasets.Dataset.from_dict({text_column: [line for line in lines if line]})
         if fmt == "json":
             return datasets.load_dataset("json", data_files=str(path), split="train")
         # Tab files in the wild are unquoted (SST-2's phrases contain quote characters).
@@ -369,8 +370,8 @@ class LocalTextLM:
 
     def load(self) -> TaskData:
         p = self.params
-        train = _lm_rows(_load_local_file(p.train_file, p.format), p, p.train_file, p.max_train)
-        eval_ = _lm_rows(_load_local_file(p.eval_file, p.format), p, p.eval_file, p.max_eval)
+        train = _lm_rows(_load_local_file(p.train_file, p.format, p.text_column), p, p.train_file, p.max_train)
+        eval_ = _lm_rows(_load_local_file(p.eval_file, p.format, p.text_column), p, p.eval_file, p.max_eval)
         return TaskData(train=train, eval=eval_, head="causal_lm")
 
 

@@ -239,3 +239,70 @@ def test_distilbert_student_with_the_pair_tokenizer(tmp_path):
     student.train()
     loss = distiller.compute_loss(student, dict(batch))
     assert torch.isfinite(loss) and loss.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Causal LMs: GPT-2 from a local folder (the hub pair's code path), Llama from an inline config
+
+
+@pytest.fixture(scope="module")
+def saved_gpt2(tmp_path_factory):
+    """A tiny GPT-2 saved the way the hub serves one: byte-level BPE tokenizer without a pad token, LM head."""
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    folder = tmp_path_factory.mktemp("gpt2")
+    bpe = Tokenizer(tok_models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(TEXTS * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = GPT2TokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                            unk_token="<|endoftext|>")
+    assert tok.pad_token is None
+    torch.manual_seed(0)
+    eos = tok.eos_token_id
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                       bos_token_id=eos, eos_token_id=eos))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model.eval(), folder
+
+
+def test_local_gpt2_loads_as_a_causal_lm_with_a_pad_token(saved_gpt2, tmp_path):
+    model, folder = saved_gpt2
+    head = get_head("causal_lm")
+    tok = models.pair_tokenizer(str(folder), str(folder), TEXTS, tmp_path, "key")
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>"  # GPT-2 has none; padding is masked anyway
+    loaded = models.build_model(str(folder), head=head, num_labels=0, vocab_size=len(tok), seed=0)
+    assert type(loaded).__name__ == "GPT2LMHeadModel"
+    [whole] = head.encode([{"text": t} for t in TEXTS], tok, 10_000)
+    # GPT-2 adds no EOS itself: the head ends each text with one
+    assert whole["input_ids"].count(tok.eos_token_id) == len(TEXTS) and whole["input_ids"][-1] == tok.eos_token_id
+    batch = head.collator(tok)(head.encode([{"text": t} for t in TEXTS], tok, 8)[:2])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=batch["input_ids"]).logits, model(input_ids=batch["input_ids"]).logits)
+
+
+def test_gpt2_student_with_another_vocab_size_is_refused(saved_gpt2, tmp_path):
+    _, folder = saved_gpt2
+    student = InlineConfig(model_type="gpt2", n_embd=16, n_layer=1, n_head=2, vocab_size=123)
+    with pytest.raises(KdbenchError, match=r"student vocab_size 123 differs from the pair's tokenizer \(\d+ tokens\)"):
+        models.pair_tokenizer(str(folder), student, TEXTS, tmp_path, "key")
+
+
+@pytest.mark.parametrize("ref, layers", [
+    ({"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+      "num_key_value_heads": 2, "intermediate_size": 64}, 2),
+    ({"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2}, 1),
+])
+def test_inline_causal_lm_configs(ref, layers, tmp_path):
+    head = get_head("causal_lm")
+    config = InlineConfig(**ref)
+    models.check_model_ref(config, "pairs.p.student")
+    model = models.build_model(config, head=head, num_labels=0, vocab_size=77, seed=0)
+    assert model.config.num_hidden_layers == layers and model.get_output_embeddings().out_features == 77
+    assert models.describe(config) == f"{ref['model_type']} {layers}L/32H"
+    model.save_pretrained(tmp_path)
+    again = models.load_saved(tmp_path, head)
+    ids = torch.randint(0, 77, (2, 5))
+    assert torch.equal(again(input_ids=ids).logits, model.eval()(input_ids=ids).logits)

@@ -240,3 +240,34 @@ def test_every_student_gets_the_teacher_of_the_teacher_run(tmp_path, cache_dir):
     # fine-tuning ran 2 steps from the seed-3 initialisation: the classifier moved little from seed 3's, far from 5's
     w = model.classifier.weight.detach().cpu()
     assert (w - reference.classifier.weight).abs().max() < (w - other.classifier.weight).abs().max()
+
+
+LLAMA = {"model_type": "llama", "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+         "max_position_embeddings": 32}
+
+
+def test_a_causal_lm_suite_runs_end_to_end_and_reports_perplexity(tmp_path, cache_dir):
+    suite = tiny_suite(
+        tmp_path, cache_dir,
+        [KD, {"name": "hidden", "method": "hidden", "params": {"feature_weight": 1.0}}],
+        tasks=[{"name": "lm", "task": "generated_lm", "params": {"train_size": 64, "eval_size": 16}}],
+        pairs=[{"name": "llama",
+                "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
+                            "finetune": {"max_steps": 2, "batch_size": 8}},
+                "student": {"model": {**LLAMA, "hidden_size": 8, "intermediate_size": 16}}}],
+        compression=[{"name": "int8", "steps": [{"compressor": "int8"}]}],
+    )
+    outcome = run_suite(suite, show_progress=False)
+    assert statuses(outcome) == {"teacher": "ok", "student__s0": "ok", "kd__s0": "ok", "hidden__s0": "ok"}
+    out = outcome.results_dir
+    teacher = read_result(run_path(out, "lm__llama__teacher"))["variants"][0]
+    kd = read_result(run_path(out, "lm__llama__kd__s0"))["variants"]
+    assert [v["name"] for v in kd] == ["distilled", "int8"]
+    for v in [teacher, *kd]:
+        assert v["metric_name"] == "perplexity" and v["higher_is_better"] is False
+        assert 1.0 < v["metric"] < float("inf")  # a perplexity: exp of a finite, positive mean NLL
+    assert kd[0]["retention"] == pytest.approx(teacher["metric"] / kd[0]["metric"])
+    readme = (out / "README.md").read_text()
+    header = next(line for line in readme.splitlines() if line.startswith("| pair"))
+    assert [c.strip() for c in header.split("|")][5:7] == ["perplexity", "retention"]
+    assert "(lower is better)" in readme

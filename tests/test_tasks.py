@@ -282,6 +282,60 @@ def test_hub_dataset_offline_says_it_needs_a_network(no_network):
     assert "text_classification task with local files" in message
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Causal language modelling tasks
+
+
+def test_generated_lm_is_reviews_with_their_verdicts():
+    data = load_task("generated_lm", {"train_size": 40, "eval_size": 10, "seed": 7})
+    assert (len(data.train), len(data.eval), data.head, data.transfer) == (40, 10, "causal_lm", [])
+    for row in data.train + data.eval:
+        review, verdict = row["text"].split(" => ")
+        assert verdict == ("negative", "positive")[rule_label(review)]
+    assert load_task("generated_lm", {"train_size": 40, "eval_size": 10, "seed": 7}).train == data.train
+
+
+def test_text_lm_reads_txt_lines_and_jsonl_columns(tmp_path):
+    txt = tmp_path / "train.txt"
+    txt.write_text("first line\n\n  second line  \nthird\n", encoding="utf-8")
+    jsonl = tmp_path / "eval.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(["a b", "", "c"])))
+    with pytest.raises(KdbenchError, match="eval.jsonl: no column 'text'; columns are: body, id"):
+        load_task("text_lm", {"train_file": str(txt), "eval_file": str(jsonl)})
+    data = load_task("text_lm", {"train_file": str(txt), "eval_file": str(jsonl), "text_column": "body",
+                                 "max_train": 2})
+    assert [r["text"] for r in data.train] == ["first line", "second line"]  # blank lines dropped, max_train
+    assert [r["text"] for r in data.eval] == ["a b", "c"] and data.head == "causal_lm"
+
+
+def test_text_lm_bad_files_are_named(tmp_path):
+    empty, binary = tmp_path / "empty.txt", tmp_path / "latin1.txt"
+    empty.write_text("\n \n")
+    binary.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(KdbenchError, match=r"task data file not found: .*missing.txt"):
+        load_task("text_lm", {"train_file": str(tmp_path / "missing.txt"), "eval_file": str(empty)})
+    with pytest.raises(KdbenchError, match=r"empty.txt: no non-empty text in column 'text'"):
+        load_task("text_lm", {"train_file": str(empty), "eval_file": str(empty)})
+    with pytest.raises(KdbenchError, match=r"latin1.txt: not UTF-8 text"):
+        load_task("text_lm", {"train_file": str(binary), "eval_file": str(binary)})
+
+
+def test_hub_text_lm_loads_a_local_dataset_folder(tmp_path):
+    """The hub code path (datasets.load_dataset(name, config)) on a local folder, as a user's cache would serve it."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for split, texts in (("train", ["one two", "", "three"]), ("validation", ["four five"])):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    data = load_task("hub_text_lm", {"dataset": str(folder)})
+    assert [r["text"] for r in data.train] == ["one two", "three"] and [r["text"] for r in data.eval] == ["four five"]
+    assert tasks.validate_params("wikitext2", {}).config == "wikitext-2-raw-v1"
+
+
+def test_hub_lm_dataset_offline_says_it_needs_a_network(no_network):
+    with pytest.raises(KdbenchError, match=r"'kdbench-tests/none'.*need a network, or use the text_lm task"):
+        load_task("hub_text_lm", {"dataset": "kdbench-tests/none"})
+
+
 def test_accuracy():
     assert accuracy([1, 0, 2, 2], [1, 1, 2, 0]) == pytest.approx(0.5)
 
