@@ -12,6 +12,9 @@ training only, so the saved, profiled and compressed student is the plain model)
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kdbench.errors import KdbenchError
 from kdbench.registry import Registry
 
+log = logging.getLogger(__name__)
 methods: Registry = Registry("method")
 
 
@@ -72,7 +76,7 @@ class Objective:
         extra = {}
         if features is not None:
             fs, ft, weight = features
-            extra = dict(student_features=fs, teacher_features=ft, feature_weight=weight)
+            extra = {"student_features": fs, "teacher_features": ft, "feature_weight": weight}
         return kd_loss(
             student_out.logits, teacher_out.logits, labels,
             temperature=p.temperature, alpha=p.alpha, divergence=p.divergence, beta=p.beta, **extra,
@@ -183,6 +187,8 @@ class HiddenStateKD(Objective):
 
     Params = HiddenParams
     needs_hidden_states = True
+    method = "hidden"  # the registry name, for messages (a subclass that reuses the projections sets its own)
+    embeddings = True  # the layer map may name hidden-state index 0, the embeddings output
 
     def __init__(self, params: HiddenParams | None = None):
         self.params = params or HiddenParams()
@@ -192,7 +198,8 @@ class HiddenStateKD(Objective):
     def setup(self, student, teacher) -> None:
         import torch
 
-        self.layer_map = resolve_layer_map("hidden", self.params.layer_map, student, teacher, embeddings=True)
+        self.layer_map = resolve_layer_map(self.method, self.params.layer_map, student, teacher,
+                                           embeddings=self.embeddings)
         hs, ht = hidden_width(student), hidden_width(teacher)
         keys = [str(s) for s in self.layer_map]
         built = self.modules
@@ -203,30 +210,35 @@ class HiddenStateKD(Objective):
         weight = next(student.parameters())
         self.modules = torch.nn.ModuleDict({k: torch.nn.Linear(hs, ht) for k in keys}).to(weight.device)
 
-    def features(self, student_hidden, teacher_hidden, attention_mask=None):
+    def features(self, student_hidden, teacher_hidden, attention_mask=None, pairs: dict[int, int] | None = None):
         """(student, teacher) features of the real tokens of every mapped pair: (R * P, H_teacher) each.
 
         student_hidden / teacher_hidden: HF `hidden_states` tuples of (B, L, H); attention_mask (B, L) or None.
+        `pairs`: part of the layer map (default: all of it), e.g. the one pair of a progressive stage.
         """
         import torch
 
         if self.modules is None:
-            raise KdbenchError("method 'hidden': setup(student, teacher) was not called (the Distiller calls it)")
+            raise KdbenchError(f"method {self.method!r}: setup(student, teacher) was not called "
+                               "(the Distiller calls it)")
         keep = _token_mask(attention_mask, student_hidden[0])
         fs, ft = [], []
-        for s, t in self.layer_map.items():
+        for s, t in (self.layer_map if pairs is None else pairs).items():
             fs.append(self.modules[str(s)](student_hidden[s][keep]))  # (R, H_s) -> (R, H_t)
             ft.append(teacher_hidden[t][keep])
         return torch.cat(fs), torch.cat(ft)
+
+    def check_hidden_states(self, student_out, teacher_out) -> None:
+        for who, out in (("student", student_out), ("teacher", teacher_out)):
+            if not getattr(out, "hidden_states", None):
+                raise KdbenchError(f"method {self.method!r}: the {who} returned no hidden states "
+                                   "(a cached teacher, or a model without output_hidden_states)")
 
     def loss(self, student_out, teacher_out, labels, attention_mask=None):
         p = self.params
         features = None
         if p.feature_weight != 0:
-            for who, out in (("student", student_out), ("teacher", teacher_out)):
-                if not getattr(out, "hidden_states", None):
-                    raise KdbenchError(f"method 'hidden': the {who} returned no hidden states "
-                                       "(a cached teacher, or a model without output_hidden_states)")
+            self.check_hidden_states(student_out, teacher_out)
             fs, ft = self.features(student_out.hidden_states, teacher_out.hidden_states, attention_mask)
             features = (fs, ft, p.feature_weight)
         return self.logit_kd(student_out, teacher_out, labels, features)
@@ -309,6 +321,220 @@ class AttentionKD(Objective):
             fs, ft = self.features(student_out.attentions, teacher_out.attentions, attention_mask)
             features = (fs, ft, p.feature_weight)
         return self.logit_kd(student_out, teacher_out, labels, features)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progressive layer-by-layer transfer: a schedule of stages over the training steps
+
+
+class ProgressiveParams(DistillationConfig):
+    """Parameters of `progressive`: logit KD's (the final stage), the layer stages' feature weight and layer map, and
+    the share of the training steps that the final stage takes."""
+
+    feature_weight: float = Field(1.0, gt=0)
+    layer_map: dict[int, int] | None = None  # student layer (1..Ls) -> teacher layer (1..Lt); None: uniform
+    final_fraction: float = Field(0.5, gt=0, le=1)  # of the steps, for the final logit stage; the rest: layer stages
+
+
+def progressive_schedule(max_steps: int, layer_stages: int, final_fraction: float) -> list[int]:
+    """Steps per stage, [layer stage 1, ..., layer stage K, final stage], summing to max_steps.
+
+    The final stage takes round(final_fraction * max_steps) steps (halves up), at least 1; the rest are split evenly
+    over the K layer stages, the earlier ones taking one step more when they do not divide. When fewer steps remain
+    than there are layer stages (a short run, such as a recovery after pruning), every step goes to the final
+    stage: the run is plain logit KD rather than a ladder that stops half-way up the student.
+    (10, 2, 0.5) -> [3, 2, 5]; (4, 2, 0.5) -> [1, 1, 2]; (3, 2, 0.5) -> [0, 0, 3].
+    """
+    if max_steps <= 0:
+        return [0] * (layer_stages + 1)
+    final = min(max_steps, max(1, math.floor(final_fraction * max_steps + 0.5)))
+    rest = max_steps - final
+    if rest < layer_stages:
+        return [0] * layer_stages + [max_steps]
+    each, extra = divmod(rest, layer_stages)
+    return [each + (k < extra) for k in range(layer_stages)] + [final]
+
+
+def progressive_stage(step: int, plan: list[int]) -> int | None:
+    """The layer stage (1..K) that 0-based training step `step` belongs to under `plan`, or None: the final stage."""
+    end = 0
+    for k, steps in enumerate(plan[:-1], start=1):
+        end += steps
+        if step < end:
+            return k
+    return None
+
+
+_BLOCK_NAMES = ("layer", "layers", "h", "block", "blocks")
+
+
+def transformer_blocks(model, method: str = "progressive"):
+    """(name, ModuleList) of the model's transformer blocks, input side first.
+
+    The one (outermost) ModuleList of exactly num_hidden_layers modules; where there are several, the one named
+    layer, layers, h, block or blocks: `bert.encoder.layer` (BERT, RoBERTa, ELECTRA), `distilbert.transformer.layer`
+    (DistilBERT), `transformer.h` (GPT-2), `model.layers` (Llama, Qwen). An encoder-decoder has two: an error.
+    """
+    import torch
+
+    n = num_layers(model)
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    # Outermost lists only: a list inside a block that happens to have n entries (T5's sub-layers) is no candidate.
+    found = [(name, m) for name, m in found if not any(name.startswith(f"{other}.") for other, _ in found)]
+    named = [(name, m) for name, m in found if name.rsplit(".", 1)[-1] in _BLOCK_NAMES]
+    pick = named if len(named) == 1 else found
+    if n < 1 or len(pick) != 1:
+        model_type = getattr(model.config, "model_type", type(model).__name__)
+        seen = f"found {len(pick)}: {', '.join(name for name, _ in pick)}" if pick else "found none"
+        raise KdbenchError(f"method {method!r}: cannot find the transformer blocks of the {model_type!r} student "
+                           f"(one ModuleList of its {n} layers; {seen})")
+    return pick[0]
+
+
+def layer_parameters(model, exclude=()) -> tuple[list, list[list], list]:
+    """The model's parameters as (input side, [block 1, ..., block L], output side), leaving out those in `exclude`.
+
+    Input side: the parameters registered before the blocks (the embeddings, and ELECTRA's embedding projection);
+    output side: those after them (pooler, final norm, classifier). HF models register their modules in the order of
+    the forward pass. A tied weight counts once, where it is first registered.
+    """
+    _, blocks = transformer_blocks(model)
+    block_of = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
+    skip = {id(p) for p in exclude}
+    before, per_block, after = [], [[] for _ in blocks], []
+    for p in model.parameters():
+        if id(p) in skip:
+            continue
+        if id(p) in block_of:
+            per_block[block_of[id(p)]].append(p)
+        else:
+            (after if any(per_block) else before).append(p)
+    return before, per_block, after
+
+
+@methods.register("progressive")
+class ProgressiveKD(HiddenStateKD):
+    """Progressive layer-by-layer transfer (MobileBERT), then logit KD of the whole student.
+
+    MobileBERT (Sun et al., 2020, "MobileBERT: a Compact Task-Agnostic BERT for Resource-Limited Devices", section
+    "progressive knowledge transfer") trains the student's layers one after the other, each against its teacher
+    layer, with the layers below it frozen. Here the training steps run through K + 1 stages (see
+    `progressive_schedule`), for the mapped student layers s_1 < ... < s_K (uniform map by default: every layer):
+
+        layer stage k = 1..K:  trainable: student layers s_(k-1)+1 .. s_k (s_0 = 0; one layer under the default map),
+                               the embeddings in stage 1 only, and the projection W_k; everything else is frozen
+            loss = kd_loss(logits, teacher logits, labels=None, alpha=0,   # the logit terms are exactly 0
+                           features=(W_k h_s_k + b_k, h_t_k), feature_weight)
+                 = feature_weight * mean over real tokens and teacher width of (W_k h_s_k + b_k - h_t_k)^2
+        final stage:           every parameter trainable
+            loss = kd_loss(logits, teacher logits, labels, T, alpha, ...)  # logit KD, exactly the `logit` loss
+
+    The projections, hidden states and padding are `hidden`'s (nn.Linear per mapped layer, post-LayerNorm block
+    outputs, real tokens only). The student's logits are detached in the layer stages, so the backward pass stays
+    below layer s_k. Layers above s_K, the pooler and the classifier train in the final stage only. The stages share
+    the Trainer's one learning-rate schedule (warmup, then linear decay over all steps), so the final stage runs at
+    the lower half of it under the default final_fraction of 0.5.
+
+    Freezing: a TrainerCallback (`callbacks()`) sets the stage at each step and switches requires_grad on the
+    student's parameters; the Trainer's AdamW skips parameters without a gradient (no update, no weight decay, no
+    momentum). Every parameter is trainable at the start of training (the optimizer is built from the trainable
+    ones) and again at its end (compression and recovery train the student further). The blocks are found by
+    `transformer_blocks` (BERT, RoBERTa, DistilBERT, ELECTRA, GPT-2, Llama-style); other models fail at setup.
+    A recovery after pruning runs the same schedule over its own steps; under K + 1 steps it is logit KD alone.
+
+    YAML:
+        methods:
+          - name: progressive
+            method: progressive
+            params: {temperature: 4.0, alpha: 0.7, final_fraction: 0.5}   # uniform map, half the steps for logit KD
+          - name: progressive-last
+            method: progressive
+            params: {layer_map: {2: 4}, final_fraction: 0.3}   # one layer stage: student layers 1-2 -> teacher 4
+    """
+
+    Params = ProgressiveParams
+    method = "progressive"
+    embeddings = False  # stages are transformer layers 1..L; the embeddings train with the first
+
+    def __init__(self, params: ProgressiveParams | None = None):
+        super().__init__(params or ProgressiveParams())
+        self.stage: int | None = None  # the layer stage in progress (1..K), or None: the final logit stage
+
+    def setup(self, student, teacher) -> None:
+        super().setup(student, teacher)
+        transformer_blocks(student, self.method)  # fail here, before training, on a model whose blocks are unknown
+        self.stage = None
+
+    def schedule(self, max_steps: int) -> list[int]:
+        """Steps per stage for a run of `max_steps`: K layer stages, then the final one."""
+        return progressive_schedule(max_steps, len(self.layer_map), self.params.final_fraction)
+
+    def stage_parameters(self, model) -> list[list]:
+        """The student's trainable parameters in each stage: K layer stages, then the final one (all of them).
+        The objective's own modules (the projections, attached to the student while training) are left out."""
+        exclude = list(self.modules.parameters()) if self.modules is not None else []
+        before, per_block, after = layer_parameters(model, exclude)
+        stages, below = [], 0
+        for k, s in enumerate(self.layer_map, start=1):
+            stages.append((before if k == 1 else []) + [p for block in per_block[below:s] for p in block])
+            below = s
+        return stages + [before + [p for block in per_block for p in block] + after]
+
+    def callbacks(self) -> list:
+        return [_progressive_callback_class()(self)]
+
+    def loss(self, student_out, teacher_out, labels, attention_mask=None):
+        if self.stage is None:
+            return self.logit_kd(student_out, teacher_out, labels)
+        from kdbench.kernels import kd_loss
+
+        p = self.params
+        self.check_hidden_states(student_out, teacher_out)
+        s, t = list(self.layer_map.items())[self.stage - 1]
+        fs, ft = self.features(student_out.hidden_states, teacher_out.hidden_states, attention_mask, pairs={s: t})
+        # alpha = 0 and no labels: the logit terms are exactly 0, so the loss is this stage's feature MSE alone.
+        return kd_loss(student_out.logits.detach(), teacher_out.logits, None, temperature=p.temperature, alpha=0.0,
+                       divergence=p.divergence, beta=p.beta, student_features=fs, teacher_features=ft,
+                       feature_weight=p.feature_weight)
+
+
+@functools.cache
+def _progressive_callback_class():
+    """Built on first use, so that importing kdbench.methods does not import transformers."""
+    from transformers import TrainerCallback
+
+    class ProgressiveStages(TrainerCallback):
+        """Walks a ProgressiveKD through its stages: sets `objective.stage` and the student's requires_grad."""
+
+        def __init__(self, objective: ProgressiveKD):
+            self.objective = objective
+            self.plan: list[int] = []
+            self.stages: list[list] = []
+            self.current = "unset"
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.plan = self.objective.schedule(state.max_steps)
+            self.stages = self.objective.stage_parameters(model)
+            self.current = "unset"
+            log.debug("progressive: steps per stage %s (layer stages, then the final one)", self.plan)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            stage = progressive_stage(state.global_step, self.plan)
+            if stage == self.current:
+                return
+            self.current = self.objective.stage = stage
+            active = {id(p) for p in self.stages[-1 if stage is None else stage - 1]}
+            for p in self.stages[-1]:
+                p.requires_grad_(id(p) in active)
+            log.debug("progressive: step %d starts stage %s", state.global_step + 1, stage or "final")
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            for p in model.parameters():
+                p.requires_grad_(True)
+            self.objective.stage = None
+            self.current = "unset"
+
+    return ProgressiveStages
 
 
 def make_objective(name: str, params: dict) -> Objective:

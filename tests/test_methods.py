@@ -1,4 +1,5 @@
-"""Feature methods: `hidden` (FitNets / TinyBERT hidden states through projections) and `attention` (attention maps).
+"""Feature methods: `hidden` (FitNets / TinyBERT hidden states through projections), `attention` (attention maps) and
+`progressive` (MobileBERT's layer-by-layer stages, then logit KD).
 
 Tiny BERTs built here (teacher 2 layers x 32, 4 heads; student 1 layer x 16, 2 heads; no dropout), a few steps of
 training at most. The losses are checked against kd_loss with features computed by hand.
@@ -12,16 +13,49 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertForSequenceClassification
+from kdbench.kernels import kd_loss
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    T5Config,
+    T5Model,
+    TrainerCallback,
+)
 from typer.testing import CliRunner
 
 from kdbench.cli import app
 from kdbench.errors import KdbenchError
-from kdbench.kernels import kd_loss
-from kdbench.methods import (AttentionKD, AttentionParams, HiddenParams, HiddenStateKD, make_objective, methods,
-                             uniform_layer_map)
+from kdbench.methods import (
+    AttentionKD,
+    AttentionParams,
+    DistillationConfig,
+    HiddenParams,
+    HiddenStateKD,
+    LogitKD,
+    ProgressiveKD,
+    ProgressiveParams,
+    layer_parameters,
+    make_objective,
+    methods,
+    progressive_schedule,
+    progressive_stage,
+    transformer_blocks,
+    uniform_layer_map,
+)
 from kdbench.suite import TrainingSettings
-from kdbench.trainer import PROJECTIONS, Distiller, objective_attached, train, training_arguments
+from kdbench.trainer import (
+    PROJECTIONS,
+    Distiller,
+    objective_attached,
+    train,
+    training_arguments,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -106,14 +140,18 @@ def test_setup_resolves_the_default_map_on_real_models():
 
 
 @pytest.mark.parametrize("method, layer_map, message", [
-    ("hidden", {0: 0, 2: 1}, "params.layer_map: student index 2 is out of range (the student has 1 layer: "
-                             "hidden-state indices 0..1, 0 = embeddings)"),
-    ("hidden", {1: 3}, "params.layer_map: teacher index 3 is out of range (the teacher has 2 layers: "
-                       "hidden-state indices 0..2, 0 = embeddings)"),
+    ("hidden", {0: 0, 2: 1}, ("params.layer_map: student index 2 is out of range (the student has 1 layer: "
+                             "hidden-state indices 0..1, 0 = embeddings)")),
+    ("hidden", {1: 3}, ("params.layer_map: teacher index 3 is out of range (the teacher has 2 layers: "
+                       "hidden-state indices 0..2, 0 = embeddings)")),
     ("hidden", {-1: 0}, "student index -1 is out of range"),
     ("attention", {0: 0}, "params.layer_map: student index 0 is out of range (the student has 1 layer: layers 1..1)"),
     ("attention", {1: 5}, "teacher index 5 is out of range (the teacher has 2 layers: layers 1..2)"),
     ("hidden", {}, "params.layer_map is empty; leave it out for the uniform map"),
+    ("progressive", {0: 0}, ("params.layer_map: student index 0 is out of range (the student has 1 layer: "
+                            "layers 1..1)")),
+    ("progressive", {1: 3}, "teacher index 3 is out of range (the teacher has 2 layers: layers 1..2)"),
+    ("progressive", {}, "params.layer_map is empty; leave it out for the uniform map"),
 ])
 def test_a_bad_layer_map_fails_at_setup_in_one_line_naming_the_index(make_distiller, method, layer_map, message):
     objective = make_objective(method, {"layer_map": layer_map})
@@ -129,6 +167,9 @@ def test_params_are_validated_against_the_methods_own_schema():
         make_objective("hidden", {"feature_weigth": 1.0})
     with pytest.raises(KdbenchError, match=r"^method 'attention': params.feature_weight: "):
         make_objective("attention", {"feature_weight": -1.0})
+    for bad in ({"final_fraction": 0.0}, {"final_fraction": 1.5}, {"feature_weight": 0.0}):
+        with pytest.raises(KdbenchError, match=rf"^method 'progressive': params.{next(iter(bad))}: "):
+            make_objective("progressive", bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,3 +395,256 @@ def test_ls_methods_lists_both_with_descriptions_and_params():
         assert lines[i].split(None, 1)[1] == methods.describe(name) and methods.describe(name).startswith(starts)
         assert lines[i + 1].split() == ["params:", "temperature,", "alpha,", "divergence,", "beta,",
                                         "feature_weight,", "layer_map"]
+    [i] = [i for i, line in enumerate(lines) if line.split()[:1] == ["progressive"]]
+    assert lines[i].split(None, 1)[1] == "Progressive layer-by-layer transfer (MobileBERT), then logit KD of the " \
+                                         "whole student."
+    assert lines[i + 1].split()[-3:] == ["feature_weight,", "layer_map,", "final_fraction"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# progressive: layer stages (feature MSE of one pair, lower layers frozen), then logit KD
+
+
+def student_2l(seed: int = 0):
+    return bert(2, 16, 2, seed)  # against the 2-layer teacher: uniform map {1: 1, 2: 2}, two layer stages
+
+
+@pytest.mark.parametrize("max_steps, stages, fraction, plan", [
+    (10, 2, 0.5, [3, 2, 5]),
+    (4, 2, 0.5, [1, 1, 2]),
+    (5, 2, 0.5, [1, 1, 3]),  # 2.5 final steps: halves round up
+    (3, 2, 0.5, [0, 0, 3]),  # no step for every layer stage: logit KD alone
+    (1, 2, 0.5, [0, 0, 1]),
+    (1, 1, 0.01, [0, 1]),  # the final stage always gets a step
+    (100, 3, 0.3, [24, 23, 23, 30]),  # 0.3 * 100 is 30.000000000000004 in floats, still 30
+    (12, 4, 0.25, [3, 2, 2, 2, 3]),
+    (7, 1, 1.0, [0, 7]),
+    (0, 2, 0.5, [0, 0, 0]),
+])
+def test_progressive_schedule_is_pinned(max_steps, stages, fraction, plan):
+    assert progressive_schedule(max_steps, stages, fraction) == plan
+    assert sum(plan) == max_steps
+    walked = [progressive_stage(step, plan) for step in range(max_steps + 2)]  # past the end: the final stage
+    assert walked == [k for k, n in enumerate(plan[:-1], start=1) for _ in range(n)] + [None] * (plan[-1] + 2)
+
+
+def test_progressive_setup_maps_layers_1_to_l_with_one_projection_each():
+    objective = ProgressiveKD()
+    objective.setup(student_2l(), teacher_model())
+    assert objective.layer_map == {1: 1, 2: 2} and objective.stage is None
+    assert {k: (m.in_features, m.out_features) for k, m in objective.modules.items()} == {"1": (16, 32),
+                                                                                          "2": (16, 32)}
+    assert objective.schedule(6) == [2, 1, 3]
+    one = ProgressiveKD()
+    one.setup(student_model(), teacher_model())
+    assert one.layer_map == {1: 2} and list(one.modules) == ["1"]
+
+
+def names_of(model, params) -> set[str]:
+    ids = {id(p) for p in params}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+GROUPS = {"embeddings": ("bert.embeddings.",), "layer 1": ("bert.encoder.layer.0.",),
+          "layer 2": ("bert.encoder.layer.1.",), "head": ("bert.pooler.", "classifier."),
+          "W1": (f"{PROJECTIONS}.1.",), "W2": (f"{PROJECTIONS}.2.",)}
+
+
+def group_of(name: str) -> str:
+    """The part of a 2-layer BERT student (or of its attached projections) that a parameter belongs to."""
+    [group] = [g for g, starts in GROUPS.items() if name.startswith(starts)]
+    return group
+
+
+def test_progressive_stages_split_a_bert_into_embeddings_and_layers():
+    student, teacher = student_2l(), teacher_model()
+    objective = ProgressiveKD()
+    objective.setup(student, teacher)
+    stages = [names_of(student, group) for group in objective.stage_parameters(student)]
+    assert [{group_of(n) for n in names} for names in stages] == [
+        {"embeddings", "layer 1"}, {"layer 2"}, {"embeddings", "layer 1", "layer 2", "head"}]
+    assert stages[0] | stages[1] == {n for n in stages[2] if group_of(n) != "head"}
+    assert stages[2] == {n for n, _ in student.named_parameters()}  # the final stage: everything
+
+    # A sparse map: student layer 2 -> teacher layer 2 only. Its one stage trains both layers, and the embeddings.
+    sparse = ProgressiveKD(ProgressiveParams(layer_map={2: 2}))
+    sparse.setup(student, teacher)
+    assert [{group_of(n) for n in names_of(student, g)} for g in sparse.stage_parameters(student)] == [
+        {"embeddings", "layer 1", "layer 2"}, {"embeddings", "layer 1", "layer 2", "head"}]
+
+
+def test_progressive_leaves_the_projections_out_of_the_student_groups():
+    student, teacher = student_2l(), teacher_model()
+    objective = ProgressiveKD()
+    objective.setup(student, teacher)
+    with objective_attached(student, teacher, objective):
+        everything = objective.stage_parameters(student)[-1]
+        assert len(everything) == len(list(student.parameters())) - len(list(objective.modules.parameters()))
+
+
+def tiny_distilbert():
+    return DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=40, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=16))
+
+
+def tiny_roberta():
+    return RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=20))
+
+
+def tiny_gpt2():
+    return GPT2ForSequenceClassification(GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16))
+
+
+def under(names: set[str], modules: set[str]) -> bool:
+    """Every name lies under one of `modules`, and every module holds one of the names."""
+    owner = {n: [m for m in modules if n.startswith(m + ".")] for n in names}
+    return all(owner.values()) and {m for ms in owner.values() for m in ms} == modules
+
+
+@pytest.mark.parametrize("make, blocks, before, after", [
+    (student_2l, "bert.encoder.layer", {"bert.embeddings"}, {"bert.pooler", "classifier"}),
+    (tiny_roberta, "roberta.encoder.layer", {"roberta.embeddings"}, {"classifier"}),
+    (tiny_distilbert, "distilbert.transformer.layer", {"distilbert.embeddings"}, {"pre_classifier", "classifier"}),
+    (tiny_gpt2, "transformer.h", {"transformer.wte", "transformer.wpe"}, {"transformer.ln_f", "score"}),
+])
+def test_transformer_blocks_are_found_in_encoders_and_decoders(make, blocks, before, after):
+    model = make()
+    name, found = transformer_blocks(model)
+    assert name == blocks and len(found) == 2
+    first, per_block, last = layer_parameters(model)
+    assert under(names_of(model, first), before) and under(names_of(model, last), after)
+    assert [under(names_of(model, p), {f"{blocks}.{i}"}) for i, p in enumerate(per_block)] == [True, True]
+    assert len(first) + sum(map(len, per_block)) + len(last) == len(list(model.parameters()))
+
+
+def test_progressive_fails_at_setup_naming_a_model_whose_blocks_it_cannot_find():
+    t5 = T5Model(T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                          decoder_start_token_id=0))
+    objective = ProgressiveKD(ProgressiveParams(layer_map={1: 1, 2: 2}))
+    with pytest.raises(KdbenchError, match=r"^method 'progressive': cannot find the transformer blocks of the 't5' "
+                                           r"student \(one ModuleList of its 2 layers; found 2: encoder.block, "
+                                           r"decoder.block\)$"):
+        objective.setup(t5, t5)
+
+    class Mystery(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(num_hidden_layers=2, hidden_size=8, model_type="mystery")
+            self.mix = torch.nn.Linear(8, 8)
+
+    with pytest.raises(KdbenchError, match=r"the 'mystery' student \(one ModuleList of its 2 layers; found none\)$"):
+        transformer_blocks(Mystery())
+
+
+def test_progressive_loss_is_one_pairs_mse_in_a_layer_stage_and_logit_kd_in_the_final_stage():
+    objective = ProgressiveKD(ProgressiveParams(temperature=2.0, alpha=0.6, feature_weight=0.5))
+    objective.setup(student_2l(), teacher_model())  # map {1: 1, 2: 2}
+    s, t = fixed_outputs(0, (16, 16, 16)), fixed_outputs(1, (32, 32, 32))
+    labels = torch.tensor([2, 0])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    logit = LogitKD(DistillationConfig(temperature=2.0, alpha=0.6))
+    with torch.no_grad():
+        final = objective.loss(s, t, labels, attention_mask=mask)  # stage None: outside training, the final stage
+        assert final.item() == logit.loss(s, t, labels).item() > 0
+        losses = []
+        for stage, pair in [(1, (1, 1)), (2, (2, 2))]:
+            objective.stage = stage
+            lin = objective.modules[str(pair[0])]
+            fs = s.hidden_states[pair[0]][mask.bool()] @ lin.weight.T + lin.bias  # (8 real tokens, 32)
+            ft = t.hidden_states[pair[1]][mask.bool()]
+            loss = objective.loss(s, t, labels, attention_mask=mask)
+            assert loss.item() == pytest.approx(0.5 * F.mse_loss(fs, ft).item(), rel=1e-6)
+            # The logits and labels take no part; neither do the other pair's hidden states nor padding.
+            other = SimpleNamespace(logits=s.logits * 3 + 1, hidden_states=list(s.hidden_states))
+            other.hidden_states[3 - pair[0]] = other.hidden_states[3 - pair[0]] + 7.0
+            other.hidden_states[pair[0]] = other.hidden_states[pair[0]].clone()
+            other.hidden_states[pair[0]][1, 4] = float("nan")
+            assert objective.loss(other, t, torch.tensor([0, 1]), attention_mask=mask).item() == loss.item()
+            losses.append(loss.item())
+        assert losses[0] != losses[1]
+    objective.stage = 1
+    with pytest.raises(KdbenchError, match=r"^method 'progressive': the teacher returned no hidden states"):
+        objective.loss(s, SimpleNamespace(logits=t.logits), labels)
+
+
+class Recorder(TrainerCallback):
+    """After every optimizer step: the student's parameters, which ones were trainable, and the objective's stage."""
+
+    def __init__(self, objective):
+        self.objective, self.params, self.trainable, self.stages = objective, [], [], []
+
+    def snapshot(self, model):
+        self.params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        assert all(p.requires_grad for p in model.parameters())  # the optimizer is built from the trainable ones
+        self.snapshot(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.snapshot(model)
+        self.trainable.append({n for n, p in model.named_parameters() if p.requires_grad})
+        self.stages.append(self.objective.stage)
+
+
+def test_progressive_training_freezes_the_layers_below_and_trains_the_current_one(tmp_path):
+    student, teacher = student_2l(), teacher_model()
+    count = n_params(student)
+    objective = ProgressiveKD(ProgressiveParams(final_fraction=0.5))
+    recorder = Recorder(objective)
+    args = training_arguments(SETTINGS, seed=0, device="cpu", output_dir=str(tmp_path), max_steps=4)
+    Distiller(model=student, args=args, train_dataset=train_rows(), data_collator=collate, teacher=teacher,
+              objective=objective, callbacks=[recorder]).train()
+
+    assert recorder.stages == [1, 2, None, None]  # plan [1, 1, 2]
+    expected = [{"embeddings", "layer 1", "W1"}, {"layer 2", "W2"},
+                {"embeddings", "layer 1", "layer 2", "head"}, {"embeddings", "layer 1", "layer 2", "head"}]
+    for step, (before, after, active) in enumerate(zip(recorder.params, recorder.params[1:], expected), start=1):
+        moved = {n for n in after if not torch.equal(before[n], after[n])}
+        assert {group_of(n) for n in moved} == active, step
+        # Every weight matrix of a trained group moves (a bias may not: a key bias gets no gradient through softmax).
+        assert {n for n in after if group_of(n) in active and after[n].dim() == 2} <= moved, step
+        student_trainable = {group_of(n) for n in recorder.trainable[step - 1] if not n.startswith(PROJECTIONS)}
+        assert student_trainable == active - {"W1", "W2"}, step
+
+    assert all(p.requires_grad for p in student.parameters())  # trainable again for compression and recovery
+    assert objective.stage is None
+    assert_plain(student, count)
+
+
+def test_progressive_recovery_shorter_than_the_stages_is_logit_kd_and_leaves_everything_trainable():
+    student, teacher = student_2l(), teacher_model()
+    objective = ProgressiveKD()
+    train(student, train_rows(), collate, SETTINGS, seed=0, device="cpu", teacher=teacher, objective=objective,
+          max_steps=3)  # plan [0, 0, 3]
+    projections = objective.modules
+    before = {k: v.clone() for k, v in projections.state_dict().items()}
+    head = student.classifier.weight.clone()
+    recovered = copy.deepcopy(student)
+    stats = train(recovered, train_rows(), collate, SETTINGS, seed=0, device="cpu", teacher=teacher,
+                  objective=objective, max_steps=2)
+    assert stats.steps == 2
+    assert objective.modules is projections  # setup kept them
+    assert all(torch.equal(before[k], v) for k, v in projections.state_dict().items())  # no layer stage ran
+    assert not torch.equal(head, recovered.classifier.weight)
+    assert all(p.requires_grad for p in recovered.parameters()) and objective.stage is None
+    assert_plain(recovered, n_params(student))
+
+
+class StopAfterOneStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = True
+
+
+def test_progressive_training_stopped_inside_a_layer_stage_leaves_everything_trainable(tmp_path):
+    student, teacher = student_2l(), teacher_model()
+    objective = ProgressiveKD()
+    recorder = Recorder(objective)
+    args = training_arguments(SETTINGS, seed=0, device="cpu", output_dir=str(tmp_path), max_steps=4)
+    trainer = Distiller(model=student, args=args, train_dataset=train_rows(), data_collator=collate, teacher=teacher,
+                        objective=objective, callbacks=[StopAfterOneStep(), recorder])
+    trainer.train()
+    assert trainer.state.global_step == 1 and recorder.stages == [1]
+    assert not all(n in recorder.trainable[0] for n, _ in student.named_parameters())  # stage 1 froze layer 2
+    assert all(p.requires_grad for p in student.parameters()) and objective.stage is None
