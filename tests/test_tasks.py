@@ -9,17 +9,9 @@ from pathlib import Path
 import pytest
 
 from kdbench.errors import KdbenchError
-from kdbench.tasks import (
-    _NEGATIVE,
-    _NEGATORS,
-    _POSITIVE,
-    FORMS,
-    TEACHER_LABEL,
-    accuracy,
-    generate_sentiment_example,
-    load_task,
-    tasks,
-)
+from kdbench.heads.classification import accuracy
+from kdbench.tasks import TEACHER_LABEL, load_task, tasks
+from kdbench.tasks.generated import _NEGATIVE, _NEGATORS, _POSITIVE, FORMS, generate_sentiment_example
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,0 +1,87 @@
+"""Heads: what a task asks of a model's output, and everything that follows from it.
+
+A task names its head (`TaskData.head`). The head decides:
+- the transformers Auto class that builds the model (a sequence classifier, a causal LM);
+- how a split's rows become model inputs and labels, and how a batch is padded;
+- which logit positions predict which labels (`align`): a classifier's one row per example, a causal LM's
+  position i predicting token i + 1. The distillation losses (kdbench.kernels.kd_loss) and the hard loss both
+  take the aligned (..., V) logits and (...) labels, where -100 marks positions that count for nothing;
+- the task metric, and whether higher is better (accuracy) or lower (perplexity).
+
+The base class and registry live here; the heads are modules of this package:
+    classification       one label per example: accuracy
+    language_modeling    causal LM: perplexity
+
+Retention against the teacher is metric / teacher's metric when higher is better, teacher's / metric when lower
+is better, so that 1.0 is "as good as the teacher" and less is worse either way.
+"""
+
+from __future__ import annotations
+
+from kdbench.registry import Registry
+
+heads: Registry = Registry("head")
+
+IGNORE = -100  # label of a position that counts for nothing (padding, the last token of a causal LM)
+
+
+class Head:
+    kind: str  # the registry key
+    auto_class: str  # transformers Auto class that builds and loads the model
+    metric_name: str
+    higher_is_better = True
+    # Logits of a frozen teacher can be computed once per input and reused (kdbench.trainer.cache_teacher_logits)
+    # when they are small: (C,) per example for a classifier, not (L, V) per block for a language model.
+    caches_teacher_logits = False
+
+    def encode(self, rows: list[dict], tokenizer, max_len: int) -> list[dict]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def collator(self, tokenizer):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def align(self, logits, labels):
+        """(logits (..., V), labels (...)) at the positions where a logit row predicts a label."""
+        return logits, labels
+
+    def fill_teacher_labels(self, labels, teacher_logits):
+        """Labels with unlabelled rows given the teacher's prediction (only classifiers have such rows)."""
+        return labels
+
+    def hard_loss(self, logits, labels):
+        """Mean cross-entropy over aligned positions whose label is not IGNORE (the student-alone loss)."""
+        import torch.nn.functional as F
+
+        s, y = self.align(logits, labels)
+        return F.cross_entropy(s.reshape(-1, s.shape[-1]).float(), y.reshape(-1), ignore_index=IGNORE)
+
+    def evaluate(self, model, rows: list[dict], collator, device: str, batch_size: int = 64) -> float:
+        """The task metric of `model` on tokenized `rows`."""
+        import torch
+
+        from kdbench.models import model_inputs
+
+        model.eval()
+        state = self.new_state()
+        with torch.inference_mode():
+            for i in range(0, len(rows), batch_size):
+                batch = collator([dict(r) for r in rows[i : i + batch_size]])
+                labels = batch.pop("labels")
+                inputs = model_inputs({k: v.to(device) for k, v in batch.items()}, model)
+                self.update(state, model(**inputs).logits.float().cpu(), labels)
+        return self.finish(state)
+
+    def retention(self, metric: float, teacher_metric: float | None) -> float | None:
+        if not teacher_metric or metric is None:
+            return None
+        if self.higher_is_better:
+            return metric / teacher_metric
+        return teacher_metric / metric if metric else None
+
+
+def get(kind: str) -> Head:
+    return heads.get(kind)()
+
+
+# The heads register themselves on import.
+from kdbench.heads import classification, language_modeling  # noqa: E402, F401

@@ -1,0 +1,113 @@
+"""Tasks: where the examples come from, how they are labelled, and which head scores them.
+
+A task is a small class with a pydantic `Params` and a `load()` returning `TaskData`: a `train` split, an optional
+unlabelled `transfer` split (inputs the teacher labels for the student), an `eval` split, the label names of a
+classifier, and the name of its head (kdbench.heads: how models are built, trained and scored for it). Heavy
+imports (datasets, torch) happen inside functions so that `kdbench --help` stays instant.
+
+The registry lives here with what every task family shares (local files, hub loading, presets); the families are
+modules of this package, one per kind of task:
+    generated            the embedded offline tasks (the quickstart's)
+    classification       text classification from local files or the hub (SST-2, IMDB, AG News, MNLI, SNLI)
+    language_modeling    texts for language models (local files, WikiText-2)
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, create_model
+
+from kdbench.errors import KdbenchError
+from kdbench.registry import Registry
+
+tasks: Registry = Registry("task")
+
+# A training row whose label is TEACHER_LABEL has no gold label: the Distiller substitutes the teacher's
+# prediction (the classic "transfer set"); a student trained alone never sees such rows.
+TEACHER_LABEL = -1
+
+
+@dataclass
+class TaskData:
+    """Splits as lists of dicts with keys `text`, optional `text_pair`, and `label` (int; classification only).
+
+    `head` names the kdbench.heads entry that builds, trains and scores models for the task.
+    """
+
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    label_names: list[str] = field(default_factory=list)
+    transfer: list[dict[str, Any]] = field(default_factory=list)
+    head: str = "classification"
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+class TaskParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+
+def load_local_file(path_str: str, fmt: str, text_column: str = "text"):
+    """A local TSV/CSV/JSON(L) file as a `datasets.Dataset`; a `txt` file is one text per non-empty line, in
+    column `text_column`."""
+    import datasets
+
+    path = Path(path_str).expanduser()
+    if not path.is_file():
+        raise KdbenchError(f"task data file not found: {path}")
+    if fmt == "auto":
+        fmt = {".tsv": "tsv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".txt": "txt"}.get(path.suffix.lower())
+        if fmt is None:
+            raise KdbenchError(f"{path}: cannot tell the format from the suffix; set params.format")
+    datasets.disable_progress_bars()
+    try:
+        if fmt == "txt":
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+            return datasets.Dataset.from_dict({text_column: [line for line in lines if line]})
+        if fmt == "json":
+            return datasets.load_dataset("json", data_files=str(path), split="train")
+        # Tab files in the wild are unquoted (SST-2's phrases contain quote characters).
+        kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
+        return datasets.load_dataset("csv", data_files=str(path), split="train", **kwargs)
+    except UnicodeDecodeError as e:
+        raise KdbenchError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except Exception as e:  # datasets wraps parser errors in several types
+        raise KdbenchError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
+
+
+def load_hub_dataset(name: str, config: str | None, local_task: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config)
+    except Exception as e:
+        raise KdbenchError(
+            f"dataset {name!r}: cannot load ({type(e).__name__}); hub datasets need a network, "
+            f"or use the {local_task} task with local files"
+        ) from None
+
+
+
+def preset(key: str, doc: str, family: type, **defaults) -> None:
+    """A hub task preset: a family's task with defaults filled in; twenty lines of data, like lm-eval-harness
+    task YAMLs."""
+    fields = {k: (type(v) if v is not None else str | None, v) for k, v in defaults.items()}
+    params = create_model(f"{key}_params", __base__=family.Params, **fields)
+    cls = type(key, (family,), {"Params": params, "__doc__": doc})
+    tasks.register(key)(cls)
+
+
+def load_task(name: str, params: dict) -> TaskData:
+    cls = tasks.get(name)
+    return cls(tasks.validate_params(name, params)).load()
+
+
+# The families register their tasks on import.
+from kdbench.tasks import classification, generated, language_modeling  # noqa: E402, F401

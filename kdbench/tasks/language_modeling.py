@@ -1,0 +1,72 @@
+"""Texts for language models, from local files or the hub (WikiText-2); the head packs them into blocks."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from kdbench.errors import KdbenchError
+from kdbench.tasks import TaskData, TaskParams, load_hub_dataset, load_local_file, preset, tasks
+
+class _LMParams(TaskParams):
+    text_column: str = "text"
+    max_train: int | None = Field(None, gt=0)  # first N texts (documents or lines), before packing into blocks
+    max_eval: int | None = Field(None, gt=0)
+
+
+def _lm_rows(ds, p: _LMParams, where: str, limit: int | None) -> list[dict]:
+    if p.text_column not in ds.column_names:
+        raise KdbenchError(f"{where}: no column {p.text_column!r}; columns are: {', '.join(ds.column_names)}")
+    texts = [str(t) for t in ds[p.text_column] if t is not None and str(t).strip()]  # wikitext has empty lines
+    if not texts:
+        raise KdbenchError(f"{where}: no non-empty text in column {p.text_column!r}")
+    return [{"text": t} for t in texts[:limit]]
+
+
+@tasks.register("text_lm")
+class LocalTextLM:
+    """Causal language modelling on local text: .txt (one text per non-empty line), or TSV/CSV/JSON(L) with a
+    text column."""
+
+    path_params = ("train_file", "eval_file")
+
+    class Params(_LMParams):
+        train_file: str
+        eval_file: str
+        format: Literal["auto", "txt", "tsv", "csv", "json"] = "auto"
+
+    def __init__(self, params: Params):
+        self.params = params
+
+    def load(self) -> TaskData:
+        p = self.params
+        train = _lm_rows(load_local_file(p.train_file, p.format, p.text_column), p, p.train_file, p.max_train)
+        eval_ = _lm_rows(load_local_file(p.eval_file, p.format, p.text_column), p, p.eval_file, p.max_eval)
+        return TaskData(train=train, eval=eval_, head="causal_lm")
+
+
+class _HubTextLM:
+    """Causal language modelling on a hub dataset's text column (needs a network, or the datasets cache)."""
+
+    class Params(_LMParams):
+        dataset: str
+        config: str | None = None
+        train_split: str = "train"
+        eval_split: str = "validation"
+
+    def __init__(self, params):
+        self.params = params
+
+    def load(self) -> TaskData:
+        p = self.params
+        where = f"dataset {p.dataset!r}"
+        ds = load_hub_dataset(p.dataset, p.config, "text_lm")
+        train = _lm_rows(ds[p.train_split], p, where, p.max_train)
+        eval_ = _lm_rows(ds[p.eval_split], p, where, p.max_eval)
+        return TaskData(train=train, eval=eval_, head="causal_lm")
+
+
+tasks.register("hub_text_lm")(_HubTextLM)
+preset("wikitext2", "WikiText-2 (raw) language modelling from the hub.", _HubTextLM, dataset="wikitext",
+       config="wikitext-2-raw-v1")
