@@ -51,8 +51,15 @@ class Distiller(Trainer):
                     self.add_callback(callback)
 
     def train(self, *args, **kwargs):
-        with objective_attached(self.model, self.teacher, self.objective):
-            return super().train(*args, **kwargs)
+        # An objective's schedule may freeze parameters stage by stage; a run that stops early (a NaN loss) must
+        # still hand back the student as trainable as it came, for the recovery training after pruning.
+        trainable = [(p, p.requires_grad) for p in self.model.parameters()]
+        try:
+            with objective_attached(self.model, self.teacher, self.objective):
+                return super().train(*args, **kwargs)
+        finally:
+            for p, flag in trainable:
+                p.requires_grad_(flag)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")

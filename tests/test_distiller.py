@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, TrainerCallback, default_data_collator
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from kdbench.errors import KdbenchError, NonFiniteLossError
@@ -191,6 +191,33 @@ def test_non_finite_loss_stops_with_a_user_error(make_distiller, bad, with_teach
     message = str(info.value)
     assert message.startswith("loss is ") and message.endswith(" at step 1; run stopped")
     assert float(message.split()[2]) != float(message.split()[2]) or math.isinf(float(message.split()[2]))
+
+
+class FreezeThenDiverge(LogitKD):
+    """A scheduled objective that freezes the student's first layer, then diverges: how a staged run can stop."""
+
+    def callbacks(self):
+        class Freeze(TrainerCallback):
+            def on_step_begin(self, args, state, control, model=None, **kwargs):
+                model.bert.embeddings.requires_grad_(False)
+
+        return [Freeze()]
+
+    def loss(self, student_out, teacher_out, labels):
+        return super().loss(student_out, teacher_out, labels) * float("nan")
+
+
+def test_a_run_that_stops_hands_back_the_student_as_trainable_as_it_came(tmp_path):
+    student, teacher = tiny_bert(0), tiny_bert(1)
+    student.classifier.requires_grad_(False)  # frozen before training: stays frozen
+    batch = inputs_for(4, [0, 1, 2, 0])
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(4)]
+
+    with pytest.raises(NonFiniteLossError):
+        train(student, rows, default_data_collator, TrainingSettings(max_steps=2, batch_size=4), seed=0,
+              device="cpu", teacher=teacher, objective=FreezeThenDiverge())
+    assert all(p.requires_grad for p in student.bert.parameters())
+    assert not any(p.requires_grad for p in student.classifier.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------------
