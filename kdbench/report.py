@@ -151,7 +151,7 @@ class Row:
 
 def collect_rows(results: list[dict]) -> dict[str, list[Row]]:
     """{task: [Row]} from the ok RunResults, ordered teacher, student alone, then each method and its variants."""
-    rank = {"teacher": 0, "student": 1, "distill": 2}
+    rank = {"teacher": 0, "student": 1, "distill": 2, "multitask": 3}
     ok = sorted((r for r in results if r.get("status") == "ok"), key=lambda r: (rank[r["spec"]["kind"]], r["run_id"]))
     rows: dict[tuple, Row] = {}
     for run in ok:
@@ -593,6 +593,18 @@ def header_lines(results: list[dict]) -> list[str]:
     return lines
 
 
+def multitask_notes(rows: list[Row]) -> list[str]:
+    """One line per multi-task row: which tasks share its student, and the parameters of the whole group."""
+    lines = []
+    for row, name in zip(rows, display_names(rows)):
+        info = next((v["multitask"] for v in row.variants if v.get("multitask")), None)
+        if info and row.kind == "distilled":
+            lines.append(f"- **{name}**: one student for the tasks {', '.join(info['tasks'])} (a shared encoder, a "
+                         f"head per task); this task's model has {fmt_count(info['task_params'])} parameters, the "
+                         f"whole group {fmt_count(info['group_params'])}.")
+    return lines
+
+
 def render(results: list[dict], suite_name: str, plots: dict[str, list[tuple[str, str]]] | None = None) -> str:
     """The README text; `plots` maps a task to the (title, file name) of its plots, written beforehand."""
     failed = [r for r in results if r.get("status") != "ok"]
@@ -605,7 +617,7 @@ def render(results: list[dict], suite_name: str, plots: dict[str, list[tuple[str
                  else f"the teacher's {metric} / this row's {metric}")
         better = "higher" if metric_sign(rows) > 0 else "lower"
         lines += [d.format(metric=metric, better=better, retention=ratio) for d in DEFINITIONS]
-        lines += how_measured(rows) + [""]
+        lines += how_measured(rows) + multitask_notes(rows) + [""]
         lines += ["### What should I ship?", ""] + recommend(rows) + [""]
         lines += [f"![{title}]({name})" for title, name in (plots or {}).get(task, [])] + [""]
         for pair in _distinct(r.pair for r in rows):

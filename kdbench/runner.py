@@ -20,7 +20,7 @@ from typing import Any
 from kdbench.errors import KdbenchError
 from kdbench.models import model_inputs
 from kdbench.results import device_info, is_done, read_result, run_path, versions, write_result
-from kdbench.suite import RunSpec, Suite, expand, spec_hash
+from kdbench.suite import RunSpec, Suite, expand, group_of, spec_hash
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +85,27 @@ class Context:
 
         return self.memo(("task", spec.task.name), lambda: load_task(spec.task.task, spec.task.params))
 
+    def tokenizer_scope(self, spec: RunSpec) -> list:
+        """The tasks whose texts train the pair's tokenizer: the task alone, or its multitask group (whose student
+        has one vocabulary, so the group's teachers share it too)."""
+        return group_of(self.suite, spec.task.name)
+
+    def tokenizer_key(self, spec: RunSpec) -> str:
+        scope = self.tokenizer_scope(spec)
+        if len(scope) == 1:
+            return spec_hash(["tokenizer", spec.task.model_dump(mode="json")])
+        return spec_hash(["tokenizer", [t.model_dump(mode="json") for t in scope]])
+
     def tokenizer(self, spec: RunSpec):
         from kdbench.models import pair_tokenizer
 
         def build():
-            data = self.task_data(spec)
-            key = spec_hash(["tokenizer", spec.task.model_dump(mode="json")])
-            return pair_tokenizer(spec.pair.teacher.model, spec.pair.student.model,
-                                  [r["text"] for r in data.train], self.cache_dir, key)
+            scope = [for_task(spec, t) for t in self.tokenizer_scope(spec)]
+            texts = [x for s in scope for x in self.head(s).texts(self.task_data(s).train)]  # a head knows its texts
+            return pair_tokenizer(spec.pair.teacher.model, spec.pair.student.model, texts, self.cache_dir,
+                                  self.tokenizer_key(spec))
 
-        return self.memo(("tokenizer", spec.task.name, spec.pair.name), build)
+        return self.memo(("tokenizer", self.tokenizer_key(spec), spec.pair.name), build)
 
     def head(self, spec: RunSpec):
         """The task's head (kdbench.heads): model class, encoding, loss alignment, metric."""
@@ -120,8 +131,11 @@ class Context:
 
     def teacher_key(self, spec: RunSpec) -> str:
         t = spec.pair.teacher
-        return spec_hash(["teacher", spec.task.model_dump(mode="json"), t.model_dump(mode="json"),
-                          spec.training.max_seq_length, self.teacher_seed])
+        parts = ["teacher", spec.task.model_dump(mode="json"), t.model_dump(mode="json"),
+                 spec.training.max_seq_length, self.teacher_seed]
+        if len(self.tokenizer_scope(spec)) > 1:
+            parts.append(self.tokenizer_key(spec))  # a group's shared tokenizer makes it another teacher
+        return spec_hash(parts)
 
     def teacher(self, spec: RunSpec):
         """The task's teacher: loaded from the on-disk cache, or fine-tuned once and saved there."""
@@ -164,6 +178,11 @@ class Context:
         return None
 
 
+def for_task(spec: RunSpec, task) -> RunSpec:
+    """`spec` as seen from another task of its multitask group (that task's data, teacher and tokenizer)."""
+    return spec if task.name == spec.task.name else spec.model_copy(update={"task": task})
+
+
 def teacher_run_id(spec: RunSpec) -> str:
     return f"{spec.task.name}__{spec.pair.name}__teacher"
 
@@ -179,11 +198,13 @@ def example_batch(spec: RunSpec, ctx: Context, batch_size: int) -> dict:
     picked = [rows[i % len(rows)] for i in range(batch_size)]
     batch = ctx.collator(spec)([{k: v for k, v in r.items() if k != "labels"} for r in picked])
     batch = {k: v for k, v in batch.items() if v is not None}  # seq2seq-style collators leave labels=None
-    if batch["input_ids"].shape[1] < seq:  # pad up to the profiling length so latency means what it says
+    if batch["input_ids"].shape[-1] < seq:  # pad up to the profiling length so latency means what it says
         tok = ctx.tokenizer(spec)
-        batch = tok.pad({k: v.tolist() for k, v in batch.items()}, padding="max_length", max_length=seq,
-                        return_tensors="pt")
-    return {k: v[:, :seq] for k, v in batch.items()}
+        lead = batch["input_ids"].shape[:-1]  # (B,), or (B, choices) for multiple choice: pad every sequence
+        batch = tok.pad({k: v.reshape(-1, v.shape[-1]).tolist() for k, v in batch.items()}, padding="max_length",
+                        max_length=seq, return_tensors="pt")
+        batch = {k: v.reshape(*lead, -1) for k, v in batch.items()}
+    return {k: v[..., :seq] for k, v in batch.items()}
 
 
 def measure_latency(model, spec: RunSpec, ctx: Context, teacher=None) -> tuple[dict, dict]:
@@ -282,7 +303,7 @@ def run_student(spec: RunSpec, ctx: Context) -> dict:
 
 
 def run_distill(spec: RunSpec, ctx: Context) -> dict:
-    from kdbench import models, trainer
+    from kdbench import models
     from kdbench.methods import make_objective
 
     teacher_metric = _require_teacher_metric(spec, ctx)
@@ -291,10 +312,23 @@ def run_distill(spec: RunSpec, ctx: Context) -> dict:
     objective = make_objective(spec.method.method, spec.method.params)
     # Built like every other student (default attention): the Distiller switches it to eager attention only while
     # an objective that needs attention maps trains it, so all students are profiled the same way.
-    head = ctx.head(spec)
-    student = models.build_model(spec.pair.student.model, head=head, num_labels=data.num_labels,
+    student = models.build_model(spec.pair.student.model, head=ctx.head(spec), num_labels=data.num_labels,
                                  vocab_size=len(ctx.tokenizer(spec)), seed=spec.seed)
-    # The student sees the labelled split plus the transfer set, which the teacher labels.
+    distill = distiller(spec, ctx, objective)
+    stats = distill(student, f"{spec.method.name}, seed {spec.seed}")
+    variants = [profile_variant("distilled", "distilled", student, spec, ctx, teacher_metric=teacher_metric,
+                                teacher=teacher, training=stats.as_dict())]
+    more, failed = compressed_variants(student, spec, ctx, teacher_metric, distill)
+    return {"variants": variants + more, "failed_variants": failed, "training": stats.as_dict()}
+
+
+def distiller(spec: RunSpec, ctx: Context, objective):
+    """`distill(model, description, max_steps=None) -> TrainStats`: trains `model` from the task's teacher with
+    `objective` on the labelled split plus the transfer set (which the teacher labels)."""
+    from kdbench import trainer
+
+    teacher, _ = ctx.teacher(spec)
+    head = ctx.head(spec)
     kd_rows = ctx.encoded(spec, "train") + ctx.encoded(spec, "transfer")
     if head.caches_teacher_logits and not (objective.needs_hidden_states or objective.needs_attentions):
         # Logits of a frozen teacher in eval mode do not change between epochs, seeds or methods: compute once.
@@ -306,10 +340,13 @@ def run_distill(spec: RunSpec, ctx: Context) -> dict:
                              teacher=teacher, objective=objective, progress=ctx.progress,
                              description=description, max_steps=max_steps, head=head)
 
-    stats = distill(student, f"{spec.method.name}, seed {spec.seed}")
-    variants = [profile_variant("distilled", "distilled", student, spec, ctx, teacher_metric=teacher_metric,
-                                teacher=teacher, training=stats.as_dict())]
-    failed = []
+    return distill
+
+
+def compressed_variants(student, spec: RunSpec, ctx: Context, teacher_metric: float, distill):
+    """(profiled variants, failures) of the suite's compression specs applied to a distilled `student`."""
+    teacher, _ = ctx.teacher(spec)
+    variants, failed = [], []
     for comp in spec.compression:
         try:
             model, info, recovery = compress_variant(student, comp, ctx, distill)
@@ -318,7 +355,7 @@ def run_distill(spec: RunSpec, ctx: Context) -> dict:
         except KdbenchError as e:  # one variant the model or device cannot take; the others still count
             log.error("%s: compression %s failed: %s", spec.run_id, comp.name, e)
             failed.append({"name": comp.name, "error": str(e)})
-    return {"variants": variants, "failed_variants": failed, "training": stats.as_dict()}
+    return variants, failed
 
 
 def compress_variant(student, comp, ctx: Context, distill):
@@ -344,7 +381,28 @@ def compress_variant(student, comp, ctx: Context, distill):
     return model, info, recovery
 
 
-RUNNERS = {"teacher": run_teacher, "student": run_student, "distill": run_distill}
+def run_multitask(spec: RunSpec, ctx: Context) -> dict:
+    """This task's part of the group's multi-task student (trained once per group, pair and seed, in-process)."""
+    from kdbench import multitask
+    from kdbench.methods import make_objective
+
+    teacher_metric = _require_teacher_metric(spec, ctx)
+    for task in spec.group:
+        _require_teacher_metric(for_task(spec, task), ctx)
+    students, stats = ctx.memo(("multitask", spec.method.name, spec.pair.name, spec.seed),
+                               lambda: multitask.train_group(spec, ctx))
+    student = students[spec.task.name]
+    teacher, _ = ctx.teacher(spec)
+    variant = profile_variant("distilled", "distilled", student, spec, ctx, teacher_metric=teacher_metric,
+                              teacher=teacher, training=stats.as_dict())
+    variant["multitask"] = multitask.describe_sharing(students, spec.task.name)
+    # recovery after pruning: this task's model alone, from its own teacher, with the group's method
+    distill = distiller(spec, ctx, make_objective(spec.method.method, spec.method.params))
+    more, failed = compressed_variants(student, spec, ctx, teacher_metric, distill)
+    return {"variants": [variant] + more, "failed_variants": failed, "training": stats.as_dict()}
+
+
+RUNNERS = {"teacher": run_teacher, "student": run_student, "distill": run_distill, "multitask": run_multitask}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -94,6 +94,15 @@ class CompressionSpec(Strict):
     recover_steps: int = Field(0, ge=0)  # distil the compressed student from the teacher for N steps first
 
 
+class MultitaskSpec(Strict):
+    """One student for several tasks: a shared encoder with a head per task, each task's examples distilled from
+    that task's teacher with the suite method `method` (see kdbench.multitask)."""
+
+    name: str  # the name used in tables: one row per task of the group
+    tasks: list[str] = Field(min_length=2)  # names of the suite's tasks
+    method: str  # name of one of the suite's methods
+
+
 class ProfilingSettings(Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
     seq_length: int | None = None  # default: the training max_seq_length
@@ -112,12 +121,13 @@ class Suite(Strict):
     pairs: list[PairSpec] = Field(min_length=1)
     methods: list[MethodSpec] = Field(default_factory=list)
     compression: list[CompressionSpec] = Field(default_factory=list)
+    multitask: list[MultitaskSpec] = Field(default_factory=list)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     profiling: ProfilingSettings = Field(default_factory=ProfilingSettings)
     output_dir: str = "results"  # results land in <output_dir>/<name>/
     cache_dir: str = ".kdbench_cache"  # fine-tuned teachers, tokenizers, trained students
 
-    @field_validator("tasks", "pairs", "methods", "compression")
+    @field_validator("tasks", "pairs", "methods", "compression", "multitask")
     @classmethod
     def _unique_names(cls, items):
         names = [i.name for i in items]
@@ -194,6 +204,30 @@ def check_registry_names(suite: Suite) -> None:
         for role in ("teacher", "student"):
             ref = getattr(p, role).model
             check(("pairs", i, role, "model"), check_model_ref, ref, f"pairs.{p.name}.{role}")
+    task_names, method_names = [t.name for t in suite.tasks], [m.name for m in suite.methods]
+    for i, group in enumerate(suite.multitask):
+        for j, name in enumerate(group.tasks):
+            if name not in task_names:
+                raise _at(("multitask", i, "tasks", j), f"unknown task {name!r}; the suite's tasks: "
+                          + ", ".join(task_names))
+        if len(set(group.tasks)) != len(group.tasks):
+            raise _at(("multitask", i, "tasks"), "a task is listed twice")
+        if group.name in method_names:
+            raise _at(("multitask", i, "name"), f"{group.name!r} is also a method's name; rows need distinct names")
+        if group.method not in method_names:
+            raise _at(("multitask", i, "method"), f"unknown method {group.method!r}; the suite's methods: "
+                      + (", ".join(method_names) or "none"))
+    groups = [t for g in suite.multitask for t in g.tasks]
+    shared = sorted({t for t in groups if groups.count(t) > 1})
+    if shared:
+        # The tasks of a group share one tokenizer (the student has one vocabulary), so their teachers do too.
+        raise _at(("multitask",), f"task {shared[0]!r} is in two multitask groups; a task may be in one only")
+
+
+def _at(loc: tuple, message: str) -> KdbenchError:
+    e = KdbenchError(message)
+    e.loc = loc
+    return e
 
 
 def _resolve(value: str, base: Path) -> str:
@@ -264,10 +298,11 @@ class RunSpec(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     suite: str
-    kind: Literal["teacher", "student", "distill"]
-    task: TaskSpec
+    kind: Literal["teacher", "student", "distill", "multitask"]
+    task: TaskSpec  # a multitask run trains the group's student once and reports this task's part of it
     pair: PairSpec
-    method: MethodSpec | None = None
+    method: MethodSpec | None = None  # for a multitask run: the group's name with its method's key and params
+    group: list[TaskSpec] = Field(default_factory=list)  # the task's multitask group, in order (else empty)
     seed: int
     training: TrainingSettings
     compression: list[CompressionSpec] = Field(default_factory=list)
@@ -281,7 +316,8 @@ class RunSpec(BaseModel):
 
     @property
     def spec_hash(self) -> str:
-        return spec_hash(self.model_dump(mode="json"))
+        # `group` is left out when empty, so single-task runs keep the hashes they had before multitask existed
+        return spec_hash(self.model_dump(mode="json", exclude=set() if self.group else {"group"}))
 
 
 def spec_hash(obj: Any) -> str:
@@ -290,18 +326,35 @@ def spec_hash(obj: Any) -> str:
 
 
 def expand(suite: Suite) -> list[RunSpec]:
-    """Per (task, pair): the teacher once, then per seed the student alone and each method.
+    """Per (task, pair): the teacher once, then per seed the student alone and each method. Then, per multitask
+    group, pair and seed, one run per task of the group (they share one trained student), after every teacher.
 
     Baselines are shared by all methods. Compression variants apply to every distilled student, so
     the table shows each method both uncompressed and compressed.
     """
-    runs = []
+    runs, multitask = [], []
     for task in suite.tasks:
         for pair in suite.pairs:
-            common = dict(suite=suite.name, task=task, pair=pair, training=suite.training, profiling=suite.profiling)
+            group = group_of(suite, task.name)
+            # A grouped task's runs carry their group: its tokenizer, hence its teacher, is the group's.
+            common = dict(suite=suite.name, task=task, pair=pair, training=suite.training, profiling=suite.profiling,
+                          group=group if len(group) > 1 else [])
             runs.append(RunSpec(kind="teacher", seed=suite.seeds[0], **common))
             for seed in suite.seeds:
                 runs.append(RunSpec(kind="student", seed=seed, **common))
                 for m in suite.methods:
                     runs.append(RunSpec(kind="distill", method=m, seed=seed, compression=suite.compression, **common))
-    return runs
+                for g in (g for g in suite.multitask if task.name in g.tasks):
+                    method = next(m for m in suite.methods if m.name == g.method)
+                    multitask.append(RunSpec(kind="multitask", seed=seed, compression=suite.compression,
+                                             method=MethodSpec(name=g.name, method=method.method,
+                                                               params=method.params), **common))
+    return runs + multitask
+
+
+def group_of(suite: Suite, task_name: str) -> list[TaskSpec]:
+    """The tasks that share a tokenizer with `task_name`: its multitask group, or itself alone."""
+    for g in suite.multitask:
+        if task_name in g.tasks:
+            return [t for name in g.tasks for t in suite.tasks if t.name == name]
+    return [t for t in suite.tasks if t.name == task_name]

@@ -69,8 +69,9 @@ class Distiller(Trainer):
                      output_attentions=bool(obj and obj.needs_attentions))
         student_out = model(**model_inputs(inputs, model), **flags)
         head = self.head
+        student_logits = head.logits(student_out)  # (N, V) rows; an extractive QA model's start and end, stacked
         if self.teacher is None:
-            loss = head.hard_loss(student_out.logits, labels)
+            loss = head.hard_loss(student_logits, labels)
         else:
             if cached is not None:
                 teacher_out = SimpleNamespace(logits=cached)
@@ -78,11 +79,12 @@ class Distiller(Trainer):
                 self.teacher.eval()  # Trainer.train() puts every registered module in train mode
                 with torch.no_grad():
                     teacher_out = self.teacher(**model_inputs(inputs, self.teacher), **flags)
-            labels = head.fill_teacher_labels(labels, teacher_out.logits)
+            teacher_logits = head.logits(teacher_out)
+            labels = head.fill_teacher_labels(labels, teacher_logits)
             # The losses see the logit rows that predict labels (a causal LM's shifted positions); features and
             # attention maps stay as the models returned them.
-            s_logits, aligned = head.align(student_out.logits, labels)
-            t_logits, _ = head.align(teacher_out.logits, labels)
+            s_logits, aligned = head.align(student_logits, labels)
+            t_logits, _ = head.align(teacher_logits, labels)
             # Feature methods leave padding tokens out; logit-only objectives keep their 3-argument loss.
             mask = {"attention_mask": inputs.get("attention_mask")} if any(flags.values()) else {}
             loss = obj.loss(_with_logits(student_out, s_logits), _with_logits(teacher_out, t_logits), aligned, **mask)
@@ -93,7 +95,7 @@ class Distiller(Trainer):
 
 def _with_logits(out, logits):
     """A view of model outputs `out` with other logits (the hidden states and attentions stay)."""
-    if logits is out.logits:
+    if logits is getattr(out, "logits", None):
         return out
     return SimpleNamespace(logits=logits, hidden_states=getattr(out, "hidden_states", None),
                            attentions=getattr(out, "attentions", None))
@@ -235,13 +237,16 @@ def training_arguments(settings, *, seed: int, device: str, output_dir: str, max
 
 def train(model, dataset, collator, settings, *, seed: int, device: str, teacher=None, objective=None,
           progress=None, description: str = "training", max_steps: int | None = None,
-          head: Head | None = None) -> TrainStats:
-    """Train `model` in place on `dataset` (a list of tokenized dicts); return wall time, steps, samples."""
+          head: Head | None = None, distiller: type[Distiller] | None = None, **distiller_kwargs) -> TrainStats:
+    """Train `model` in place on `dataset` (a list of tokenized dicts); return wall time, steps, samples.
+
+    `distiller` replaces the Distiller class (kdbench.multitask's), with `distiller_kwargs` for its constructor."""
     with tempfile.TemporaryDirectory(prefix="kdbench-trainer-") as tmp:
         args = training_arguments(settings, seed=seed, device=device, output_dir=tmp, max_steps=max_steps)
         callbacks = [_StepProgress(progress, description)] if progress is not None else []
-        trainer = Distiller(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                            teacher=teacher, objective=objective, callbacks=callbacks, head=head)
+        trainer = (distiller or Distiller)(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                                           teacher=teacher, objective=objective, callbacks=callbacks, head=head,
+                                           **distiller_kwargs)
         trainer.remove_callback(PrinterCallback)  # it prints a metrics dict to stdout; tables own stdout
         start = time.perf_counter()
         trainer.train()

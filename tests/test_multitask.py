@@ -1,0 +1,152 @@
+"""Multi-task distillation: the suite section, the shared encoder, the mixed-batch loss, and an end-to-end run."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kdbench import heads
+from kdbench.errors import KdbenchError
+from kdbench.methods import DistillationConfig, LogitKD
+from kdbench.multitask import MultiTaskDistiller, MultiTaskStudent, build_students
+from kdbench.results import read_result, run_path
+from kdbench.runner import run_suite
+from kdbench.suite import InlineConfig, TrainingSettings, expand, load_suite
+from kdbench.trainer import Distiller, training_arguments
+
+BERT = {"model_type": "bert", "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32}
+FAST_PROFILING = {"batch_sizes": [1], "warmup": 0, "min_repeats": 1, "max_repeats": 1, "time_budget_s": 0.01,
+                  "memory": False}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def topics_file(tmp_path: Path) -> Path:
+    """A 3-label task in a local TSV: the topic word decides."""
+    rows = [f"the {w} story was long\t{t}" for i in range(20)
+            for w, t in (("match", "sport"), ("market", "business"), ("vote", "politics"))[i % 3: i % 3 + 1]]
+    path = tmp_path / "topics.tsv"
+    path.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def suite_data(tmp_path: Path, **overrides) -> dict:
+    topics = topics_file(tmp_path)
+    return {
+        "name": "mt",
+        "device": "cpu",
+        "seeds": [0],
+        "tasks": [{"name": "sentiment", "task": "generated_sentiment",
+                   "params": {"train_size": 48, "transfer_size": 16, "eval_size": 16}},
+                  {"name": "topics", "task": "text_classification",
+                   "params": {"train_file": str(topics), "eval_file": str(topics), "text_column": "sentence"}}],
+        "pairs": [{"name": "pair",
+                   "teacher": {"model": {**BERT, "hidden_size": 16, "intermediate_size": 32},
+                               "finetune": {"max_steps": 2, "batch_size": 16}},
+                   "student": {"model": {**BERT, "hidden_size": 8, "intermediate_size": 16}}}],
+        "methods": [{"name": "kd", "method": "logit", "params": {"temperature": 2.0}}],
+        "multitask": [{"name": "mt-kd", "tasks": ["sentiment", "topics"], "method": "kd"}],
+        "training": {"max_steps": 3, "batch_size": 16, "max_seq_length": 32},
+        "profiling": FAST_PROFILING,
+        "output_dir": str(tmp_path / "results"),
+        "cache_dir": str(tmp_path / "cache"),
+        **overrides,
+    }
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("group, message", [
+    ({"name": "g", "tasks": ["sentiment", "nope"], "method": "kd"},
+     r"multitask\[0\]\.tasks\[1\]: unknown task 'nope'; the suite's tasks: sentiment, topics"),
+    ({"name": "g", "tasks": ["sentiment", "topics"], "method": "nope"},
+     r"multitask\[0\]\.method: unknown method 'nope'; the suite's methods: kd"),
+    ({"name": "kd", "tasks": ["sentiment", "topics"], "method": "kd"},
+     r"multitask\[0\]\.name: 'kd' is also a method's name"),
+    ({"name": "g", "tasks": ["sentiment", "sentiment"], "method": "kd"},
+     r"multitask\[0\]\.tasks: a task is listed twice"),
+    ({"name": "g", "tasks": ["sentiment"], "method": "kd"}, r"multitask\[0\]\.tasks: .*at least 2"),
+])
+def test_bad_groups_are_named_with_their_line(tmp_path, group, message):
+    path = write(tmp_path, suite_data(tmp_path, multitask=[group]))
+    with pytest.raises(KdbenchError, match=rf"suite.yaml: line \d+: {message}"):
+        load_suite(path)
+
+
+def test_expand_puts_group_runs_last_and_gives_grouped_runs_their_group(tmp_path):
+    suite = load_suite(write(tmp_path, suite_data(tmp_path)))
+    runs = expand(suite)
+    assert [r.run_id for r in runs][-2:] == ["sentiment__pair__mt-kd__s0", "topics__pair__mt-kd__s0"]
+    assert all(r.kind != "multitask" for r in runs[:-2])
+    assert {r.method.method for r in runs[-2:]} == {"logit"}
+    assert all([t.name for t in r.group] == ["sentiment", "topics"] for r in runs)
+    # without the group, the same runs have no group and other hashes (another tokenizer, so other teachers)
+    alone = expand(load_suite(write(tmp_path, suite_data(tmp_path, multitask=[]))))
+    assert [r.run_id for r in alone] == [r.run_id for r in runs[:-2]]
+    assert all(not r.group for r in alone)
+    assert all(a.spec_hash != b.spec_hash for a, b in zip(alone, runs))
+
+
+def test_students_share_one_encoder_and_keep_their_heads():
+    ref = InlineConfig(**BERT, hidden_size=8, intermediate_size=16)
+    students = build_students(ref, [("a", 2), ("b", 3)], head=heads.get("classification"), vocab_size=30, seed=0)
+    assert students["a"].bert is students["b"].bert
+    assert (students["a"].classifier.out_features, students["b"].classifier.out_features) == (2, 3)
+    both = MultiTaskStudent(students)
+    encoder = sum(p.numel() for p in students["a"].bert.parameters())
+    heads_only = sum(p.numel() for m in students.values() for p in m.classifier.parameters())
+    assert sum(p.numel() for p in both.parameters()) == encoder + heads_only  # the encoder counted once
+
+
+def test_a_mixed_batch_is_each_tasks_loss_weighted_by_its_rows(tmp_path):
+    ref = InlineConfig(**BERT, hidden_size=8, intermediate_size=16)
+    cls = heads.get("classification")
+    students = build_students(ref, [("a", 2), ("b", 3)], head=cls, vocab_size=30, seed=0)
+    teachers = build_students(InlineConfig(**BERT, hidden_size=16, intermediate_size=32), [("a", 2), ("b", 3)],
+                              head=cls, vocab_size=30, seed=1)
+    for m in students.values():
+        m.eval()  # no dropout: the two computations must see the same forward
+    config = DistillationConfig(temperature=2.0, alpha=0.5)
+    parts = [(students[k], teachers[k], LogitKD(config), cls) for k in ("a", "b")]
+    args = training_arguments(TrainingSettings(), seed=0, device="cpu", output_dir=str(tmp_path))
+    mt = MultiTaskDistiller(model=MultiTaskStudent(students), args=args, parts=parts, head=cls)
+    torch.manual_seed(0)
+    ids = torch.randint(5, 30, (5, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([1, 0, 2, 1, 0]),
+             "task": torch.tensor([0, 1, 1, 0, 1])}
+    loss = mt.compute_loss(None, dict(batch))
+    expected = 0.0
+    for k, name in enumerate(("a", "b")):
+        rows = batch["task"] == k
+        single = Distiller(model=students[name], args=args, teacher=teachers[name], objective=LogitKD(config))
+        part = {key: v[rows] for key, v in batch.items() if key != "task"}
+        expected = expected + single.compute_loss(students[name], part) * rows.sum() / 5
+    torch.testing.assert_close(loss, expected)
+
+
+def test_a_multitask_suite_runs_end_to_end(tmp_path):
+    outcome = run_suite(load_suite(write(tmp_path, suite_data(tmp_path))), show_progress=False)
+    assert {r.run_id: r.status for r in outcome.runs if r.status != "ok"} == {}
+    out = outcome.results_dir
+    results = {task: read_result(run_path(out, f"{task}__pair__mt-kd__s0")) for task in ("sentiment", "topics")}
+    for task, result in results.items():
+        [variant] = result["variants"]
+        info = variant["multitask"]
+        assert info["tasks"] == ["sentiment", "topics"] and variant["kind"] == "distilled"
+        assert info["task_params"] == variant["params"] < info["group_params"] < 2 * variant["params"]
+        assert 0.0 <= variant["metric"] <= 1.0 and variant["metric_name"] == "accuracy"
+    # trained once for the group: the same training record in both tasks' results
+    assert results["sentiment"]["training"] == results["topics"]["training"]
+    readme = (out / "README.md").read_text()
+    assert "- **mt-kd**: one student for the tasks sentiment, topics" in readme
