@@ -141,12 +141,13 @@ def resolve_layer_map(method: str, layer_map: dict[int, int] | None, student, te
 
 
 def _token_mask(attention_mask, like):
-    """(B, L) bool of real tokens; all True without a mask."""
+    """(B, L) bool of real tokens; all True without a mask. A multiple-choice mask (B, C, L) is flattened to
+    (B * C, L), as the model flattens its inputs."""
     import torch
 
     if attention_mask is None:
         return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
-    return attention_mask.to(like.device).bool()
+    return attention_mask.to(like.device).bool().reshape(like.shape[:2])
 
 
 class HiddenParams(DistillationConfig):

@@ -347,9 +347,12 @@ def compressed_variants(student, spec: RunSpec, ctx: Context, teacher_metric: fl
     """(profiled variants, failures) of the suite's compression specs applied to a distilled `student`."""
     teacher, _ = ctx.teacher(spec)
     variants, failed = [], []
+    # Each compressor checks its variant with one forward pass: on a real eval batch, shaped as the task's head
+    # needs ((B, C, L) for multiple choice), not on random (B, L) tokens.
+    check = {k: v.to(ctx.device) for k, v in model_inputs(example_batch(spec, ctx, 2), student).items()}
     for comp in spec.compression:
         try:
-            model, info, recovery = compress_variant(student, comp, ctx, distill)
+            model, info, recovery = compress_variant(student, comp, ctx, distill, inputs=check)
             variants.append(profile_variant(comp.name, "compressed", model, spec, ctx, teacher_metric=teacher_metric,
                                             teacher=teacher, info=info, training=recovery))
         except KdbenchError as e:  # one variant the model or device cannot take; the others still count
@@ -358,7 +361,7 @@ def compressed_variants(student, spec: RunSpec, ctx: Context, teacher_metric: fl
     return variants, failed
 
 
-def compress_variant(student, comp, ctx: Context, distill):
+def compress_variant(student, comp, ctx: Context, distill, inputs: dict | None = None):
     """Apply a compression spec to a copy of `student`.
 
     With `recover_steps`, the student is distilled from the teacher for that many steps after the last step that
@@ -368,7 +371,7 @@ def compress_variant(student, comp, ctx: Context, distill):
 
     steps = [(s.compressor, s.params) for s in comp.steps]
     split = next((i for i, (name, _) in enumerate(steps) if not compress.compressors.get(name).trainable), len(steps))
-    model, info = compress.apply_variant(student, steps[:split], device=ctx.device) if split else (
+    model, info = compress.apply_variant(student, steps[:split], device=ctx.device, inputs=inputs) if split else (
         copy.deepcopy(student), {"steps": []})
     recovery = None
     if comp.recover_steps:
@@ -376,7 +379,8 @@ def compress_variant(student, comp, ctx: Context, distill):
             recovery = distill(model, f"recover {comp.name}", max_steps=comp.recover_steps).as_dict()
         info["recovered_before_step"] = split
     if split < len(steps):
-        model, rest = compress.apply_variant(model, steps[split:], device=ctx.device, copy_model=False)
+        model, rest = compress.apply_variant(model, steps[split:], device=ctx.device, inputs=inputs,
+                                             copy_model=False)
         info["steps"] += rest["steps"]
     return model, info, recovery
 

@@ -11,6 +11,7 @@ A task names its head (`TaskData.head`). The head decides:
 The base class and registry live here; the heads are modules of this package:
     classification       one label per example: accuracy
     language_modeling    causal LM: perplexity
+    question_answering   multiple choice (accuracy) and extractive QA (SQuAD F1)
 
 Retention against the teacher is metric / teacher's metric when higher is better, teacher's / metric when lower
 is better, so that 1.0 is "as good as the teacher" and less is worse either way.
@@ -40,6 +41,11 @@ class Head:
     def collator(self, tokenizer):  # pragma: no cover - interface
         raise NotImplementedError
 
+    def logits(self, out):
+        """The tensor of model outputs `out` that the losses and the metric read (most models' `.logits`; an
+        extractive QA model's start and end logits, stacked)."""
+        return out.logits
+
     def align(self, logits, labels):
         """(logits (..., V), labels (...)) at the positions where a logit row predicts a label."""
         return logits, labels
@@ -68,7 +74,7 @@ class Head:
                 batch = collator([dict(r) for r in rows[i : i + batch_size]])
                 labels = batch.pop("labels")
                 inputs = model_inputs({k: v.to(device) for k, v in batch.items()}, model)
-                self.update(state, model(**inputs).logits.float().cpu(), labels)
+                self.update(state, self.logits(model(**inputs)).float().cpu(), labels)
         return self.finish(state)
 
     def retention(self, metric: float, teacher_metric: float | None) -> float | None:
@@ -84,4 +90,4 @@ def get(kind: str) -> Head:
 
 
 # The heads register themselves on import.
-from kdbench.heads import classification, language_modeling  # noqa: E402, F401
+from kdbench.heads import classification, language_modeling, question_answering  # noqa: E402, F401

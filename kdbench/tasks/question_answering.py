@@ -1,0 +1,384 @@
+"""Question answering: extractive (SQuAD) and multiple choice (CommonsenseQA), generated, from local files, or the hub.
+
+Rows (the heads in kdbench.heads.question_answering read them):
+    extractive_qa     question, context, answers {text: [...], answer_start: [...]} (SQuAD's format, flattened)
+    multiple_choice   question, choices (C strings), label (the right choice's index)
+Every row also has a `text` (the question with its context or choices): the words a pair's own WordPiece tokenizer
+is trained on (kdbench.models.pair_tokenizer). Transfer-set rows have no answer (empty `answers`, or label
+TEACHER_LABEL): the teacher labels them for the student.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from kdbench.errors import KdbenchError
+from kdbench.tasks import TEACHER_LABEL, TaskData, TaskParams, load_hub_dataset, load_local_file, preset, tasks
+from kdbench.tasks.generated import _INTENSIFIERS, _NEGATIVE, _NEGATORS, _NOUNS, _POSITIVE
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generated reviews with questions about them (offline, fixed by seed)
+
+
+def generate_qa_example(rng: random.Random, min_clauses: int = 2, max_clauses: int = 4,
+                        num_choices: int = 4) -> dict:
+    """A review of a few clauses, a question about one of them, its answer and wrong choices.
+
+    'the plot was not very good , the music was great but the acting felt dull'
+        'what was great ?'        -> 'the music'              (find the clause with that adjective, answer its subject)
+        'what was not good ?'     -> 'the plot'               (the negation is part of the question)
+        'how was the plot ?'      -> 'not very good'          (the span runs from the negator or intensifier on)
+    Nouns and adjectives are distinct within a review, so every question has one answer. The answer is a few
+    tokens before (or after) the words that match the question: a two-hop lookup that a 2-layer model learns and a
+    1-layer model half-learns. `distractors`: num_choices - 1 wrong answers of the same kind, from the review first.
+    """
+    n = rng.randint(min_clauses, max_clauses)
+    nouns = rng.sample(_NOUNS, n)
+    adjectives = rng.sample(_POSITIVE + _NEGATIVE, n)
+    clauses = []  # (subject, predicate, negated, adjective)
+    for noun, adjective in zip(nouns, adjectives):
+        negated = rng.random() < 0.4
+        words = ([rng.choice(_NEGATORS)] if negated else []) + (
+            [rng.choice(_INTENSIFIERS)] if rng.random() < 0.3 else []) + [adjective]
+        clauses.append((f"the {noun}", rng.choice(("was", "is", "felt", "seemed")), " ".join(words), negated,
+                        adjective))
+    context, spans = "", []  # spans: (subject start, predicate start) per clause
+    for k, (subject, verb, predicate, _, _) in enumerate(clauses):
+        if k:
+            context += rng.choice((" , ", " and ", " but "))
+        spans.append((len(context), len(context) + len(subject) + len(verb) + 2))
+        context += f"{subject} {verb} {predicate}"
+    k = rng.randrange(n)
+    subject, _, predicate, negated, adjective = clauses[k]
+    if rng.random() < 0.5:
+        question = f"what was {'not ' if negated else ''}{adjective} ?"
+        answer, start = subject, spans[k][0]
+        pool = [c[0] for c in clauses if c[0] != subject] + [f"the {w}" for w in _NOUNS if w not in nouns]
+    else:
+        question = f"how was {subject} ?"
+        answer, start = predicate, spans[k][1]
+        pool = [c[2] for c in clauses if c[2] != predicate] + [w for w in _POSITIVE + _NEGATIVE
+                                                                if w not in adjectives]
+    assert context[start : start + len(answer)] == answer
+    own = pool[: n - 1]
+    distractors = (own + rng.sample(pool[n - 1 :], max(num_choices - 1 - len(own), 0)))[: num_choices - 1]
+    return {"context": context, "question": question, "answer": answer, "answer_start": start,
+            "distractors": distractors}
+
+
+class _GeneratedQAParams(TaskParams):
+    train_size: int = Field(2000, gt=0)  # questions with gold answers
+    transfer_size: int = Field(4000, ge=0)  # questions without, which the teacher answers for the student
+    eval_size: int = Field(500, gt=0)
+    min_clauses: int = Field(2, ge=1, le=len(_NOUNS))
+    max_clauses: int = Field(4, ge=1, le=len(_NOUNS))
+    seed: int = 1234  # fixes the data; independent of the run seeds
+
+    @model_validator(mode="after")
+    def _clauses_in_order(self):
+        if self.min_clauses > self.max_clauses:
+            raise ValueError("min_clauses must be <= max_clauses")
+        return self
+
+
+@tasks.register("generated_qa")
+class GeneratedQA:
+    """Embedded offline extractive QA: questions about generated reviews, answered by a span (the QA quickstart)."""
+
+    class Params(_GeneratedQAParams):
+        pass
+
+    def __init__(self, params):
+        self.params = params
+
+    def load(self) -> TaskData:
+        p = self.params
+        rng = random.Random(p.seed)
+
+        def split(size: int, labelled: bool = True) -> list[dict]:
+            rows = []
+            for _ in range(size):
+                ex = generate_qa_example(rng, p.min_clauses, p.max_clauses)
+                answers = {"text": [ex["answer"]], "answer_start": [ex["answer_start"]]} if labelled else {
+                    "text": [], "answer_start": []}
+                rows.append(_span_row(ex["question"], ex["context"], answers))
+            return rows
+
+        return TaskData(train=split(p.train_size), transfer=split(p.transfer_size, labelled=False),
+                        eval=split(p.eval_size), head="extractive_qa")
+
+
+@tasks.register("generated_multiple_choice")
+class GeneratedMultipleChoice:
+    """Embedded offline multiple choice: generated_qa's questions, with the answer among `num_choices` choices."""
+
+    class Params(_GeneratedQAParams):
+        num_choices: int = Field(4, ge=2, le=8)
+
+    def __init__(self, params):
+        self.params = params
+
+    def load(self) -> TaskData:
+        p = self.params
+        rng = random.Random(p.seed)
+
+        def split(size: int, labelled: bool = True) -> list[dict]:
+            rows = []
+            for _ in range(size):
+                ex = generate_qa_example(rng, p.min_clauses, p.max_clauses, p.num_choices)
+                choices = ex["distractors"] + [ex["answer"]]
+                rng.shuffle(choices)
+                label = choices.index(ex["answer"]) if labelled else TEACHER_LABEL
+                rows.append(_choice_row(f"{ex['context']} . {ex['question']}", choices, label))
+            return rows
+
+        return TaskData(train=split(p.train_size), transfer=split(p.transfer_size, labelled=False),
+                        eval=split(p.eval_size), label_names=[str(i) for i in range(p.num_choices)],
+                        head="multiple_choice")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the file and hub families share
+
+
+class _QAParams(TaskParams):
+    max_train: int | None = Field(None, gt=0)  # take the first N rows (after a seeded shuffle)
+    max_eval: int | None = Field(None, gt=0)
+    transfer_from_train: int = Field(0, ge=0)  # hold out N train rows, without their answers, as the transfer set
+    shuffle_seed: int = 0
+
+
+def _span_row(question: str, context: str, answers: dict) -> dict:
+    return {"text": f"{question} {context}", "question": question, "context": context, "answers": answers}
+
+
+def _choice_row(question: str, choices: list[str], label: int) -> dict:
+    return {"text": " ".join([question, *choices]), "question": question, "choices": choices, "label": label}
+
+
+def _check_columns(ds, columns: list[str], where: str) -> None:
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise KdbenchError(f"{where}: no column {missing[0]!r}; columns are: {', '.join(ds.column_names)}")
+
+
+def _split_rows(train: list[dict], eval_: list[dict], p: _QAParams, where: str, head: str, unlabel) -> TaskData:
+    random.Random(p.shuffle_seed).shuffle(train)
+    transfer = [unlabel(r) for r in train[: p.transfer_from_train]]
+    train = train[p.transfer_from_train :][: p.max_train]
+    eval_ = eval_[: p.max_eval]
+    if not train or not eval_:
+        raise KdbenchError(f"{where}: empty {'train' if not train else 'eval'} split")
+    num_choices = len(train[0]["choices"]) if head == "multiple_choice" else 0
+    return TaskData(train=train, eval=eval_, transfer=transfer, head=head,
+                    label_names=[str(i) for i in range(num_choices)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Extractive QA (SQuAD format)
+
+
+class _SpanParams(_QAParams):
+    question_column: str = "question"
+    context_column: str = "context"
+    answers_column: str = "answers"  # {text: [...], answer_start: [...]} per row
+
+
+def _span_rows(ds, p: _SpanParams, where: str, split: str) -> list[dict]:
+    _check_columns(ds, [p.question_column, p.context_column, p.answers_column], where)
+    rows = []
+    for i, r in enumerate(ds):
+        question, context, answers = str(r[p.question_column]), str(r[p.context_column]), r[p.answers_column]
+        if not isinstance(answers, dict) or not {"text", "answer_start"} <= set(answers):
+            raise KdbenchError(f"{where}: {split} row {i}: column {p.answers_column!r} must be "
+                               f"{{text: [...], answer_start: [...]}}, got {str(answers)[:80]}")
+        texts, starts = [str(t) for t in answers["text"]], [int(s) for s in answers["answer_start"]]
+        if not texts or len(texts) != len(starts):
+            raise KdbenchError(f"{where}: {split} row {i}: needs at least one answer, with one answer_start each")
+        for t, s in zip(texts, starts):
+            if context[s : s + len(t)] != t:
+                raise KdbenchError(f"{where}: {split} row {i}: answer {t!r} is not at answer_start {s} of its context")
+        rows.append(_span_row(question, context, {"text": texts, "answer_start": starts}))
+    return rows
+
+
+def _no_answers(row: dict) -> dict:
+    return {**row, "answers": {"text": [], "answer_start": []}}
+
+
+@tasks.register("extractive_qa")
+class LocalExtractiveQA:
+    """Extractive QA from local JSON(L) files in SQuAD's flattened format: question, context,
+    answers {text: [...], answer_start: [...]} per row (HF datasets' `squad` layout)."""
+
+    path_params = ("train_file", "eval_file")
+
+    class Params(_SpanParams):
+        train_file: str
+        eval_file: str
+        format: Literal["auto", "json"] = "auto"
+
+    def __init__(self, params):
+        self.params = params
+
+    def load(self) -> TaskData:
+        p = self.params
+        train = _span_rows(load_local_file(p.train_file, p.format), p, p.train_file, "train")
+        eval_ = _span_rows(load_local_file(p.eval_file, p.format), p, p.eval_file, "eval")
+        return _split_rows(train, eval_, p, p.train_file, "extractive_qa", _no_answers)
+
+
+class _HubExtractiveQA:
+    """Extractive QA from a hub dataset in SQuAD's format (needs a network, or the datasets cache)."""
+
+    class Params(_SpanParams):
+        dataset: str
+        config: str | None = None
+        train_split: str = "train"
+        eval_split: str = "validation"
+
+    def __init__(self, params):
+        self.params = params
+
+    def load(self) -> TaskData:
+        p = self.params
+        where = f"dataset {p.dataset!r}"
+        ds = load_hub_dataset(p.dataset, p.config, "extractive_qa")
+        train = _span_rows(ds[p.train_split], p, where, "train")
+        eval_ = _span_rows(ds[p.eval_split], p, where, "eval")
+        return _split_rows(train, eval_, p, where, "extractive_qa", _no_answers)
+
+
+tasks.register("hub_extractive_qa")(_HubExtractiveQA)
+preset("squad", "SQuAD v1.1 extractive QA from the hub.", _HubExtractiveQA, dataset="rajpurkar/squad")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multiple choice
+
+
+class _ChoiceParams(_QAParams):
+    question_column: str = "question"
+    # Either one column holding the choices (a list of strings, or {label: [...], text: [...]} as CommonsenseQA),
+    # or one column per choice (SWAG's ending0..ending3, for CSV/TSV files).
+    choices_column: str | None = "choices"
+    choice_columns: list[str] | None = Field(None, min_length=2)
+    # The right choice: its index (0-based, an int or a digit string) or its label ('B': CommonsenseQA's letters,
+    # or A, B, C, ... in order for plain lists).
+    label_column: str = "label"
+
+    @model_validator(mode="after")
+    def _one_way_to_the_choices(self):
+        if self.choice_columns:
+            self.choices_column = None
+        elif not self.choices_column:
+            raise ValueError("set choices_column or choice_columns")
+        return self
+
+
+def _choice_index(value, labels: list[str]) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if 0 <= value < len(labels) else None
+    s = str(value).strip()
+    if s in labels:
+        return labels.index(s)
+    return int(s) if s.isdigit() and int(s) < len(labels) else None
+
+
+def _choice_rows(ds, p: _ChoiceParams, where: str, split: str, drop_unlabelled: bool = False) -> list[dict]:
+    _check_columns(ds, [p.question_column, *(p.choice_columns or [p.choices_column]), p.label_column], where)
+    rows = []
+    for i, r in enumerate(ds):
+        if p.choice_columns:
+            choices, labels = [str(r[c]) for c in p.choice_columns], None
+        else:
+            raw = r[p.choices_column]
+            if isinstance(raw, dict) and "text" in raw:
+                choices, labels = [str(t) for t in raw["text"]], [str(x) for x in raw.get("label") or []] or None
+            elif isinstance(raw, list):
+                choices, labels = [str(t) for t in raw], None
+            else:
+                raise KdbenchError(f"{where}: {split} row {i}: column {p.choices_column!r} must be a list of choices "
+                                   f"or {{label: [...], text: [...]}}, got {str(raw)[:80]}")
+        labels = labels or list(string.ascii_uppercase[: len(choices)])
+        if len(choices) < 2:
+            raise KdbenchError(f"{where}: {split} row {i}: needs at least 2 choices, has {len(choices)}")
+        value = r[p.label_column]
+        if drop_unlabelled and (value is None or str(value).strip() in ("", "-1")):
+            continue  # hub test splits hide their answers
+        index = _choice_index(value, labels)
+        if index is None:
+            raise KdbenchError(f"{where}: {split} row {i}: answer {value!r} is not a choice index "
+                               f"(0..{len(choices) - 1}) or label ({', '.join(labels)})")
+        rows.append(_choice_row(str(r[p.question_column]), choices, index))
+    sizes = {len(r["choices"]) for r in rows}
+    if len(sizes) > 1:
+        first = len(rows[0]["choices"])
+        i = next(i for i, r in enumerate(rows) if len(r["choices"]) != first)
+        raise KdbenchError(f"{where}: {split} row {i} has {len(rows[i]['choices'])} choices, row 0 has {first}; "
+                           "every row needs the same number")
+    return rows
+
+
+def _unlabelled(row: dict) -> dict:
+    return {**row, "label": TEACHER_LABEL}
+
+
+def _same_choice_count(data: TaskData, where: str) -> TaskData:
+    c_train, c_eval = len(data.train[0]["choices"]), len(data.eval[0]["choices"])
+    if c_train != c_eval:
+        raise KdbenchError(f"{where}: train rows have {c_train} choices, eval rows {c_eval}")
+    return data
+
+
+@tasks.register("multiple_choice")
+class LocalMultipleChoice:
+    """Multiple choice from local JSON(L)/CSV/TSV files: a question, its choices (a list column, or one column per
+    choice), and the right choice's index or label."""
+
+    path_params = ("train_file", "eval_file")
+
+    class Params(_ChoiceParams):
+        train_file: str
+        eval_file: str
+        format: Literal["auto", "tsv", "csv", "json"] = "auto"
+
+    def __init__(self, params):
+        self.params = params
+
+    def load(self) -> TaskData:
+        p = self.params
+        train = _choice_rows(load_local_file(p.train_file, p.format), p, p.train_file, "train")
+        eval_ = _choice_rows(load_local_file(p.eval_file, p.format), p, p.eval_file, "eval")
+        data = _split_rows(train, eval_, p, p.train_file, "multiple_choice", _unlabelled)
+        return _same_choice_count(data, p.train_file)
+
+
+class _HubMultipleChoice:
+    """Multiple choice from a hub dataset (needs a network, or the datasets cache)."""
+
+    class Params(_ChoiceParams):
+        dataset: str
+        config: str | None = None
+        train_split: str = "train"
+        eval_split: str = "validation"
+
+    def __init__(self, params):
+        self.params = params
+
+    def load(self) -> TaskData:
+        p = self.params
+        where = f"dataset {p.dataset!r}"
+        ds = load_hub_dataset(p.dataset, p.config, "multiple_choice")
+        train = _choice_rows(ds[p.train_split], p, where, "train", drop_unlabelled=True)
+        eval_ = _choice_rows(ds[p.eval_split], p, where, "eval", drop_unlabelled=True)
+        return _same_choice_count(_split_rows(train, eval_, p, where, "multiple_choice", _unlabelled), where)
+
+
+tasks.register("hub_multiple_choice")(_HubMultipleChoice)
+preset("commonsense_qa", "CommonsenseQA (5 choices) from the hub.", _HubMultipleChoice, dataset="tau/commonsense_qa",
+       label_column="answerKey")

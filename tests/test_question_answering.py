@@ -1,0 +1,396 @@
+"""Question answering: multiple choice and extractive heads against transformers' own losses, the Distiller's KD
+terms, answer spans, SQuAD's normalisation, span decoding, the task loaders and one tiny suite per head."""
+
+import json
+import random
+
+import pytest
+import torch
+import yaml
+from transformers import BertConfig, BertForMultipleChoice, BertForQuestionAnswering
+
+from kdbench import heads, models
+from kdbench.errors import KdbenchError
+from kdbench.heads.question_answering import (answer_token_span, best_over_golds, best_spans, exact_match, f1_score,
+                                              normalize_answer)
+from kdbench.kernels import kd_loss
+from kdbench.methods import DistillationConfig, LogitKD
+from kdbench.results import read_result, run_path
+from kdbench.runner import run_suite
+from kdbench.suite import TrainingSettings, load_suite
+from kdbench.tasks import TEACHER_LABEL, load_task, tasks
+from kdbench.tasks.question_answering import generate_qa_example
+from kdbench.trainer import Distiller, training_arguments
+
+SPANS = load_task("generated_qa", {"train_size": 24, "transfer_size": 4, "eval_size": 8, "seed": 3})
+CHOICES = load_task("generated_multiple_choice", {"train_size": 24, "transfer_size": 4, "eval_size": 8, "seed": 3})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    texts = [r["text"] for r in SPANS.train + CHOICES.train] + ["squad is a reading comprehension benchmark"]
+    return models.train_tokenizer(texts, 300, tmp_path_factory.mktemp("tok"))
+
+
+def bert(tok, cls, seed=0, **kw):
+    config = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, **kw)
+    torch.manual_seed(seed)
+    return cls(config)
+
+
+def distiller(student, teacher, head, tmp_path, **config):
+    args = training_arguments(TrainingSettings(max_steps=1, batch_size=4), seed=0, device="cpu",
+                              output_dir=str(tmp_path))
+    return Distiller(model=student, args=args, teacher=teacher, objective=LogitKD(DistillationConfig(**config)),
+                     head=head)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multiple choice
+
+
+def test_multiple_choice_batches_are_b_by_c_by_l_and_the_loss_is_transformers(tok):
+    head = heads.get("multiple_choice")
+    rows = head.encode(CHOICES.train[:6], tok, 48)
+    batch = head.collator(tok)(rows)
+    assert batch["input_ids"].shape[:2] == (6, 4) and batch["labels"].tolist() == [r["label"] for r in
+                                                                                   CHOICES.train[:6]]
+    lengths = [len(ids) for r in rows for ids in r["input_ids"]]
+    assert batch["input_ids"].shape[2] == max(lengths) and min(lengths) < max(lengths)  # padded, right side
+    assert batch["attention_mask"].sum().item() == sum(lengths)
+    model = bert(tok, BertForMultipleChoice).eval()
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.logits.shape == (6, 4)
+    torch.testing.assert_close(head.hard_loss(head.logits(out), batch["labels"]), out.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_multiple_choice_kd_is_kd_loss_over_the_choices_and_transfer_rows_take_the_teacher_answer(tok, tmp_path):
+    head = heads.get("multiple_choice")
+    rows = head.encode(CHOICES.train[:3] + CHOICES.transfer[:2], tok, 48)
+    assert [r["labels"] for r in rows][3:] == [TEACHER_LABEL] * 2
+    teacher, student = bert(tok, BertForMultipleChoice, 1).eval(), bert(tok, BertForMultipleChoice, 2).eval()
+    trainer = distiller(student, teacher, head, tmp_path, temperature=2.0, alpha=0.6)
+    batch = head.collator(tok)(rows)
+    loss = trainer.compute_loss(student, dict(batch))
+    student.eval()
+    with torch.no_grad():
+        s, t = student(**{k: v for k, v in batch.items() if k != "labels"}).logits, teacher(
+            **{k: v for k, v in batch.items() if k != "labels"}).logits
+    labels = torch.cat([batch["labels"][:3], t[3:].argmax(-1)])
+    torch.testing.assert_close(loss.detach(), kd_loss(s, t, labels, temperature=2.0, alpha=0.6), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_multiple_choice_collator_carries_cached_teacher_logits(tok):
+    head = heads.get("multiple_choice")
+    rows = [{**r, "teacher_logits": [0.5, 1.0, -1.0, 2.0]} for r in head.encode(CHOICES.train[:2], tok, 48)]
+    batch = head.collator(tok)([{k: v for k, v in r.items() if k != "labels"} for r in rows])
+    assert "labels" not in batch and batch["teacher_logits"].shape == (2, 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Extractive QA: spans, normalisation, decoding
+
+
+def test_answer_spans_on_constructed_examples(tok):
+    head = heads.get("extractive_qa")
+    context = "the plot was not good but the music was great"
+    rows = [{"question": q, "context": context, "answers": {"text": [a], "answer_start": [context.index(a)]}}
+            for q, a in (("what was great ?", "the music"), ("how was the plot ?", "not good"),
+                         ("what was the last word ?", "great"))]
+    enc = head.encode(rows, tok, 64)
+    for r, row in zip(enc, rows):
+        s, e = r["labels"]
+        assert tok.decode(r["input_ids"][s : e + 1]) == row["answers"]["text"][0]
+        assert r["offsets"][0] is None and r["offsets"][1] is None  # CLS and the question are not context
+        assert r["context"][r["offsets"][s][0] : r["offsets"][e][1]] == row["answers"]["text"][0]
+    # a context cut by truncation: an answer still inside keeps its span, one cut away points at CLS
+    short = head.encode(rows, tok, 14)
+    assert len(short[0]["input_ids"]) == 14
+    assert short[1]["labels"] != [0, 0] and tok.decode(
+        short[1]["input_ids"][short[1]["labels"][0] : short[1]["labels"][1] + 1]) == "not good"
+    assert short[0]["labels"] == [0, 0] and short[2]["labels"] == [0, 0]
+    # a question longer than half the sequence is cut, so the context keeps its half
+    long_q = head.encode([{**rows[1], "question": "how " * 40 + "was the plot ?"}], tok, 16)[0]
+    assert sum(o is not None for o in long_q["offsets"]) == 16 - 8 - 3  # CLS, question, SEP, context, SEP
+
+
+def test_answer_token_span_edges():
+    offsets = [None, None, None, (0, 3), (4, 8), (8, 10), (11, 14), None]  # "the plot ## was"-like pieces
+    assert answer_token_span(offsets, 4, 10) == (4, 5)  # a word of two pieces
+    assert answer_token_span(offsets, 5, 7) == (4, 4)  # inside one token
+    assert answer_token_span(offsets, 11, 14) == (6, 6)
+    assert answer_token_span(offsets, 11, 20) == (0, 0)  # runs past the kept context
+    assert answer_token_span([None, None], 0, 1) == (0, 0)
+
+
+@pytest.mark.parametrize("prediction, gold, em, f1", [
+    ("The Music!", "the music", 1.0, 1.0),
+    ("an apple", "apple", 1.0, 1.0),
+    ("  Denver   Broncos ", "Denver Broncos", 1.0, 1.0),
+    ("the music was great", "the music", 0.0, 2 * (1 / 3) * 1 / (1 / 3 + 1)),  # 1 of 3 predicted tokens, recall 1
+    ("plot", "the music", 0.0, 0.0),
+    ("the", "a", 1.0, 1.0),  # both normalise to nothing
+    ("the", "music", 0.0, 0.0),
+    ("1,000 years", "1000 years", 1.0, 1.0),
+])
+def test_squad_normalisation_and_scores(prediction, gold, em, f1):
+    assert exact_match(prediction, gold) == em
+    assert f1_score(prediction, gold) == pytest.approx(f1)
+
+
+def test_scores_take_the_best_gold_answer():
+    assert normalize_answer("The  Denver-Broncos.") == "denverbroncos"
+    assert best_over_golds(f1_score, "Denver Broncos", ["Broncos", "Denver Broncos", "the Broncos"]) == 1.0
+    assert best_over_golds(exact_match, "Broncos team", ["Denver Broncos"]) == 0.0
+    assert best_over_golds(f1_score, "x", []) == 0.0
+
+
+def test_decoding_picks_the_best_valid_span():
+    start = torch.tensor([[9.0, 1.0, 5.0, 0.0, 2.0, 0.0]])
+    end = torch.tensor([[9.0, 4.0, 0.0, 0.0, 3.0, 8.0]])
+    valid = torch.tensor([[False, True, True, True, True, False]])  # CLS and the last token are not context
+    assert best_spans(start, end, valid).tolist() == [[2, 4]]  # not (0, 0) (CLS), not (2, 1) (end before start)
+    assert best_spans(start, end, valid, max_tokens=2).tolist() == [[1, 1]]  # 2..4 is three tokens: 1+4 beats 5+0
+    assert best_spans(start, end, torch.zeros_like(valid)).tolist() == [[0, 0]]
+    start, end = torch.zeros(1, 40), torch.zeros(1, 40)
+    start[0, 2], end[0, 39] = 5.0, 6.0  # 2..39 is 38 tokens: the best span of at most 30 ends at 39
+    assert best_spans(start, end, torch.ones(1, 40, dtype=torch.bool)).tolist() == [[10, 39]]
+
+
+def test_extractive_hard_loss_is_transformers_and_kd_is_over_start_and_end_rows(tok, tmp_path):
+    head = heads.get("extractive_qa")
+    rows = head.encode(SPANS.train[:3] + SPANS.transfer[:2], tok, 48)
+    batch = head.collator(tok)(rows)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    teacher, student = bert(tok, BertForQuestionAnswering, 1).eval(), bert(tok, BertForQuestionAnswering, 2).eval()
+    labelled = batch["labels"][:3]
+    with torch.no_grad():
+        out = student.eval()(**{k: v[:3] for k, v in inputs.items()}, start_positions=labelled[:, 0],
+                             end_positions=labelled[:, 1])
+    torch.testing.assert_close(head.hard_loss(head.logits(out), labelled), out.loss, rtol=1e-5, atol=1e-6)
+
+    trainer = distiller(student, teacher, head, tmp_path, temperature=2.0, alpha=0.6)
+    loss = trainer.compute_loss(student, dict(batch))
+    student.eval()
+    with torch.no_grad():
+        s, t = student(**inputs), teacher(**inputs)
+    # transfer rows: the teacher's argmax start and end
+    labels = torch.cat([batch["labels"][:3], torch.stack([t.start_logits[3:].argmax(-1),
+                                                          t.end_logits[3:].argmax(-1)], -1)])
+    expected = kd_loss(torch.cat([s.start_logits, s.end_logits]), torch.cat([t.start_logits, t.end_logits]),
+                       torch.cat([labels[:, 0], labels[:, 1]]), temperature=2.0, alpha=0.6)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    mean_of_two = (kd_loss(s.start_logits, t.start_logits, labels[:, 0], temperature=2.0, alpha=0.6)
+                   + kd_loss(s.end_logits, t.end_logits, labels[:, 1], temperature=2.0, alpha=0.6)) / 2
+    torch.testing.assert_close(loss.detach(), mean_of_two, rtol=1e-5, atol=1e-6)
+
+
+def test_extractive_evaluate_scores_decoded_spans(tok):
+    """A model that puts its start and end scores on the gold tokens scores F1 = 1; one pointing one token late
+    scores less; rows are decoded in batches of any size."""
+    head = heads.get("extractive_qa")
+    rows = head.encode(SPANS.eval, tok, 64)
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, shift):
+            super().__init__()
+            self.shift = shift
+
+        def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+            start, end = torch.zeros(input_ids.shape), torch.zeros(input_ids.shape)
+            for j, ids in enumerate(input_ids.tolist()):
+                r = next(r for r in rows if r["input_ids"] == ids[: len(r["input_ids"])]
+                         and sum(attention_mask[j]) == len(r["input_ids"]))
+                start[j, r["labels"][0] + self.shift] = end[j, r["labels"][1] + self.shift] = 10.0
+            return type("Out", (), {"start_logits": start, "end_logits": end})()
+
+    assert head.evaluate(Oracle(0), rows, head.collator(tok), "cpu", batch_size=3) == pytest.approx(1.0)
+    assert head.evaluate(Oracle(1), rows, head.collator(tok), "cpu", batch_size=5) < 0.9
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+def test_generated_qa_answers_are_in_their_contexts_and_fixed_by_seed():
+    rng = random.Random(0)
+    for _ in range(200):
+        ex = generate_qa_example(rng)
+        assert ex["context"][ex["answer_start"] :].startswith(ex["answer"]) and ex["answer"] not in ex["distractors"]
+        assert len(ex["distractors"]) == 3 and len(set(ex["distractors"])) == 3
+    again = load_task("generated_qa", {"train_size": 24, "transfer_size": 4, "eval_size": 8, "seed": 3})
+    assert again.train == SPANS.train and SPANS.head == "extractive_qa" and len(SPANS.transfer) == 4
+    assert all(r["answers"]["text"] == [] for r in SPANS.transfer) and all(r["text"] for r in SPANS.train)
+    assert CHOICES.head == "multiple_choice" and all(len(r["choices"]) == 4 for r in CHOICES.train)
+    assert {r["label"] for r in CHOICES.transfer} == {TEACHER_LABEL}
+    with pytest.raises(KdbenchError, match="min_clauses"):
+        tasks.validate_params("generated_qa", {"min_clauses": 4, "max_clauses": 2})
+
+
+def squad_rows(n, offset=0):
+    rows = []
+    for i in range(n):
+        context = f"item {i + offset} lies in room {i + offset + 7} of the north wing"
+        answer = f"room {i + offset + 7}"
+        rows.append({"id": str(i), "question": f"where is item {i + offset} ?", "context": context,
+                     "answers": {"text": [answer, answer.split()[1]], "answer_start": [context.index(answer),
+                                                                                       context.index(answer) + 5]}})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def test_extractive_qa_reads_squad_jsonl(tmp_path):
+    train, eval_ = write_jsonl(tmp_path / "train.jsonl", squad_rows(10)), write_jsonl(tmp_path / "dev.jsonl",
+                                                                                      squad_rows(4, 50))
+    data = load_task("extractive_qa", {"train_file": train, "eval_file": eval_, "transfer_from_train": 3,
+                                       "max_eval": 3})
+    assert (len(data.train), len(data.transfer), len(data.eval), data.head) == (7, 3, 3, "extractive_qa")
+    assert data.eval[0]["answers"] == {"text": ["room 57", "57"], "answer_start": [16, 21]}
+    assert all(r["answers"]["text"] == [] for r in data.transfer)
+    assert data.train[0]["text"].startswith("where is item")
+
+
+def test_extractive_qa_bad_files_name_the_culprit(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", squad_rows(3))
+    with pytest.raises(KdbenchError, match=r"task data file not found: .*nope.jsonl"):
+        load_task("extractive_qa", {"train_file": str(tmp_path / "nope.jsonl"), "eval_file": good})
+    no_context = write_jsonl(tmp_path / "a.jsonl", [{k: v for k, v in r.items() if k != "context"}
+                                                    for r in squad_rows(2)])
+    with pytest.raises(KdbenchError, match=r"a.jsonl: no column 'context'; columns are: id, question, answers"):
+        load_task("extractive_qa", {"train_file": no_context, "eval_file": good})
+    moved = squad_rows(2)
+    moved[1]["answers"]["answer_start"][0] += 1
+    with pytest.raises(KdbenchError, match=r"b.jsonl: train row 1: answer 'room 8' is not at answer_start 16"):
+        load_task("extractive_qa", {"train_file": write_jsonl(tmp_path / "b.jsonl", moved), "eval_file": good})
+    with pytest.raises(KdbenchError) as info:
+        load_task("extractive_qa", {"train_file": no_context, "eval_file": good})
+    assert "\n" not in str(info.value)
+
+
+def test_hub_extractive_qa_loads_a_local_dataset_folder(tmp_path):
+    folder = tmp_path / "squadlike"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", squad_rows(5))
+    write_jsonl(folder / "validation.jsonl", squad_rows(2, 9))
+    data = load_task("hub_extractive_qa", {"dataset": str(folder)})
+    assert (len(data.train), len(data.eval)) == (5, 2) and data.eval[0]["question"] == "where is item 9 ?"
+    assert tasks.validate_params("squad", {}).dataset == "rajpurkar/squad"
+
+
+def csqa_rows(n, offset=0):
+    return [{"id": str(i), "question": f"where would you put thing {i + offset} ?",
+             "choices": {"label": list("ABCDE"), "text": [f"place {i + offset} {c}" for c in "abcde"]},
+             "answerKey": "ABCDE"[(i + offset) % 5]} for i in range(n)]
+
+
+def test_multiple_choice_reads_lists_labels_and_choice_columns(tmp_path):
+    rows = [{"question": "2 + 2 ?", "choices": ["3", "4", "5"], "label": 1},
+            {"question": "capital of france ?", "choices": ["paris", "rome", "oslo"], "label": "A"},
+            {"question": "sky ?", "choices": ["green", "red", "blue"], "label": "2"}]
+    path = write_jsonl(tmp_path / "mc.jsonl", rows)
+    data = load_task("multiple_choice", {"train_file": path, "eval_file": path})
+    assert sorted(r["label"] for r in data.train) == [0, 1, 2] and data.head == "multiple_choice"
+    assert data.num_labels == 3
+    swag = tmp_path / "swag.csv"
+    swag.write_text("sent,ending0,ending1,label\nhe opens the door,and walks in,and flies away,0\n"
+                    "she sits down,on the chair,on the cloud,0\n")
+    data = load_task("multiple_choice", {"train_file": str(swag), "eval_file": str(swag), "question_column": "sent",
+                                         "choice_columns": ["ending0", "ending1"]})
+    assert {tuple(r["choices"]) for r in data.eval} == {("and walks in", "and flies away"),
+                                                          ("on the chair", "on the cloud")}
+
+
+def test_multiple_choice_bad_files_name_the_culprit(tmp_path):
+    path = write_jsonl(tmp_path / "mc.jsonl", [{"question": "q", "choices": ["a", "b"], "label": 0},
+                                               {"question": "q", "choices": ["a", "b", "c"], "label": 0}])
+    with pytest.raises(KdbenchError, match=r"mc.jsonl: train row 1 has 3 choices, row 0 has 2"):
+        load_task("multiple_choice", {"train_file": path, "eval_file": path})
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "choices": ["a", "b"], "label": "C"}])
+    with pytest.raises(KdbenchError, match=r"bad.jsonl: train row 0: answer 'C' is not a choice index \(0..1\) or "
+                                           r"label \(A, B\)"):
+        load_task("multiple_choice", {"train_file": path, "eval_file": path})
+    with pytest.raises(KdbenchError, match=r"bad.jsonl: no column 'answer'; columns are: question, choices, label"):
+        load_task("multiple_choice", {"train_file": path, "eval_file": path, "label_column": "answer"})
+
+
+def test_hub_multiple_choice_loads_a_commonsense_qa_like_folder(tmp_path):
+    folder = tmp_path / "csqa"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", csqa_rows(6))
+    write_jsonl(folder / "validation.jsonl", csqa_rows(3, 6))
+    write_jsonl(folder / "test.jsonl", [{**r, "answerKey": ""} for r in csqa_rows(2)])
+    p = tasks.validate_params("commonsense_qa", {"dataset": str(folder)})
+    assert p.label_column == "answerKey"
+    data = tasks.get("commonsense_qa")(p).load()
+    assert [r["label"] for r in data.eval] == [1, 2, 3] and len(data.train) == 6
+    assert data.eval[0]["choices"][1] == "place 6 b"
+    with pytest.raises(KdbenchError, match="empty eval split"):  # hidden test answers: rows dropped
+        load_task("commonsense_qa", {"dataset": str(folder), "eval_split": "test"})
+    assert tasks.validate_params("commonsense_qa", {}).dataset == "tau/commonsense_qa"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One tiny suite per head
+
+
+BERT = {"model_type": "bert", "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64}
+FAST_PROFILING = {"batch_sizes": [1, 2], "warmup": 0, "min_repeats": 1, "max_repeats": 1, "time_budget_s": 0.01,
+                  "memory": False}
+
+
+def tiny_suite(tmp_path, task: dict):
+    data = {
+        "name": "tiny-qa", "device": "cpu", "seeds": [0], "tasks": [task],
+        "pairs": [{"name": "pair",
+                   "teacher": {"model": {**BERT, "hidden_size": 16, "intermediate_size": 32},
+                               "finetune": {"max_steps": 2, "batch_size": 8}},
+                   "student": {"model": {**BERT, "hidden_size": 8, "intermediate_size": 16}}}],
+        "methods": [{"name": "kd", "method": "logit", "params": {"temperature": 2.0}},
+                    {"name": "hidden", "method": "hidden", "params": {"feature_weight": 1.0}}],
+        "compression": [{"name": "int8", "steps": [{"compressor": "int8"}]},
+                        {"name": "pruned", "steps": [{"compressor": "prune_structured", "params": {"amount": 0.5}}],
+                         "recover_steps": 1}],
+        "training": {"max_steps": 2, "batch_size": 8, "max_seq_length": 48},
+        "profiling": FAST_PROFILING,
+        "output_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"),
+    }
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_suite(path)
+
+
+@pytest.mark.parametrize("task, metric", [
+    ({"name": "qa", "task": "generated_qa", "params": {"train_size": 32, "transfer_size": 16, "eval_size": 12}},
+     "f1"),
+    ({"name": "mc", "task": "generated_multiple_choice",
+      "params": {"train_size": 32, "transfer_size": 16, "eval_size": 12}}, "accuracy"),
+])
+def test_a_qa_suite_runs_end_to_end(tmp_path, task, metric):
+    outcome = run_suite(tiny_suite(tmp_path, task), show_progress=False)
+    assert {r.run_id.split("__", 2)[2]: r.status for r in outcome.runs} == {
+        "teacher": "ok", "student__s0": "ok", "kd__s0": "ok", "hidden__s0": "ok"}, [r.error for r in outcome.runs]
+    assert outcome.exit_code == 0, [r.failed_variants for r in outcome.runs]
+    out = outcome.results_dir
+    teacher = read_result(run_path(out, f"{task['name']}__pair__teacher"))["variants"][0]
+    kd = read_result(run_path(out, f"{task['name']}__pair__kd__s0"))["variants"]
+    assert [v["name"] for v in kd] == ["distilled", "int8", "pruned"]
+    for v in [teacher, *kd]:
+        assert v["metric_name"] == metric and v["higher_is_better"] is True and 0.0 <= v["metric"] <= 1.0
+        assert v["latency"]  # profiled on real (B, L) or (B, C, L) batches
+    readme = (out / "README.md").read_text()
+    assert f"| {metric}" in readme or f"{metric} |" in readme
