@@ -17,14 +17,20 @@ variant that cannot run on the device fails here with one line, not later inside
 
 Saving: `save_variant` writes `save_pretrained` safetensors where it can. torchao's quantized tensor subclasses
 are not safetensors-serialisable, so quantized variants are pickled whole with `torch.save` (load them only in the
-same environment: the pickle names transformers and torchao classes). Head-pruned models load with
-`load_variant`, not with a plain `from_pretrained`: see `prune_structured`.
+same environment: the pickle names transformers and torchao classes). Head-pruned models save with `save_variant`
+and load with `load_variant`, not with plain `save_pretrained` / `from_pretrained`: see `prune_structured`.
+
+Model families: BERT, RoBERTa, DistilBERT (sequence models), GPT-2 and Llama (causal LMs). Which modules hold the
+heads and FFN neurons of each lives in one layout table (`_LAYOUTS`); structured pruning needs an entry there and
+names the model type when it has none. GPT-2's projections are transformers' Conv1D (weight (in, out)), which
+unstructured pruning handles as it is and int8 first turns into nn.Linear.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -106,37 +112,53 @@ def _device(device: torch.device | str) -> torch.device:
     return device if isinstance(device, torch.device) else torch.device(device)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Model layouts: where the blocks, heads and FFN neurons of each model family live
+# ---------------------------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class _Layout:
-    """Where the heads and FFN of one transformer block live, and which config fields describe them."""
+    """One model family's transformer block: which projections hold a head's or an FFN neuron's channels, and which
+    config fields and attention-module attributes count them. Module paths are relative to one block.
+
+    A query head's channels are outputs of every `head_proj` (q, k and v; GPT-2's c_attn packs q, k and v, each
+    head-major, so `packed` = 3) and inputs of `out_proj`. Under grouped-query attention (Llama with
+    num_key_value_heads < num_attention_heads), k and v belong to kv heads instead (`kv_proj`); kv head g is shared
+    by the query heads g * group ... (g + 1) * group - 1, group = heads / kv_heads. An FFN neuron is an output of
+    every `ffn_up` (Llama's gate and up) and an input of `ffn_down`.
+    """
 
     layers: str  # path from model.base_model to the ModuleList of blocks
-    attn: str  # the module that holds the head count used by forward
-    q: str
-    k: str
-    v: str
-    o: str  # attention output projection: its input channels are the heads
-    ffn_in: str
-    ffn_out: str
-    heads_field: str  # config field and attention-module attribute with the head count
-    ffn_field: str  # config field with the FFN width
-    hidden_field: str  # config field with the residual width
-    all_head_attr: str | None  # attention-module attribute = heads * head_dim, if any
+    attn: str  # the attention module, whose attributes below its forward reads
+    head_proj: tuple[str, ...]  # outputs grouped by query head
+    out_proj: str  # inputs grouped by query head
+    ffn_up: tuple[str, ...]  # outputs are the FFN neurons
+    ffn_down: str  # inputs are the FFN neurons
+    heads_field: str  # config field: number of query heads
+    ffn_field: str  # config field: FFN width
+    hidden_field: str  # config field: residual width
+    head_dim_attr: str  # attention-module attribute: head dim (kept by pruning)
+    heads_attr: str | None = None  # attention-module attribute: head count, if forward reads it
+    width_attr: str | None = None  # attention-module attribute: heads * head_dim, if forward reads it
+    kv_proj: tuple[str, ...] = ()  # outputs grouped by kv head (grouped-query attention)
+    kv_heads_field: str | None = None  # config field: number of kv heads (None or unset: one per query head)
+    packed: int = 1  # head_proj outputs hold this many head-major blocks (GPT-2's c_attn: q, k, v)
 
 
 _BERT = _Layout(
     layers="encoder.layer",
     attn="attention.self",
-    q="attention.self.query",
-    k="attention.self.key",
-    v="attention.self.value",
-    o="attention.output.dense",
-    ffn_in="intermediate.dense",
-    ffn_out="output.dense",
+    head_proj=("attention.self.query", "attention.self.key", "attention.self.value"),
+    out_proj="attention.output.dense",
+    ffn_up=("intermediate.dense",),
+    ffn_down="output.dense",
     heads_field="num_attention_heads",
     ffn_field="intermediate_size",
     hidden_field="hidden_size",
-    all_head_attr="all_head_size",
+    head_dim_attr="attention_head_size",
+    heads_attr="num_attention_heads",
+    width_attr="all_head_size",
 )
 _LAYOUTS: dict[str, _Layout] = {
     "bert": _BERT,
@@ -144,25 +166,61 @@ _LAYOUTS: dict[str, _Layout] = {
     "distilbert": _Layout(
         layers="transformer.layer",
         attn="attention",
-        q="attention.q_lin",
-        k="attention.k_lin",
-        v="attention.v_lin",
-        o="attention.out_lin",
-        ffn_in="ffn.lin1",
-        ffn_out="ffn.lin2",
+        head_proj=("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+        out_proj="attention.out_lin",
+        ffn_up=("ffn.lin1",),
+        ffn_down="ffn.lin2",
         heads_field="n_heads",
         ffn_field="hidden_dim",
         hidden_field="dim",
-        all_head_attr=None,
+        head_dim_attr="attention_head_size",
+        heads_attr="n_heads",
+    ),
+    # Projections are transformers' Conv1D (weight (in, out)), q/k/v packed in c_attn; n_inner None means 4 * hidden.
+    "gpt2": _Layout(
+        layers="h",
+        attn="attn",
+        head_proj=("attn.c_attn",),
+        packed=3,
+        out_proj="attn.c_proj",
+        ffn_up=("mlp.c_fc",),
+        ffn_down="mlp.c_proj",
+        heads_field="n_head",
+        ffn_field="n_inner",
+        hidden_field="n_embd",
+        head_dim_attr="head_dim",
+        heads_attr="num_heads",
+        width_attr="split_size",
+    ),
+    # Forward reads head_dim and num_key_value_groups (heads / kv_heads), both kept when whole kv groups go.
+    "llama": _Layout(
+        layers="layers",
+        attn="self_attn",
+        head_proj=("self_attn.q_proj",),
+        kv_proj=("self_attn.k_proj", "self_attn.v_proj"),
+        out_proj="self_attn.o_proj",
+        ffn_up=("mlp.gate_proj", "mlp.up_proj"),
+        ffn_down="mlp.down_proj",
+        heads_field="num_attention_heads",
+        kv_heads_field="num_key_value_heads",
+        ffn_field="intermediate_size",
+        hidden_field="hidden_size",
+        head_dim_attr="head_dim",
     ),
 }
 
-# Stored in the config of a head-pruned model: its head dim, which stock configs derive as hidden / heads.
+# Stored in the config of a head-pruned model: its head dim (BERT, DistilBERT and GPT-2 derive it as hidden / heads)
+# and the head-count fields it had before any head was pruned ({field: count}), which load_variant builds it with.
 HEAD_DIM_KEY = "kdbench_attention_head_size"
+UNPRUNED_HEADS_KEY = "kdbench_heads_before_pruning"
+
+
+def _model_type(model: torch.nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
 
 
 def _layout(model: torch.nn.Module, who: str) -> _Layout:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = _model_type(model)
     if model_type not in _LAYOUTS:
         raise KdbenchError(
             f"{who}: cannot prune {type(model).__name__}: no head/FFN layout known for model_type "
@@ -171,16 +229,93 @@ def _layout(model: torch.nn.Module, who: str) -> _Layout:
     return _LAYOUTS[model_type]
 
 
-def _blocks(model: torch.nn.Module, who: str) -> torch.nn.ModuleList:
-    """The model's list of transformer blocks: from the known layout, else the first ModuleList in base_model."""
+def _blocks(model: torch.nn.Module, who: str) -> tuple[str, torch.nn.ModuleList]:
+    """(path, ModuleList) of the model's transformer blocks: from its layout, else the first ModuleList."""
     base = getattr(model, "base_model", model)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in _LAYOUTS:
-        return base.get_submodule(_LAYOUTS[model_type].layers)
-    for m in base.modules():
+    prefix = model.base_model_prefix if base is not model else ""
+    if _model_type(model) in _LAYOUTS:
+        path = _LAYOUTS[_model_type(model)].layers
+        return ".".join(filter(None, [prefix, path])), base.get_submodule(path)
+    for path, m in base.named_modules():
         if isinstance(m, torch.nn.ModuleList):
-            return m
+            return ".".join(filter(None, [prefix, path])), m
     raise KdbenchError(f"{who}: cannot find the transformer blocks of {type(model).__name__} (no ModuleList)")
+
+
+def _head_counts(cfg, layout: _Layout) -> tuple[int, int]:
+    """(query heads, kv heads) from the config."""
+    heads = int(getattr(cfg, layout.heads_field))
+    kv = getattr(cfg, layout.kv_heads_field, None) if layout.kv_heads_field else None
+    return heads, int(kv or heads)
+
+
+def _head_fields(cfg, layout: _Layout, heads: int, kv_heads: int) -> dict[str, int]:
+    """The config fields that hold these head counts: {heads_field: heads[, kv_heads_field: kv_heads]}."""
+    fields = {layout.heads_field: heads}
+    if layout.kv_heads_field and getattr(cfg, layout.kv_heads_field, None) is not None:
+        fields[layout.kv_heads_field] = kv_heads
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Projections: nn.Linear (weight (out, in)) and transformers' Conv1D (GPT-2; weight (in, out))
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _projection_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, Conv1D)
+
+
+def _is_conv1d(m: torch.nn.Module) -> bool:
+    return isinstance(m, _projection_types()[1])
+
+
+def _projections(model: torch.nn.Module, who: str) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every Linear or Conv1D inside the transformer blocks: the weights pruning works on."""
+    path, blocks = _blocks(model, who)
+    return [(f"{path}.{n}", m) for n, m in blocks.named_modules() if isinstance(m, _projection_types())]
+
+
+def _weight_out_in(m: torch.nn.Module) -> torch.Tensor:
+    """A projection's weight as (out, in), detached, float32."""
+    w = m.weight.detach().float()
+    return w.t() if _is_conv1d(m) else w
+
+
+def _keep_channels(m: torch.nn.Module, idx: torch.Tensor, side: Literal["out", "in"]) -> None:
+    """Keep only channels `idx` (sorted, 1-D) on one side of a Linear or Conv1D, in place (the bias follows the
+    outputs). New Parameters keep requires_grad."""
+    dim = (0 if side == "out" else 1) ^ int(_is_conv1d(m))
+    idx = idx.to(m.weight.device)
+    with torch.no_grad():
+        m.weight = torch.nn.Parameter(m.weight.index_select(dim, idx), requires_grad=m.weight.requires_grad)
+        if side == "out" and m.bias is not None:
+            m.bias = torch.nn.Parameter(m.bias.index_select(0, idx), requires_grad=m.bias.requires_grad)
+    n = len(idx)
+    if _is_conv1d(m):
+        m.nf, m.nx = (n, m.nx) if side == "out" else (m.nf, n)
+    else:
+        m.out_features, m.in_features = (n, m.in_features) if side == "out" else (m.out_features, n)
+
+
+def _conv1d_to_linear(model: torch.nn.Module) -> int:
+    """Replace every Conv1D by the equal nn.Linear (weight transposed), in place; returns how many."""
+    n = 0
+    for name, m in list(model.named_modules()):
+        if not _is_conv1d(m):
+            continue
+        lin = torch.nn.Linear(m.nx, m.nf, device="meta")  # no init: the weights are assigned next
+        with torch.no_grad():
+            lin.weight = torch.nn.Parameter(m.weight.t().contiguous(), requires_grad=m.weight.requires_grad)
+            lin.bias = torch.nn.Parameter(m.bias.clone(), requires_grad=m.bias.requires_grad)
+        lin.train(m.training)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, lin)
+        n += 1
+    return n
 
 
 class Compressor:
@@ -214,11 +349,15 @@ def _register(name: str):
 
 @_register("prune_unstructured")
 class PruneUnstructured(Compressor):
-    """Global magnitude pruning of the encoder's Linear weights (zeros in place; same shapes).
+    """Global magnitude pruning of the blocks' projection weights (zeros in place; same shapes).
 
-    Which weights: every nn.Linear inside the transformer blocks (attention q/k/v/out and FFN). Not the
-    embeddings: a zero in a lookup table saves no compute and removes whole-token information. Not the pooler or
-    classifier head: they are small, task-specific, and pruning them hurts quality more than it saves.
+    Which weights: every projection inside the transformer blocks: nn.Linear (BERT and DistilBERT q/k/v/out and
+    FFN; Llama q/k/v/o and gate/up/down) and transformers' Conv1D (GPT-2 c_attn, attn.c_proj, c_fc, mlp.c_proj).
+    Not the embeddings: a zero in a lookup table saves no compute and removes whole-token information. Not the
+    pooler, classifier or LM head: the first two are small and task-specific; an LM head is the vocabulary
+    (GPT-2 ties it to the token embeddings, so pruning it would prune the embeddings too). Pruning them hurts
+    quality more than it saves. Models without a known layout: the projections in the first ModuleList of the
+    base model (the info's "blocks" names it).
     How: one global L1 ranking over all those weights (torch.nn.utils.prune.global_unstructured), so layers with
     small weights lose more; then prune.remove makes the zeros permanent (no masks left in the model).
     The model keeps its shapes and its dense kernels: this saves nothing on disk or in latency by itself; it is
@@ -235,112 +374,107 @@ class PruneUnstructured(Compressor):
         from torch.nn.utils import prune
 
         _refuse_quantized(model, self.name)
-        linears = [m for m in _blocks(model, self.name).modules() if isinstance(m, torch.nn.Linear)]
-        if not linears:
-            raise KdbenchError(f"{self.name}: {type(model).__name__} has no Linear layers in its blocks")
-        params = [(m, "weight") for m in linears]
+        layers = [m for _, m in _projections(model, self.name)]
+        if not layers:
+            raise KdbenchError(f"{self.name}: {type(model).__name__} has no Linear or Conv1D layers in its blocks")
+        params = [(m, "weight") for m in layers]
         prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=self.params.amount)
         for m, name in params:
             prune.remove(m, name)
-        zeros = sum(int((m.weight == 0).sum()) for m in linears)
-        total = sum(m.weight.numel() for m in linears)
+        zeros = sum(int((m.weight == 0).sum()) for m in layers)
+        total = sum(m.weight.numel() for m in layers)
         all_zeros = sum(int((p == 0).sum()) for p in model.parameters())
         all_total = sum(p.numel() for p in model.parameters())
         _check_forward(model, inputs or example_inputs(model, device), self.name, _device(device))
         return {
-            "sparsity": zeros / total,  # over the pruned Linear weights
+            "sparsity": zeros / total,  # over the pruned weights
             "model_sparsity": all_zeros / all_total,  # over every parameter
-            "pruned_layers": len(linears),
+            "pruned_layers": len(layers),
+            "blocks": _blocks(model, self.name)[0],
         }
 
 
 @_register("prune_structured")
 class PruneStructured(Compressor):
-    """Remove whole attention heads and FFN neurons (smaller dense model), with torch-pruning.
+    """Remove whole attention heads and FFN neurons (smaller dense model).
 
     Importance: L2 magnitude. A head scores ||W_q[h]||^2 + ||W_k[h]||^2 + ||W_v[h]||^2 + ||W_o[:, h]||^2 (its rows
     in the q/k/v projections and its columns in the output projection); an FFN neuron scores
-    ||W_in[j, :]||^2 + ||W_out[:, j]||^2. Data-free and deterministic; Taylor importance would need gradients on
-    task data, which a compressor does not see.
+    ||W_in[j, :]||^2 + ||W_out[:, j]||^2 (Llama: gate, up and down). Data-free and deterministic; Taylor importance
+    would need gradients on task data, which a compressor does not see.
+    Grouped-query attention (Llama with num_key_value_heads < num_attention_heads): the unit is a kv group, one kv
+    head and the heads / kv_heads query heads that share it, scored as the sum of its members. Whole groups go, so
+    every kept query head keeps its own kv head and the group size (num_key_value_groups) is unchanged; heads
+    are then removed in multiples of the group size (the info's "heads_per_kv_group"). Plain multi-head attention
+    is the case of groups of one.
     How many: HF configs hold one head count and one FFN width for all layers, so every layer loses the same
-    number: round(amount * count), at most count - 1. The lowest-scoring ones go in each layer.
-    Surgery: torch-pruning traces the model (DependencyGraph) and removes the chosen channels from every coupled
-    layer, so shapes stay consistent. Then the config (heads, FFN width) and the attention modules' head counts are
-    updated. The residual width (hidden size) and the head dim are kept.
-    Loading back: FFN-only pruning loads with a plain `from_pretrained`. Stock BERT/DistilBERT derive the head dim
-    as hidden / heads and transformers 5 dropped `pruned_heads`, so a head-pruned model records its head dim in
-    its config (`kdbench_attention_head_size`) and loads with `kdbench.compress.load_variant`.
-    Supported: BERT, RoBERTa and DistilBERT sequence models; others raise naming the model class.
+    number: round(amount * count) of the units, at most count - 1. The lowest-scoring ones go in each layer.
+    Surgery: each model family's layout names every projection that holds a head's or a neuron's channels (GPT-2:
+    q, k and v packed in c_attn); those lose the chosen output rows or input columns, so shapes stay consistent.
+    Then the config (heads, kv heads, FFN width) and the attention modules' head counts are updated. The
+    residual width (hidden size) and the head dim are kept. No graph tracing: torch-pruning's DependencyGraph,
+    used here before, never returned on Llama's attention (rotary embeddings) and does not know Conv1D.
+    Loading back: FFN-only pruning loads with a plain `from_pretrained`. A head-pruned model does not: BERT,
+    DistilBERT and GPT-2 derive the head dim as hidden / heads (transformers 5 dropped `pruned_heads`), and Llama's
+    config refuses a head count that does not divide the hidden size. So it records its head dim and its head
+    counts from before pruning in its config (`kdbench_attention_head_size`, `kdbench_heads_before_pruning`), is
+    saved with `save_variant` and loads with `load_variant`.
+    Supported: BERT, RoBERTa, DistilBERT, GPT-2 and Llama (any head); others raise naming the model type.
     """
 
     trainable = True
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        amount: Ratio = 0.25  # fraction of heads and of FFN neurons removed
+        amount: Ratio = 0.25  # fraction of heads (kv groups) and of FFN neurons removed
         head_amount: PartRatio | None = None  # overrides `amount` for heads; 0 keeps every head
         ffn_amount: PartRatio | None = None  # overrides `amount` for FFN neurons; 0 keeps every neuron
 
     def apply(self, model, *, device, inputs=None):
-        import torch_pruning as tp
-
         who = self.name
         layout = _layout(model, who)
         _refuse_quantized(model, who)
         cfg = model.config
-        blocks = _blocks(model, who)
-        heads = int(getattr(cfg, layout.heads_field))
-        ffn = int(getattr(cfg, layout.ffn_field))
-        head_dim = int(blocks[0].get_submodule(layout.attn).attention_head_size)
+        _, blocks = _blocks(model, who)
+        heads, kv_heads = _head_counts(cfg, layout)
+        group = heads // kv_heads
+        head_dim = int(getattr(blocks[0].get_submodule(layout.attn), layout.head_dim_attr))
+        ffn = _weight_out_in(blocks[0].get_submodule(layout.ffn_down)).shape[1]
         p = self.params
         head_amount = p.amount if p.head_amount is None else p.head_amount
         ffn_amount = p.amount if p.ffn_amount is None else p.ffn_amount
-        heads_rm = min(heads - 1, round(heads * head_amount))
+        groups_rm = min(kv_heads - 1, round(kv_heads * head_amount))
         ffn_rm = min(ffn - 1, round(ffn * ffn_amount))
-        inputs = inputs or example_inputs(model, device)
         params_before = sum(t.numel() for t in model.parameters())
-        shapes_before = {n: t.shape for n, t in model.named_parameters()}
 
-        was_training = model.training
-        frozen = {n for n, t in model.named_parameters() if not t.requires_grad}
-        model.eval()
         try:
-            for t in model.parameters():  # tracing needs grad_fn on every weight, frozen ones included
-                t.requires_grad_(True)
-            # Tracing follows grad_fn, so it needs autograd on, even if the caller is in inference mode.
-            with torch.inference_mode(False), torch.enable_grad():
-                dg = tp.DependencyGraph().build_dependency(
-                    model, example_inputs=inputs, output_transform=_first_tensor
-                )
+            # New Parameters made under a caller's inference_mode would be inference tensors: untrainable.
+            with torch.inference_mode(False):
                 for block in blocks:
-                    if heads_rm:
-                        self._prune_heads(tp, dg, block, layout, heads, head_dim, heads_rm)
+                    if groups_rm:
+                        _prune_heads(block, layout, heads, kv_heads, head_dim, groups_rm)
                     if ffn_rm:
-                        self._prune_ffn(tp, dg, block, layout, ffn, ffn_rm)
-        except KdbenchError:
-            raise
-        except Exception as e:  # noqa: BLE001 - tracing or surgery failed: a limitation, reported as one line
+                        _prune_ffn(block, layout, ffn_rm)
+        except Exception as e:  # noqa: BLE001 - the layout does not match this model: one line, not a traceback
             raise KdbenchError(
-                f"{who}: torch-pruning cannot prune {type(model).__name__}: {type(e).__name__}: {_one_line(e)}"
+                f"{who}: cannot prune {type(model).__name__} with the {cfg.model_type!r} layout: "
+                f"{type(e).__name__}: {_one_line(e)}"
             ) from e
-        finally:
-            model.train(was_training)
-            for n, t in model.named_parameters():  # by name: torch-pruning replaces the Parameters it cuts
-                t.requires_grad_(n not in frozen)
 
-        # torch-pruning follows the traced graph: make sure it cut only heads and FFN neurons, never the residual
-        # width (embeddings, LayerNorms, the hidden side of every projection, the head).
-        self._check_only_inner_dims_changed(model, blocks, layout, shapes_before)
-
-        new_heads, new_ffn = heads - heads_rm, ffn - ffn_rm
-        setattr(cfg, layout.heads_field, new_heads)
-        setattr(cfg, layout.ffn_field, new_ffn)
-        if new_heads * head_dim != getattr(cfg, layout.hidden_field):
+        new_heads, new_kv, new_ffn = heads - groups_rm * group, kv_heads - groups_rm, ffn - ffn_rm
+        if groups_rm:
+            if getattr(cfg, UNPRUNED_HEADS_KEY, None) is None:  # a second pruning keeps the first original
+                setattr(cfg, UNPRUNED_HEADS_KEY, _head_fields(cfg, layout, heads, kv_heads))
             setattr(cfg, HEAD_DIM_KEY, head_dim)
-        _check_forward(model, inputs, who, _device(device))
+            for field, value in _head_fields(cfg, layout, new_heads, new_kv).items():
+                setattr(cfg, field, value)
+        setattr(cfg, layout.ffn_field, new_ffn)
+        _check_forward(model, inputs or example_inputs(model, device), who, _device(device))
         return {
-            "heads_removed_per_layer": heads_rm,
+            "heads_removed_per_layer": heads - new_heads,
             "heads_per_layer": new_heads,
+            "kv_heads_per_layer": new_kv,
+            "heads_per_kv_group": group,
             "ffn_neurons_removed_per_layer": ffn_rm,
             "ffn_width": new_ffn,
             "importance": "l2",
@@ -348,55 +482,49 @@ class PruneStructured(Compressor):
             "params_after": sum(t.numel() for t in model.parameters()),
         }
 
-    @staticmethod
-    def _check_only_inner_dims_changed(model, blocks, layout, shapes_before):
-        hidden = getattr(model.config, layout.hidden_field)
-        inner = {id(p) for b in blocks for m in (layout.q, layout.k, layout.v, layout.o, layout.ffn_in, layout.ffn_out)
-                 for p in b.get_submodule(m).parameters()}
-        bad = [n for n, t in model.named_parameters() if id(t) not in inner and t.shape != shapes_before.get(n)]
-        for b in blocks:
-            for m, side in ((layout.q, "in"), (layout.k, "in"), (layout.v, "in"), (layout.ffn_in, "in"),
-                            (layout.o, "out"), (layout.ffn_out, "out")):
-                lin = b.get_submodule(m)
-                if (lin.in_features if side == "in" else lin.out_features) != hidden:
-                    bad.append(f"{m} ({side}_features)")
-        if bad:
-            raise KdbenchError(
-                f"prune_structured: torch-pruning also changed the hidden width of {type(model).__name__} "
-                f"({', '.join(bad[:3])}); this model is not supported"
-            )
 
-    @staticmethod
-    def _prune_heads(tp, dg, block, layout, heads, head_dim, n):
-        q, k, v, o = (block.get_submodule(x) for x in (layout.q, layout.k, layout.v, layout.o))
-        width = heads * head_dim
+def _channels(units: list[int], size: int, count: int, packed: int = 1) -> torch.Tensor:
+    """Channel indices of `units` (heads) of `size` channels each, in a projection of `packed` blocks of `count`."""
+    return torch.tensor([b * count * size + u * size + j for b in range(packed) for u in units for j in range(size)])
 
-        def per_head(w: torch.Tensor) -> torch.Tensor:  # (heads*head_dim, in) -> (heads,)
-            return w.detach().float().pow(2).reshape(heads, -1).sum(1)
 
-        score = per_head(q.weight) + per_head(k.weight) + per_head(v.weight) + per_head(o.weight.t())
-        drop = sorted(score.argsort()[:n].tolist())
-        idxs = [h * head_dim + j for h in drop for j in range(head_dim)]
-        # Under SDPA tracing q, k, v and o form one group; under eager attention q-k and v-o form two.
-        # Prune each projection whose channels are still there.
-        for lin in (q, k, v):
-            if lin.out_features == width:
-                dg.get_pruning_group(lin, tp.prune_linear_out_channels, idxs=idxs).prune()
-        if o.in_features != width - len(idxs):
-            dg.get_pruning_group(o, tp.prune_linear_in_channels, idxs=idxs).prune()
-        attn = block.get_submodule(layout.attn)
-        setattr(attn, layout.heads_field, heads - n)
-        if layout.all_head_attr:
-            setattr(attn, layout.all_head_attr, (heads - n) * head_dim)
+def _prune_heads(block, layout: _Layout, heads: int, kv_heads: int, head_dim: int, n_groups: int) -> None:
+    """Remove the `n_groups` lowest-scoring kv groups (each: one kv head, heads / kv_heads query heads) of a block."""
+    group = heads // kv_heads
+    get = block.get_submodule
 
-    @staticmethod
-    def _prune_ffn(tp, dg, block, layout, width, n):
-        fin, fout = block.get_submodule(layout.ffn_in), block.get_submodule(layout.ffn_out)
-        score = fin.weight.detach().float().pow(2).sum(1) + fout.weight.detach().float().pow(2).sum(0)
-        drop = sorted(score.argsort()[:n].tolist())
-        dg.get_pruning_group(fin, tp.prune_linear_out_channels, idxs=drop).prune()
-        if fout.in_features != width - n:
-            dg.get_pruning_group(fout, tp.prune_linear_in_channels, idxs=drop).prune()
+    def per_unit(w: torch.Tensor, units: int, packed: int = 1) -> torch.Tensor:  # (out, in) -> (units,)
+        return w.pow(2).reshape(packed, units, -1).sum((0, 2))
+
+    q_score = sum(per_unit(_weight_out_in(get(n)), heads, layout.packed) for n in layout.head_proj)
+    q_score = q_score + per_unit(_weight_out_in(get(layout.out_proj)).t(), heads)
+    score = q_score.reshape(kv_heads, group).sum(1)
+    for n in layout.kv_proj:
+        score = score + per_unit(_weight_out_in(get(n)), kv_heads)
+    drop = set(score.argsort()[:n_groups].tolist())
+    keep_groups = [g for g in range(kv_heads) if g not in drop]
+    keep_heads = [g * group + i for g in keep_groups for i in range(group)]
+
+    for n in layout.head_proj:
+        _keep_channels(get(n), _channels(keep_heads, head_dim, heads, layout.packed), "out")
+    for n in layout.kv_proj:
+        _keep_channels(get(n), _channels(keep_groups, head_dim, kv_heads), "out")
+    _keep_channels(get(layout.out_proj), _channels(keep_heads, head_dim, heads), "in")
+    attn = get(layout.attn)
+    if layout.heads_attr:
+        setattr(attn, layout.heads_attr, len(keep_heads))
+    if layout.width_attr:
+        setattr(attn, layout.width_attr, len(keep_heads) * head_dim)
+
+
+def _prune_ffn(block, layout: _Layout, n: int) -> None:
+    """Remove the `n` lowest-scoring FFN neurons of a block."""
+    ups, down = [block.get_submodule(u) for u in layout.ffn_up], block.get_submodule(layout.ffn_down)
+    score = sum(_weight_out_in(u).pow(2).sum(1) for u in ups) + _weight_out_in(down).pow(2).sum(0)
+    keep = score.argsort()[n:].sort().values
+    for u in ups:
+        _keep_channels(u, keep, "out")
+    _keep_channels(down, keep, "in")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -414,7 +542,11 @@ class Int8(Compressor):
     On CPUs without VNNI the quantization range is reduced (torchao's `should_reduce_range`) to avoid overflow.
     torchao's global inductor settings are not touched (set_inductor_config=False): kdbench profiles eager mode,
     where int8 saves size and memory but is not always faster than fp32; torchao's speed-ups need torch.compile.
-    Embeddings stay in float.
+    torchao quantizes nn.Linear only, so transformers' Conv1D projections (GPT-2) are first replaced by the equal
+    nn.Linear (weight transposed; info "conv1d_to_linear" counts them); the variant keeps those Linears.
+    Embeddings stay in float, and so does a Linear that shares its weight with an embedding (GPT-2's lm_head, tied
+    to the token embeddings): quantizing it would untie it, keeping the float table and adding an int8 copy. The
+    info lists such Linears under "float_linear"; "quantized_linear" counts the Linears really quantized.
     """
 
     class Params(BaseModel):
@@ -436,17 +568,33 @@ class Int8(Compressor):
         else:
             reduce = False
             config = Int8WeightOnlyConfig(set_inductor_config=False)
-        n = sum(isinstance(m, torch.nn.Linear) and not _is_quantized(m.weight) for m in model.modules())
+        converted = _conv1d_to_linear(model)
+        tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+
+        def quantize_this(m: torch.nn.Module, _fqn: str) -> bool:
+            return (
+                type(m) is torch.nn.Linear  # not NonDynamicallyQuantizableLinear, as torchao's own filter
+                and id(m.weight) not in tied
+                and not _is_quantized(m.weight)
+            )
+
         try:
-            quantize_(model, config)
+            quantize_(model, config, filter_fn=quantize_this)
         except Exception as e:  # noqa: BLE001
             raise KdbenchError(f"int8 not supported on {dev}: {type(e).__name__}: {_one_line(e)}") from e
         _drop_instance_reprs(model)
         _check_forward(model, inputs or example_inputs(model, dev), "int8", dev)
         import torchao
 
-        return {"mode": self.params.mode, "quantized_linear": n, "reduce_range": reduce, "torchao": torchao.__version__}
-
+        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        return {
+            "mode": self.params.mode,
+            "quantized_linear": sum(_is_quantized(m.weight) for _, m in linears),
+            "float_linear": [n for n, m in linears if not _is_quantized(m.weight)],
+            "conv1d_to_linear": converted,
+            "reduce_range": reduce,
+            "torchao": torchao.__version__,
+        }
 
 def _drop_instance_reprs(model: torch.nn.Module) -> None:
     # quantize_ sets a per-instance `extra_repr` (a bound functools.partial) that pickle cannot save; the class's
@@ -490,12 +638,22 @@ class _Cast(Compressor):
             )
         if not native:
             log.warning("%s on %s runs emulated: expect it to be slower than fp32", self.name, dev)
+        # Buffers the model derives itself and does not save (Llama's rotary inv_freq) stay as they are, as
+        # from_pretrained(dtype=...) leaves them: rounded to bf16, rotary phases drift by radians at long positions.
+        derived = [(m, n, b) for m in model.modules() for n, b in m._buffers.items()
+                   if n in m._non_persistent_buffers_set and b is not None and b.is_floating_point()]
         try:
             model.to(self.dtype)
         except Exception as e:  # noqa: BLE001
             raise KdbenchError(f"{self.name} not supported on {dev}: {type(e).__name__}: {_one_line(e)}") from e
+        for m, n, b in derived:
+            setattr(m, n, b)
         _check_forward(model, inputs or example_inputs(model, dev), self.name, dev)
-        return {"dtype": str(self.dtype).removeprefix("torch."), "native": native}
+        return {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "native": native,
+            "float32_buffers": [n for n, b in model.named_buffers() if b.dtype == torch.float32],
+        }
 
 
 @_register("fp16")
@@ -557,7 +715,8 @@ def apply_variant(
 
 @contextlib.contextmanager
 def frozen_sparsity(model: torch.nn.Module):
-    """Keep exactly-zero Linear weights at zero while training (recovery after pruning).
+    """Keep exactly-zero weights of the blocks' projections (those prune_unstructured prunes) at zero while training
+    (recovery after pruning).
 
     Masks are registered with torch.nn.utils.prune, so the zeros stay zeros through optimizer steps, and are made
     permanent again on exit.
@@ -565,8 +724,8 @@ def frozen_sparsity(model: torch.nn.Module):
     from torch.nn.utils import prune
 
     masked = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and bool((module.weight == 0).any()):
+    for _, module in _projections(model, "frozen_sparsity"):
+        if bool((module.weight == 0).any()):
             prune.custom_from_mask(module, "weight", mask=module.weight != 0)
             masked.append(module)
     try:
@@ -574,7 +733,6 @@ def frozen_sparsity(model: torch.nn.Module):
     finally:
         for module in masked:
             prune.remove(module, "weight")
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Saving and loading variants
@@ -589,18 +747,39 @@ def save_variant(model: torch.nn.Module, path: str | Path) -> dict:
     (`torch.save`) when its weights are tensor subclasses that safetensors cannot hold. Returns {"format"}."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    config = getattr(model, "config", None)
     if any(_is_quantized(p) for p in model.parameters()):
         _drop_instance_reprs(model)
         torch.save(model, path / PICKLE_FILE)
-        if hasattr(getattr(model, "config", None), "save_pretrained"):
-            model.config.architectures = [type(model).__name__]
-            model.config.save_pretrained(path)  # for people and tools that read config.json
+        if hasattr(config, "save_pretrained"):
+            config.architectures = [type(model).__name__]
+            with _unpruned_heads(config):
+                config.save_pretrained(path)  # for people and tools that read config.json
         fmt = "torch.save"
     else:
-        model.save_pretrained(path)
+        with _unpruned_heads(config):
+            model.save_pretrained(path)
         fmt = "safetensors"
+    if getattr(config, UNPRUNED_HEADS_KEY, None):
+        config.to_json_file(path / "config.json", use_diff=True)  # the real, pruned head counts
     (path / VARIANT_FILE).write_text(json.dumps({"format": fmt}))
     return {"format": fmt}
+
+
+@contextlib.contextmanager
+def _unpruned_heads(config):
+    """Inside, a head-pruned config holds its head counts from before pruning. `save_pretrained` validates the
+    config, and Llama's validator demands hidden % heads == 0, which head pruning breaks on purpose; save_variant
+    then writes the real counts with `to_json_file`, which does not validate."""
+    before = getattr(config, UNPRUNED_HEADS_KEY, None) or {}
+    pruned = {field: getattr(config, field) for field in before}
+    for field, value in before.items():
+        setattr(config, field, value)
+    try:
+        yield
+    finally:
+        for field, value in pruned.items():
+            setattr(config, field, value)
 
 
 def load_variant(path: str | Path, *, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -619,40 +798,33 @@ def _load_pretrained(path: Path) -> torch.nn.Module:
     import transformers
     from safetensors.torch import load_file
 
-    config = transformers.AutoConfig.from_pretrained(path)
-    archs = getattr(config, "architectures", None) or []
+    raw = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    archs = raw.get("architectures") or []
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         raise KdbenchError(f"cannot load {path}: its config.json names no known transformers architecture ({archs})")
-    head_dim = getattr(config, HEAD_DIM_KEY, None)
-    if head_dim is None:
+    if not raw.get(UNPRUNED_HEADS_KEY):
         return cls.from_pretrained(path)
 
-    # Head-pruned: build with the original head count (hidden / head_dim), shrink the attention projections to
-    # the saved shapes, then load the weights.
-    layout = _LAYOUTS.get(config.model_type)
+    # Head-pruned. The stock config class misreads the pruned head count (BERT, GPT-2: head dim = hidden / heads)
+    # or refuses it (Llama: hidden % heads), so: build the model with its head counts from before pruning, cut the
+    # same number of heads from every block (which ones does not matter: the weights are loaded next), give the
+    # config the pruned counts, then load the weights.
+    layout = _LAYOUTS.get(raw.get("model_type"))
     if layout is None:
-        raise KdbenchError(f"cannot load {path}: head-pruned model_type {config.model_type!r} is not supported")
-    build_cfg = copy.deepcopy(config)
-    hidden = getattr(config, layout.hidden_field)
-    setattr(build_cfg, layout.heads_field, hidden // head_dim)
-    delattr(build_cfg, HEAD_DIM_KEY)
-    model = cls(build_cfg)
-    heads = getattr(config, layout.heads_field)
-    width = heads * head_dim
-    for block in _blocks(model, "load"):
-        for name in (layout.q, layout.k, layout.v):
-            _replace_linear(block, name, hidden, width)
-        _replace_linear(block, layout.o, width, hidden)
-        attn = block.get_submodule(layout.attn)
-        setattr(attn, layout.heads_field, heads)
-        if layout.all_head_attr:
-            setattr(attn, layout.all_head_attr, width)
-    # Submodules share the config object: give it back the pruned head count and the head dim.
+        raise KdbenchError(f"cannot load {path}: head-pruned model_type {raw.get('model_type')!r} is not supported")
+    model = cls(cls.config_class.from_dict({**raw, **raw[UNPRUNED_HEADS_KEY]}))
+    heads, kv_heads = _head_counts(model.config, layout)
+    pruned = {field: raw[field] for field in raw[UNPRUNED_HEADS_KEY]}
+    new_kv = pruned.get(layout.kv_heads_field, pruned[layout.heads_field] * kv_heads // heads)
+    with torch.no_grad():
+        for block in _blocks(model, "load")[1]:
+            _prune_heads(block, layout, heads, kv_heads, raw[HEAD_DIM_KEY], kv_heads - new_kv)
+    # Submodules may hold their own config object: give each the pruned head counts.
     for cfg in {id(c): c for c in [model.config] + [getattr(m, "config", None) for m in model.modules()] if c}.values():
-        if getattr(cfg, "model_type", None) == config.model_type:
-            setattr(cfg, layout.heads_field, heads)
-            setattr(cfg, HEAD_DIM_KEY, head_dim)
+        if getattr(cfg, "model_type", None) == raw["model_type"]:
+            for field, value in pruned.items():
+                setattr(cfg, field, value)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise KdbenchError(f"cannot load {path}: no .safetensors weights")
@@ -667,16 +839,9 @@ def _load_pretrained(path: Path) -> torch.nn.Module:
         model.tie_weights()
     return model
 
-
-def _replace_linear(block: torch.nn.Module, name: str, fan_in: int, fan_out: int) -> None:
-    parent, _, leaf = name.rpartition(".")
-    owner = block.get_submodule(parent) if parent else block
-    old = getattr(owner, leaf)
-    setattr(owner, leaf, torch.nn.Linear(fan_in, fan_out, bias=old.bias is not None, dtype=old.weight.dtype))
-
-
 __all__ = [
     "HEAD_DIM_KEY",
+    "UNPRUNED_HEADS_KEY",
     "Compressor",
     "apply_variant",
     "compressors",

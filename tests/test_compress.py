@@ -7,8 +7,8 @@ from transformers import (
     BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
-    GPT2Config,
-    GPT2ForSequenceClassification,
+    OPTConfig,
+    OPTForCausalLM,
 )
 
 import kdbench.compress as compress
@@ -186,25 +186,19 @@ def test_unknown_compressor_lists_available():
         apply_variant(tiny_bert(), [("int3", {})], "cpu")
 
 
-def test_unsupported_architecture_names_the_model_class():
+def test_unsupported_architecture_names_the_model_class_and_type():
     torch.manual_seed(0)
-    gpt2 = GPT2ForSequenceClassification(GPT2Config(vocab_size=500, n_embd=64, n_layer=1, n_head=4, pad_token_id=0))
-    with pytest.raises(KdbenchError, match="cannot prune GPT2ForSequenceClassification: no head/FFN layout"):
-        apply_variant(gpt2, [("prune_structured", {})], "cpu")
+    opt = OPTForCausalLM(OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                                   num_attention_heads=4, word_embed_proj_dim=32))
+    with pytest.raises(KdbenchError, match="cannot prune OPTForCausalLM: no head/FFN layout known for model_type 'opt'"):
+        apply_variant(opt, [("prune_structured", {})], "cpu")
 
 
-class UntraceableBert(BertForSequenceClassification):
-    """Runs its forward without autograd, so torch-pruning sees no graph to follow."""
-
-    def forward(self, **kwargs):
-        with torch.no_grad():
-            return super().forward(**kwargs)
-
-
-def test_untraceable_model_raises_kdbench_error():
-    torch.manual_seed(0)
-    model = UntraceableBert(tiny_bert().config)
-    with pytest.raises(KdbenchError, match="torch-pruning cannot prune UntraceableBert: "):
+def test_layout_that_does_not_match_the_model_raises_kdbench_error():
+    model = tiny_bert()
+    model.bert.encoder.layer[1].attention.self.key = torch.nn.Identity()  # no weight where the layout expects one
+    with pytest.raises(KdbenchError, match="prune_structured: cannot prune BertForSequenceClassification with the "
+                                           "'bert' layout: AttributeError"):
         apply_variant(model, [("prune_structured", {})], "cpu")
 
 
