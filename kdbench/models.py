@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 # from the task's head (kdbench.heads): AutoModelForSequenceClassification, AutoModelForCausalLM, ...
 model_types: Registry = Registry("model type")
 for _name, _cls in (("bert", "BertConfig"), ("distilbert", "DistilBertConfig"), ("roberta", "RobertaConfig"),
-                    ("gpt2", "GPT2Config"), ("llama", "LlamaConfig")):
+                    ("gpt2", "GPT2Config"), ("llama", "LlamaConfig"), ("t5", "T5Config")):
     model_types.register(_name)(_cls)
 
 
@@ -54,6 +54,8 @@ def check_model_ref(ref, where: str) -> None:
     except KdbenchError as e:
         raise KdbenchError(f"{where}: {e}") from None
     known = set(cls().to_dict()) | set(getattr(cls, "attribute_map", {}))
+    if getattr(cls(), "is_encoder_decoder", False):
+        known.add("decoder_start_token_id")  # read by seq2seq models, but no field of T5Config in transformers 5
     unknown = sorted(set(fields) - known)
     if unknown:
         raise KdbenchError(f"{where}: unknown {ref.model_type} config field {unknown[0]!r}")
@@ -63,8 +65,8 @@ def describe(ref) -> str:
     if isinstance(ref, str):
         return ref
     f = ref.model_extra or {}
-    layers = next((f[k] for k in ("num_hidden_layers", "n_layers", "n_layer") if k in f), "?")
-    width = next((f[k] for k in ("hidden_size", "dim", "n_embd") if k in f), "?")
+    layers = next((f[k] for k in ("num_hidden_layers", "n_layers", "n_layer", "num_layers") if k in f), "?")
+    width = next((f[k] for k in ("hidden_size", "dim", "n_embd", "d_model") if k in f), "?")
     return f"{ref.model_type} {layers}L/{width}H"
 
 
@@ -185,6 +187,8 @@ def build_model(ref, *, head=None, num_labels: int, vocab_size: int, seed: int, 
     fields = dict(ref.model_extra or {})
     fields.setdefault("vocab_size", vocab_size)
     config = _config_class(ref.model_type)(**labelled, **fields)
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = config.pad_token_id  # T5's convention; tiny configs lack it (transformers 5)
     torch.manual_seed(seed)  # initial weights depend on the run seed only
     return auto.from_config(config, **extra)
 

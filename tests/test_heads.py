@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
 from kdbench import heads, models
 from kdbench.errors import KdbenchError
+from kdbench.heads import IGNORE
 from kdbench.kernels import kd_loss
 from kdbench.methods import DistillationConfig, LogitKD
 from kdbench.suite import TrainingSettings
@@ -94,3 +95,164 @@ def test_distiller_shifts_causal_lm_logits_before_the_loss(tok, lm, tmp_path):
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
     unshifted = kd_loss(s, t, batch["labels"], temperature=2.0, alpha=0.6)
     assert not torch.allclose(loss.detach(), unshifted)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masked LM
+
+
+@pytest.fixture(scope="module")
+def mlm(tok):
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return BertForMaskedLM(config).eval()
+
+
+def masked_rows(tok, max_len=16):
+    return heads.get("masked_lm").encode([{"text": t} for t in TEXTS], tok, max_len)
+
+
+def test_masked_lm_packs_like_the_causal_head_and_masks_bert_style(tok):
+    head = heads.get("masked_lm")
+    rows = masked_rows(tok)
+    assert [r["input_ids"] for r in rows] == [r["input_ids"] for r in heads.get("causal_lm").encode(
+        [{"text": t} for t in TEXTS], tok, 16)]
+    collate = head.collator(tok)
+    clean = torch.tensor([r["input_ids"] for r in rows] * 200)  # 9,600 block tokens
+    torch.manual_seed(0)
+    ids, labels = collate.mask(clean.clone(), clean.clone())
+    special = torch.isin(clean, torch.tensor(tok.all_special_ids))
+    chosen = labels != IGNORE
+    assert not (chosen & special).any()  # [CLS] / [SEP] are never masked
+    assert torch.equal(labels[chosen], clean[chosen]) and torch.equal(ids[~chosen], clean[~chosen])
+    assert chosen.sum() / (~special).sum() == pytest.approx(0.15, abs=0.015)
+    as_mask = (ids == tok.mask_token_id) & chosen
+    kept = (ids == clean) & chosen
+    assert as_mask.sum() / chosen.sum() == pytest.approx(0.8, abs=0.03)
+    assert kept.sum() / chosen.sum() == pytest.approx(0.1 + 0.1 / len(tok), abs=0.03)  # 10% kept (+ random hits)
+
+
+def test_masked_lm_training_batches_get_a_fresh_mask_and_profiling_batches_none(tok):
+    collate = heads.get("masked_lm").collator(tok)
+    rows = masked_rows(tok)
+    first, second = collate(rows), collate(rows)
+    assert not torch.equal(first["labels"], second["labels"])  # a new mask per batch
+    for b in (first, second):
+        assert (b["labels"] != IGNORE).all(-1).logical_not().all() and (b["labels"] != IGNORE).any(-1).all()
+    profiling = collate([{k: v for k, v in r.items() if k != "labels"} for r in rows])
+    assert profiling.get("labels") is None
+    assert torch.equal(profiling["input_ids"], torch.tensor([r["input_ids"] for r in rows]))
+    # a row whose draw chose nothing still gets one masked token: no batch is all ignored (a NaN loss)
+    one = collate([{"input_ids": [2, 40, 3], "attention_mask": [1, 1, 1], "labels": [2, 40, 3]}] * 30)
+    assert (one["labels"][:, 1] == 40).all() and (one["labels"][:, [0, 2]] == IGNORE).all()
+
+
+def test_masked_lm_loss_and_perplexity_match_transformers(tok, mlm):
+    head = heads.get("masked_lm")
+    rows = masked_rows(tok)
+    collate = head.collator(tok)
+    torch.manual_seed(1)
+    batch = collate(rows)
+    with torch.no_grad():
+        out = mlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    torch.testing.assert_close(head.hard_loss(out.logits, batch["labels"]), out.loss, rtol=1e-5, atol=1e-6)
+    # the metric: exp of BertForMaskedLM's own mean loss over the eval split's fixed masked tokens
+    fixed = collate.pad([collate.fixed(r, head.eval_seed + i) for i, r in enumerate(rows)])
+    with torch.no_grad():
+        loss = mlm(**{k: fixed[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+    assert head.evaluate(mlm, rows, collate, "cpu", batch_size=5) == pytest.approx(math.exp(loss.item()), rel=1e-5)
+
+
+def test_masked_lm_eval_mask_is_fixed_whatever_the_rng_and_batch_size(tok, mlm):
+    head = heads.get("masked_lm")
+    rows = masked_rows(tok)
+    torch.manual_seed(0)
+    a = head.evaluate(mlm, rows, head.collator(tok), "cpu", batch_size=64)
+    torch.manual_seed(123)
+    b = head.evaluate(mlm, rows, head.collator(tok), "cpu", batch_size=3)
+    assert a == pytest.approx(b, rel=1e-6) and 1.0 < a < float("inf")
+    collate = head.collator(tok)
+    assert collate.fixed(rows[0], 7) == collate.fixed(rows[0], 7) != collate.fixed(rows[0], 8)
+    assert not heads.get("masked_lm").higher_is_better and head.metric_name == "perplexity"
+
+
+def test_distiller_distills_masked_lm_logits_at_masked_positions_only(tok, mlm, tmp_path):
+    """DistilBERT's MLM distillation: kd_loss over the masked positions of the shared batch, nothing else."""
+    head = heads.get("masked_lm")
+    rows = masked_rows(tok)[:4]
+    teacher = BertForMaskedLM(mlm.config).eval()
+    student = BertForMaskedLM(mlm.config)
+    args = training_arguments(TrainingSettings(max_steps=1, batch_size=4), seed=0, device="cpu",
+                              output_dir=str(tmp_path))
+    trainer = Distiller(model=student, args=args, teacher=teacher, head=head,
+                        objective=LogitKD(DistillationConfig(temperature=2.0, alpha=0.6)))
+    torch.manual_seed(0)
+    batch = head.collator(tok)(rows)
+    student.eval()  # no dropout, so that the loss can be recomputed
+    loss = trainer.compute_loss(student, dict(batch))
+    with torch.no_grad():
+        s, t = student(input_ids=batch["input_ids"]).logits, teacher(input_ids=batch["input_ids"]).logits
+    m = batch["labels"] != IGNORE
+    assert 0 < m.sum() < m.numel()
+    expected = kd_loss(s[m], t[m], batch["labels"][m], temperature=2.0, alpha=0.6)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    everywhere = kd_loss(s, t, batch["input_ids"], temperature=2.0, alpha=0.6)  # every position as a target
+    assert not torch.allclose(loss.detach(), everywhere)
+
+
+@pytest.mark.parametrize("objective, head", [({}, "causal_lm"), ({"objective": "causal"}, "causal_lm"),
+                                             ({"objective": "masked"}, "masked_lm")])
+def test_lm_tasks_choose_their_head_by_objective(objective, head, tmp_path):
+    from kdbench.tasks import load_task, tasks
+
+    assert load_task("generated_lm", {"train_size": 4, "eval_size": 2, **objective}).head == head
+    text = tmp_path / "t.txt"
+    text.write_text("one two\nthree\n")
+    assert load_task("text_lm", {"train_file": str(text), "eval_file": str(text), **objective}).head == head
+    assert tasks.validate_params("wikitext2", objective).objective == objective.get("objective", "causal")
+
+
+def test_lm_objective_must_be_known():
+    from kdbench.tasks import tasks
+
+    with pytest.raises(KdbenchError, match="objective"):
+        tasks.validate_params("generated_lm", {"objective": "seq2seq"})
+
+
+def test_a_masked_lm_suite_runs_end_to_end_and_reports_perplexity(tmp_path):
+    import yaml
+
+    from kdbench.results import read_result, run_path
+    from kdbench.runner import run_suite
+    from kdbench.suite import load_suite
+
+    threads = torch.get_num_threads()
+    bert = {"model_type": "bert", "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32}
+    data = {
+        "name": "tiny-mlm", "device": "cpu", "seeds": [0],
+        "tasks": [{"name": "mlm", "task": "generated_lm",
+                   "params": {"objective": "masked", "train_size": 64, "eval_size": 16}}],
+        "pairs": [{"name": "bert",
+                   "teacher": {"model": {**bert, "hidden_size": 16, "intermediate_size": 32},
+                               "finetune": {"max_steps": 2, "batch_size": 8}},
+                   "student": {"model": {**bert, "hidden_size": 8, "intermediate_size": 16}}}],
+        "methods": [{"name": "kd", "method": "logit", "params": {"temperature": 2.0}}],
+        "training": {"max_steps": 2, "batch_size": 8, "max_seq_length": 32},
+        "profiling": {"batch_sizes": [2], "warmup": 0, "min_repeats": 1, "max_repeats": 1, "time_budget_s": 0.01,
+                      "memory": False},
+        "output_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"),
+    }
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    torch.set_num_threads(1)  # tiny models on a shared 2-core box: spinning OpenMP threads cost ~10x
+    try:
+        outcome = run_suite(load_suite(tmp_path / "suite.yaml"), show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r.status for r in outcome.runs] == ["ok"] * 3, [r.error for r in outcome.runs]
+    out = outcome.results_dir
+    teacher = read_result(run_path(out, "mlm__bert__teacher"))["variants"][0]
+    kd = read_result(run_path(out, "mlm__bert__kd__s0"))["variants"][0]
+    for v in (teacher, kd):
+        assert v["metric_name"] == "perplexity" and v["higher_is_better"] is False and 1.0 < v["metric"] < 1e6
+    assert kd["retention"] == pytest.approx(teacher["metric"] / kd["metric"])

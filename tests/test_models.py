@@ -199,7 +199,7 @@ def test_inline_config_builds_a_seeded_model():
     ({**BERT, "hidden_sise": 8}, "unknown bert config field 'hidden_sise'"),
     ({**DISTILBERT, "hidden_size": 8}, None),  # attribute_map: DistilBERT's hidden_size is `dim`
     ({**DISTILBERT, "num_hidden_layer": 2}, "unknown distilbert config field 'num_hidden_layer'"),
-    ({"model_type": "gpt3"}, "unknown model type 'gpt3'; available: bert, distilbert, gpt2, llama, roberta"),
+    ({"model_type": "gpt3"}, "unknown model type 'gpt3'; available: bert, distilbert, gpt2, llama, roberta, t5"),
 ])
 def test_check_model_ref(spec, culprit):
     ref = InlineConfig(**spec)

@@ -10,8 +10,9 @@ A task names its head (`TaskData.head`). The head decides:
 
 The base class and registry live here; the heads are modules of this package:
     classification       one label per example: accuracy
-    language_modeling    causal LM: perplexity
+    language_modeling    causal and masked LM: perplexity
     question_answering   multiple choice (accuracy) and extractive QA (SQuAD F1)
+    seq2seq              source -> target (T5): target perplexity
 
 Retention against the teacher is metric / teacher's metric when higher is better, teacher's / metric when lower
 is better, so that 1.0 is "as good as the teacher" and less is worse either way.
@@ -40,6 +41,10 @@ class Head:
 
     def collator(self, tokenizer):  # pragma: no cover - interface
         raise NotImplementedError
+
+    def texts(self, rows: list[dict]) -> list[str]:
+        """The texts of `rows` that a pair's own tokenizer is trained on (kdbench.models.pair_tokenizer)."""
+        return [r["text"] for r in rows]
 
     def logits(self, out):
         """The tensor of model outputs `out` that the losses and the metric read (most models' `.logits`; an
@@ -90,4 +95,4 @@ def get(kind: str) -> Head:
 
 
 # The heads register themselves on import.
-from kdbench.heads import classification, language_modeling, question_answering  # noqa: E402, F401
+from kdbench.heads import classification, language_modeling, question_answering, seq2seq  # noqa: E402, F401

@@ -1,4 +1,4 @@
-"""Language-modelling heads: next-token prediction (causal), scored by perplexity."""
+"""Language-modelling heads: next-token prediction (causal) and masked tokens (BERT), scored by perplexity."""
 
 from __future__ import annotations
 
@@ -7,43 +7,29 @@ import math
 from kdbench.heads import IGNORE, Head, heads
 
 
-@heads.register("causal_lm")
-class CausalLM(Head):
-    """Next-token prediction: AutoModelForCausalLM, scored by perplexity (lower is better).
+def pack(rows, tokenizer, max_len: int) -> list[list[int]]:
+    """Token blocks of `max_len` from the rows' texts: each text tokenized and ended by the tokenizer's
+    end-of-sequence token (its separator if it has none), concatenated and cut (the usual "group texts" packing:
+    every block is full; a split shorter than one block gives one shorter block; a ragged tail is dropped)."""
+    if not rows:
+        return []
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    stream: list[int] = []
+    for ids in tokenizer([r["text"] for r in rows])["input_ids"]:
+        stream += ids if (eos is None or (ids and ids[-1] == eos)) else ids + [eos]
+    if len(stream) < 2:
+        return []
+    blocks = [stream[i : i + max_len] for i in range(0, len(stream), max_len)]
+    if len(blocks) > 1 and len(blocks[-1]) < max_len:
+        blocks.pop()  # a ragged tail would be the only padded block
+    return blocks
 
-    A split's texts are tokenized, each ended by the tokenizer's end-of-sequence token, concatenated and cut into
-    blocks of `max_len` tokens (the usual "group texts" packing, so no position is padding and every block is full;
-    a split shorter than one block gives one shorter block). Position i predicts token i + 1; the loss and the
-    perplexity average over every predicted token of the split.
-    """
 
-    kind = "causal_lm"
-    auto_class = "AutoModelForCausalLM"
+class Perplexity(Head):
+    """exp of the mean negative log-likelihood over every aligned position whose label is not IGNORE."""
+
     metric_name = "perplexity"
     higher_is_better = False
-
-    def encode(self, rows, tokenizer, max_len):
-        if not rows:
-            return []
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-        stream: list[int] = []
-        for ids in tokenizer([r["text"] for r in rows])["input_ids"]:
-            stream += ids if (eos is None or (ids and ids[-1] == eos)) else ids + [eos]
-        if len(stream) < 2:
-            return []
-        blocks = [stream[i : i + max_len] for i in range(0, len(stream), max_len)]
-        if len(blocks) > 1 and len(blocks[-1]) < max_len:
-            blocks.pop()  # a ragged tail would be the only padded block
-        return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)} for b in blocks]
-
-    def collator(self, tokenizer):
-        from transformers import DataCollatorForSeq2Seq
-
-        # pads labels with IGNORE, inputs with the pad token; packed blocks only need it for profiling batches
-        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
-
-    def align(self, logits, labels):
-        return logits[..., :-1, :], labels[..., 1:]
 
     def new_state(self):
         return {"nll": 0.0, "tokens": 0}
@@ -58,3 +44,114 @@ class CausalLM(Head):
 
     def finish(self, state) -> float:
         return math.exp(state["nll"] / state["tokens"]) if state["tokens"] else math.nan
+
+
+@heads.register("causal_lm")
+class CausalLM(Perplexity):
+    """Next-token prediction: AutoModelForCausalLM, scored by perplexity (lower is better).
+
+    A split's texts are tokenized, each ended by the tokenizer's end-of-sequence token, concatenated and cut into
+    blocks of `max_len` tokens (the usual "group texts" packing, so no position is padding and every block is full;
+    a split shorter than one block gives one shorter block). Position i predicts token i + 1; the loss and the
+    perplexity average over every predicted token of the split.
+    """
+
+    kind = "causal_lm"
+    auto_class = "AutoModelForCausalLM"
+
+    def encode(self, rows, tokenizer, max_len):
+        return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)}
+                for b in pack(rows, tokenizer, max_len)]
+
+    def collator(self, tokenizer):
+        from transformers import DataCollatorForSeq2Seq
+
+        # pads labels with IGNORE, inputs with the pad token; packed blocks only need it for profiling batches
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
+
+    def align(self, logits, labels):
+        return logits[..., :-1, :], labels[..., 1:]
+
+
+@heads.register("masked_lm")
+class MaskedLM(Perplexity):
+    """Masked-token prediction (BERT): AutoModelForMaskedLM, scored by masked-token pseudo-perplexity (lower is
+    better).
+
+    Texts are packed into blocks as for the causal head (`pack`). Encoded rows carry the clean block as `labels`;
+    the collator masks: BERT's 15% of the non-special tokens, of which 80% become the mask token, 10% a random
+    token and 10% stay, with labels IGNORE except at the chosen positions. A training batch gets a fresh random
+    mask (from torch's generator, which the Trainer seeds), shared by teacher and student inside one step, so the
+    distillation loss, like the hard loss, counts the masked positions only (as DistilBERT did). A batch without
+    labels (a profiling batch) is only padded.
+
+    The metric masks the eval split with a fixed mask instead: row i is masked by a generator seeded with
+    `eval_seed + i`, so every model of every run is scored on the same masked tokens whatever the batch size.
+    Perplexity is exp of the mean negative log-likelihood over those tokens (what exp(eval loss) of a masked LM
+    reports; not the one-mask-per-token pseudo-perplexity of Salazar et al., which costs L forward passes).
+    """
+
+    kind = "masked_lm"
+    auto_class = "AutoModelForMaskedLM"
+    probability = 0.15
+    eval_seed = 0
+
+    def encode(self, rows, tokenizer, max_len):
+        return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)}
+                for b in pack(rows, tokenizer, max_len)]
+
+    def collator(self, tokenizer):
+        return MaskingCollator(tokenizer, self.probability)
+
+    def evaluate(self, model, rows, collator, device, batch_size=64):
+        masked = [collator.fixed(r, self.eval_seed + i) for i, r in enumerate(rows)]
+        return super().evaluate(model, masked, collator.pad, device, batch_size)
+
+
+class MaskingCollator:
+    """Pads a batch (labels with IGNORE) and, when it has labels, masks it at random (see MaskedLM)."""
+
+    def __init__(self, tokenizer, probability: float = 0.15):
+        from transformers import DataCollatorForSeq2Seq
+
+        if tokenizer.mask_token_id is None:
+            from kdbench.errors import KdbenchError
+
+            raise KdbenchError(f"tokenizer {tokenizer.name_or_path!r} has no mask token; a masked LM needs one")
+        self.tokenizer, self.probability = tokenizer, probability
+        self.pad = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
+        self.special = sorted(set(tokenizer.all_special_ids))
+
+    def __call__(self, rows):
+        batch = self.pad(rows)
+        if batch.get("labels") is not None:
+            batch["input_ids"], batch["labels"] = self.mask(batch["input_ids"], batch["labels"])
+        return batch
+
+    def mask(self, input_ids, clean, generator=None):
+        """(masked input_ids, labels) for (B, L) inputs and their clean labels (IGNORE at padding)."""
+        import torch
+
+        maskable = ~(torch.isin(clean, torch.tensor(self.special)) | (clean == IGNORE))
+        chosen = torch.bernoulli(torch.full(clean.shape, self.probability), generator=generator).bool() & maskable
+        # A row left without a masked token gets one, so that no batch is all ignored (a NaN mean loss).
+        empty = ~chosen.any(-1) & maskable.any(-1)
+        if empty.any():
+            pick = torch.multinomial(maskable[empty].float(), 1, generator=generator)
+            chosen[empty.nonzero()[:, 0], pick[:, 0]] = True
+        labels = torch.where(chosen, clean, IGNORE)
+        ids = input_ids.clone()
+        to_mask = torch.bernoulli(torch.full(clean.shape, 0.8), generator=generator).bool() & chosen
+        ids[to_mask] = self.tokenizer.mask_token_id
+        to_random = torch.bernoulli(torch.full(clean.shape, 0.5), generator=generator).bool() & chosen & ~to_mask
+        random_ids = torch.randint(len(self.tokenizer), clean.shape, generator=generator, dtype=ids.dtype)
+        ids[to_random] = random_ids[to_random]
+        return ids, labels
+
+    def fixed(self, row: dict, seed: int) -> dict:
+        """`row` masked by a generator seeded with `seed`: the same positions and replacements every call."""
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        ids, labels = self.mask(torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]]), generator)
+        return {**row, "input_ids": ids[0].tolist(), "labels": labels[0].tolist()}

@@ -10,6 +10,7 @@ modules of this package, one per kind of task:
     generated            the embedded offline tasks (the quickstart's)
     classification       text classification from local files or the hub (SST-2, IMDB, AG News, MNLI, SNLI)
     language_modeling    texts for language models (local files, WikiText-2)
+    seq2seq              source -> target texts (generated, local files, XSum, CNN/DailyMail)
     question_answering   extractive (SQuAD) and multiple-choice (CommonsenseQA) QA: generated, local files, hub
 """
 
@@ -111,4 +112,4 @@ def load_task(name: str, params: dict) -> TaskData:
 
 
 # The families register their tasks on import.
-from kdbench.tasks import classification, generated, language_modeling, question_answering  # noqa: E402, F401
+from kdbench.tasks import classification, generated, language_modeling, question_answering, seq2seq  # noqa: E402, F401

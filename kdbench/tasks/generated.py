@@ -99,9 +99,11 @@ class GeneratedLM:
     'the plot was not bad but the music was dull => negative'. Most tokens follow a small grammar that any
     model learns; the verdict depends on negation and contrast, which a larger model gets right more often, so
     the teacher's predictive distribution there is worth distilling. Scored by perplexity on held-out reviews.
+    `objective: masked` trains masked LMs (BERT's masked tokens) on the same texts instead of causal ones.
     """
 
     class Params(TaskParams):
+        objective: Literal["causal", "masked"] = "causal"  # the head: causal_lm or masked_lm
         train_size: int = Field(4000, gt=0)
         eval_size: int = Field(500, gt=0)
         forms: list[Literal[FORMS]] = Field(default_factory=lambda: ["single", "but"], min_length=1)
@@ -121,5 +123,7 @@ class GeneratedLM:
                 rows.append({"text": f"{text} => {('negative', 'positive')[label]}"})
             return rows
 
-        return TaskData(train=split(p.train_size), eval=split(p.eval_size), head="causal_lm")
+        from kdbench.tasks.language_modeling import OBJECTIVES
+
+        return TaskData(train=split(p.train_size), eval=split(p.eval_size), head=OBJECTIVES[p.objective])
 

@@ -1,4 +1,8 @@
-"""Texts for language models, from local files or the hub (WikiText-2); the head packs them into blocks."""
+"""Texts for language models, from local files or the hub (WikiText-2); the head packs them into blocks.
+
+Each task's `objective` picks the head: `causal` (next-token prediction, the default) or `masked` (BERT's masked
+tokens); both are scored by perplexity.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,11 @@ from pydantic import Field
 from kdbench.errors import KdbenchError
 from kdbench.tasks import TaskData, TaskParams, load_hub_dataset, load_local_file, preset, tasks
 
+OBJECTIVES = {"causal": "causal_lm", "masked": "masked_lm"}  # a task's `objective` -> its head (kdbench.heads)
+
+
 class _LMParams(TaskParams):
+    objective: Literal["causal", "masked"] = "causal"  # next-token (causal_lm) or masked-token (masked_lm) heads
     text_column: str = "text"
     max_train: int | None = Field(None, gt=0)  # first N texts (documents or lines), before packing into blocks
     max_eval: int | None = Field(None, gt=0)
@@ -26,8 +34,8 @@ def _lm_rows(ds, p: _LMParams, where: str, limit: int | None) -> list[dict]:
 
 @tasks.register("text_lm")
 class LocalTextLM:
-    """Causal language modelling on local text: .txt (one text per non-empty line), or TSV/CSV/JSON(L) with a
-    text column."""
+    """Language modelling (causal or masked) on local text: .txt (one text per non-empty line), or TSV/CSV/JSON(L)
+    with a text column."""
 
     path_params = ("train_file", "eval_file")
 
@@ -43,11 +51,12 @@ class LocalTextLM:
         p = self.params
         train = _lm_rows(load_local_file(p.train_file, p.format, p.text_column), p, p.train_file, p.max_train)
         eval_ = _lm_rows(load_local_file(p.eval_file, p.format, p.text_column), p, p.eval_file, p.max_eval)
-        return TaskData(train=train, eval=eval_, head="causal_lm")
+        return TaskData(train=train, eval=eval_, head=OBJECTIVES[p.objective])
 
 
 class _HubTextLM:
-    """Causal language modelling on a hub dataset's text column (needs a network, or the datasets cache)."""
+    """Language modelling (causal or masked) on a hub dataset's text column (needs a network, or the datasets
+    cache)."""
 
     class Params(_LMParams):
         dataset: str
@@ -64,7 +73,7 @@ class _HubTextLM:
         ds = load_hub_dataset(p.dataset, p.config, "text_lm")
         train = _lm_rows(ds[p.train_split], p, where, p.max_train)
         eval_ = _lm_rows(ds[p.eval_split], p, where, p.max_eval)
-        return TaskData(train=train, eval=eval_, head="causal_lm")
+        return TaskData(train=train, eval=eval_, head=OBJECTIVES[p.objective])
 
 
 tasks.register("hub_text_lm")(_HubTextLM)
