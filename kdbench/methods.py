@@ -126,6 +126,9 @@ def resolve_layer_map(method: str, layer_map: dict[int, int] | None, student, te
     With `embeddings`, indices are hidden-state indices 0..L (0: the embeddings output, as in HF
     `output_hidden_states`); without, transformer layers 1..L.
     """
+    if any(getattr(m.config, "is_encoder_decoder", False) for m in (student, teacher)):
+        raise KdbenchError(f"method {method!r}: encoder-decoder models (T5) have two layer stacks and no layer map "
+                           "yet; use the logit method")
     ls, lt = num_layers(student), num_layers(teacher)
     if layer_map is None:
         return uniform_layer_map(ls, lt, embeddings=embeddings)

@@ -300,3 +300,12 @@ def test_seq2seq_suites_validate():
         check_registry_names(suite)
         assert {t.task for t in suite.tasks} <= {"generated_seq2seq", "xsum", "cnn_dailymail"}
 
+
+
+@pytest.mark.parametrize("method", ["hidden", "attention", "progressive"])
+def test_layer_methods_refuse_encoder_decoders_in_one_line(tok, method):
+    from kdbench.methods import make_objective
+
+    culprit = rf"^method '{method}': encoder-decoder models \(T5\) .* use the logit method$"
+    with pytest.raises(KdbenchError, match=culprit):
+        make_objective(method, {}).setup(t5(tok), t5(tok))
