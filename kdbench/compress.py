@@ -419,7 +419,8 @@ class PruneStructured(Compressor):
     config refuses a head count that does not divide the hidden size. So it records its head dim and its head
     counts from before pruning in its config (`kdbench_attention_head_size`, `kdbench_heads_before_pruning`), is
     saved with `save_variant` and loads with `load_variant`.
-    Supported: BERT, RoBERTa, DistilBERT, GPT-2 and Llama (any head); others raise naming the model type.
+    Supported: BERT, RoBERTa, DistilBERT, GPT-2 and Llama, with any task head on top (sequence classification,
+    causal LM); others raise naming the model type.
     """
 
     trainable = True
@@ -445,6 +446,9 @@ class PruneStructured(Compressor):
         ffn_amount = p.amount if p.ffn_amount is None else p.ffn_amount
         groups_rm = min(kv_heads - 1, round(kv_heads * head_amount))
         ffn_rm = min(ffn - 1, round(ffn * ffn_amount))
+        if head_amount and not groups_rm:
+            log.warning("%s: no head removed from %s: round(%d kv groups x %g) leaves none to remove, at most %d",
+                        who, type(model).__name__, kv_heads, head_amount, kv_heads - 1)
         params_before = sum(t.numel() for t in model.parameters())
 
         try:

@@ -382,8 +382,10 @@ def test_second_structured_pruning_loads_from_the_first_original(batch, tmp_path
     torch.testing.assert_close(logits(load_variant(tmp_path), batch), logits(twice, batch), rtol=1e-5, atol=1e-6)
 
 
-def test_multi_query_attention_keeps_its_only_kv_group():
-    pruned, info = apply_variant(tiny_llama(1), [("prune_structured", {"amount": 0.5})], "cpu")
+def test_multi_query_attention_keeps_its_only_kv_group_and_says_so(caplog):
+    with caplog.at_level("WARNING", logger="kdbench.compress"):
+        pruned, info = apply_variant(tiny_llama(1), [("prune_structured", {"amount": 0.5})], "cpu")
+    assert "prune_structured: no head removed from LlamaForCausalLM: round(1 kv groups x 0.5)" in caplog.text
     step = info["steps"][0]
     assert (step["heads_removed_per_layer"], step["heads_per_kv_group"], step["ffn_width"]) == (0, 4, 64)
     assert pruned.config.num_attention_heads == 4 and not hasattr(pruned.config, "kdbench_heads_before_pruning")
