@@ -2,7 +2,7 @@
 # One-call GPU check of the kd_loss kernel (about 6 minutes on an H100). Run from the repository root:
 #     bash .ci/gpu_check.sh            (through the device tool: results land in $OUT)
 # It needs torch, triton, pytest and pytest-benchmark, which the GPU image has; it does NOT install kdbench and
-# needs none of its heavy dependencies (pydantic, datasets, torchao, torch-pruning): a shim package makes
+# needs none of its heavy dependencies (pydantic, datasets, torchao): a shim package makes
 # `kdbench.kernels` (kernels/) and `kdbench.bench`, `kdbench.errors` (kdbench/) importable without running
 # kdbench/__init__.py. Optional wheels in .whl/ (e.g. liger-kernel, for the Liger column) are installed first.
 # Steps, each under its own time limit, none stopping the next:
