@@ -192,7 +192,7 @@ def test_ls_lists_every_entry(what, registry):
 def test_ls_models_names_the_config_classes():
     result = kdbench("ls", "models")
     assert result.stdout.split() == ["bert", "BertConfig", "distilbert", "DistilBertConfig", "gpt2", "GPT2Config",
-                                     "llama", "LlamaConfig", "roberta", "RobertaConfig"]
+                                     "llama", "LlamaConfig", "roberta", "RobertaConfig", "t5", "T5Config"]
 
 
 def test_ls_shows_params():
