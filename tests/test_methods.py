@@ -523,10 +523,12 @@ def test_progressive_fails_at_setup_naming_a_model_whose_blocks_it_cannot_find()
     t5 = T5Model(T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
                           decoder_start_token_id=0))
     objective = ProgressiveKD(ProgressiveParams(layer_map={1: 1, 2: 2}))
-    with pytest.raises(KdbenchError, match=r"^method 'progressive': cannot find the transformer blocks of the 't5' "
-                                           r"student \(one ModuleList of its 2 layers; found 2: encoder.block, "
-                                           r"decoder.block\)$"):
+    with pytest.raises(KdbenchError, match=r"^method 'progressive': encoder-decoder models \(T5\) have two layer "
+                                           r"stacks and no layer map yet; use the logit method$"):
         objective.setup(t5, t5)
+    with pytest.raises(KdbenchError, match=r"cannot find the transformer blocks of the 't5' student \(one ModuleList "
+                                           r"of its 2 layers; found 2: encoder.block, decoder.block\)$"):
+        transformer_blocks(t5)
 
     class Mystery(torch.nn.Module):
         def __init__(self):
