@@ -74,14 +74,6 @@ def logits(model, batch):
         return model(**batch).logits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from a second intra-op thread, and on a busy 2-core box its spin-waits made a
-    # forward take 0.4 s instead of 0.015 s.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -36,13 +36,6 @@ def tiny_bert(seed: int, hidden: int = 16, vocab: int = 40) -> BertForSequenceCl
     return BertForSequenceClassification(config)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, two spinning OpenMP threads run tiny models ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -58,13 +58,6 @@ from kdbench.trainer import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, two spinning OpenMP threads run tiny models ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def bert(layers: int, hidden: int, heads: int, seed: int) -> BertForSequenceClassification:

@@ -14,18 +14,10 @@ from kdbench.results import read_result, run_path
 from kdbench.runner import run_suite
 from kdbench.suite import InlineConfig, TrainingSettings, expand, load_suite
 from kdbench.trainer import Distiller, training_arguments
-
-BERT = {"model_type": "bert", "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32}
-FAST_PROFILING = {"batch_sizes": [1], "warmup": 0, "min_repeats": 1, "max_repeats": 1, "time_budget_s": 0.01,
-                  "memory": False}
+from tiny import BERT, FAST_PROFILING
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 def topics_file(tmp_path: Path) -> Path:

@@ -24,13 +24,6 @@ from kdbench.trainer import Distiller, training_arguments
 T5 = {"model_type": "t5", "num_layers": 1, "num_heads": 2, "d_kv": 8, "relative_attention_num_buckets": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, two spinning OpenMP threads run tiny models ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
