@@ -394,3 +394,22 @@ def test_a_qa_suite_runs_end_to_end(tmp_path, task, metric):
         assert v["latency"]  # profiled on real (B, L) or (B, C, L) batches
     readme = (out / "README.md").read_text()
     assert f"| {metric}" in readme or f"{metric} |" in readme
+
+
+@pytest.mark.parametrize("kind, cls", [("extractive_qa", BertForQuestionAnswering),
+                                       ("multiple_choice", BertForMultipleChoice)])
+def test_a_saved_qa_model_loads_through_the_heads_auto_class(tok, tmp_path, kind, cls):
+    """The hub code path (from_pretrained on the head's Auto class) on a local folder, as a user's download."""
+    saved = bert(tok, cls, 5).eval()
+    saved.save_pretrained(str(tmp_path / "m"))
+    tok.save_pretrained(str(tmp_path / "m"))
+    head = heads.get(kind)
+    loaded = models.build_model(str(tmp_path / "m"), head=head, num_labels=0, vocab_size=len(tok), seed=0).eval()
+    assert type(loaded) is cls
+    assert models.pair_tokenizer(str(tmp_path / "m"), str(tmp_path / "m"), [], tmp_path, "k").get_vocab() == \
+        tok.get_vocab()
+    data = SPANS.train[:2] if kind == "extractive_qa" else CHOICES.train[:2]
+    batch = head.collator(tok)(head.encode(data, tok, 48))
+    batch.pop("labels")
+    with torch.no_grad():
+        torch.testing.assert_close(head.logits(loaded(**batch)), head.logits(saved(**batch)))

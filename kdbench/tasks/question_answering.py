@@ -26,43 +26,45 @@ from kdbench.tasks.generated import _INTENSIFIERS, _NEGATIVE, _NEGATORS, _NOUNS,
 
 def generate_qa_example(rng: random.Random, min_clauses: int = 2, max_clauses: int = 4,
                         num_choices: int = 4) -> dict:
-    """A review of a few clauses, a question about one of them, its answer and wrong choices.
+    """A review of a few noun phrases, all of one polarity but one; a question about the odd one out.
 
-    'the plot was not very good , the music was great but the acting felt dull'
-        'what was great ?'        -> 'the music'              (find the clause with that adjective, answer its subject)
-        'what was not good ?'     -> 'the plot'               (the negation is part of the question)
-        'how was the plot ?'      -> 'not very good'          (the span runs from the negator or intensifier on)
-    Nouns and adjectives are distinct within a review, so every question has one answer. The answer is a few
-    tokens before (or after) the words that match the question: a two-hop lookup that a 2-layer model learns and a
-    1-layer model half-learns. `distractors`: num_choices - 1 wrong answers of the same kind, from the review first.
+    'not bad plot , dull music but really weak acting'
+        'how was the best part ?'         -> 'not bad'   (the one positive phrase, from its negator or intensifier on)
+        'what did the critic like ?'      -> 'plot'      (its noun)
+    and, when one phrase is negative among positive ones, 'how was the worst part ?' / 'what did the critic
+    dislike ?'. A phrase's polarity is its adjective's, flipped by a negator (the quickstart's negation scope), so no
+    word of the question appears in the review: the model must read every phrase's polarity and mark the odd one.
+    Measured with the QA quickstart's sizes: a 2-layer, 64-wide BERT learns the 'how' questions (F1 about 0.85 after
+    640 steps) while a 1-layer, 32-wide one gets about 0.65; the 'what' questions stay near chance (about 0.33) for
+    both at these budgets. `distractors`: num_choices - 1 wrong answers of the same kind, the review's others first.
     """
     n = rng.randint(min_clauses, max_clauses)
+    liked = rng.random() < 0.5  # asks for the one positive phrase among negative ones, or the reverse
+    odd = rng.randrange(n)
     nouns = rng.sample(_NOUNS, n)
-    adjectives = rng.sample(_POSITIVE + _NEGATIVE, n)
-    clauses = []  # (subject, predicate, negated, adjective)
-    for noun, adjective in zip(nouns, adjectives):
+    pools = {1: rng.sample(_POSITIVE, len(_POSITIVE)), -1: rng.sample(_NEGATIVE, len(_NEGATIVE))}
+    predicates = []
+    for k in range(n):
+        polarity = 1 if (k == odd) == liked else -1
         negated = rng.random() < 0.4
-        words = ([rng.choice(_NEGATORS)] if negated else []) + (
-            [rng.choice(_INTENSIFIERS)] if rng.random() < 0.3 else []) + [adjective]
-        clauses.append((f"the {noun}", rng.choice(("was", "is", "felt", "seemed")), " ".join(words), negated,
-                        adjective))
-    context, spans = "", []  # spans: (subject start, predicate start) per clause
-    for k, (subject, verb, predicate, _, _) in enumerate(clauses):
+        adjective = pools[-polarity if negated else polarity].pop()  # distinct within a review
+        predicates.append(" ".join(([rng.choice(_NEGATORS)] if negated else [])
+                                   + ([rng.choice(_INTENSIFIERS)] if rng.random() < 0.3 else []) + [adjective]))
+    context, starts = "", []  # (predicate start, noun start) per phrase
+    for k, (predicate, noun) in enumerate(zip(predicates, nouns)):
         if k:
             context += rng.choice((" , ", " and ", " but "))
-        spans.append((len(context), len(context) + len(subject) + len(verb) + 2))
-        context += f"{subject} {verb} {predicate}"
-    k = rng.randrange(n)
-    subject, _, predicate, negated, adjective = clauses[k]
+        starts.append((len(context), len(context) + len(predicate) + 1))
+        context += f"{predicate} {noun}"
+    noun, predicate = nouns[odd], predicates[odd]
     if rng.random() < 0.5:
-        question = f"what was {'not ' if negated else ''}{adjective} ?"
-        answer, start = subject, spans[k][0]
-        pool = [c[0] for c in clauses if c[0] != subject] + [f"the {w}" for w in _NOUNS if w not in nouns]
+        question = f"what did the critic {'like' if liked else 'dislike'} ?"
+        answer, start = noun, starts[odd][1]
+        pool = [w for w in nouns if w != noun] + [w for w in _NOUNS if w not in nouns]
     else:
-        question = f"how was {subject} ?"
-        answer, start = predicate, spans[k][1]
-        pool = [c[2] for c in clauses if c[2] != predicate] + [w for w in _POSITIVE + _NEGATIVE
-                                                                if w not in adjectives]
+        question = f"how was the {'best' if liked else 'worst'} part ?"
+        answer, start = predicate, starts[odd][0]
+        pool = [w for w in predicates if w != predicate] + pools[1] + pools[-1]
     assert context[start : start + len(answer)] == answer
     own = pool[: n - 1]
     distractors = (own + rng.sample(pool[n - 1 :], max(num_choices - 1 - len(own), 0)))[: num_choices - 1]
