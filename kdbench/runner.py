@@ -90,11 +90,15 @@ class Context:
         has one vocabulary, so the group's teachers share it too)."""
         return group_of(self.suite, spec.task.name)
 
+    def data_fingerprint(self, spec: RunSpec) -> str:
+        """A hash of the task's training rows. Cache keys hold it, so a cached tokenizer or teacher is never reused
+        for other data under the same task spec (changed files, or a generator changed between versions)."""
+        return self.memo(("fingerprint", spec.task.name),
+                         lambda: spec_hash([self.task_data(spec).train, self.task_data(spec).transfer]))
+
     def tokenizer_key(self, spec: RunSpec) -> str:
-        scope = self.tokenizer_scope(spec)
-        if len(scope) == 1:
-            return spec_hash(["tokenizer", spec.task.model_dump(mode="json")])
-        return spec_hash(["tokenizer", [t.model_dump(mode="json") for t in scope]])
+        scope = [for_task(spec, t) for t in self.tokenizer_scope(spec)]
+        return spec_hash(["tokenizer", [(s.task.model_dump(mode="json"), self.data_fingerprint(s)) for s in scope]])
 
     def tokenizer(self, spec: RunSpec):
         from kdbench.models import pair_tokenizer
@@ -131,11 +135,9 @@ class Context:
 
     def teacher_key(self, spec: RunSpec) -> str:
         t = spec.pair.teacher
-        parts = ["teacher", spec.task.model_dump(mode="json"), t.model_dump(mode="json"),
-                 spec.training.max_seq_length, self.teacher_seed]
-        if len(self.tokenizer_scope(spec)) > 1:
-            parts.append(self.tokenizer_key(spec))  # a group's shared tokenizer makes it another teacher
-        return spec_hash(parts)
+        # the tokenizer key holds the data's fingerprint, and a multitask group's shared tokenizer is another one
+        return spec_hash(["teacher", spec.task.model_dump(mode="json"), t.model_dump(mode="json"),
+                          spec.training.max_seq_length, self.teacher_seed, self.tokenizer_key(spec)])
 
     def teacher(self, spec: RunSpec):
         """The task's teacher: loaded from the on-disk cache, or fine-tuned once and saved there."""

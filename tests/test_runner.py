@@ -262,3 +262,19 @@ def test_a_causal_lm_suite_runs_end_to_end_and_reports_perplexity(tmp_path, cach
     header = next(line for line in readme.splitlines() if line.startswith("| pair"))
     assert [c.strip() for c in header.split("|")][5:7] == ["perplexity", "retention"]
     assert "(lower is better)" in readme
+
+
+def test_cached_teachers_and_tokenizers_follow_the_data_not_only_the_spec(tmp_path, cache_dir):
+    """The same task spec over other rows (an edited file, a changed generator) must not reuse a cached teacher."""
+    data = tmp_path / "train.tsv"
+    task = {"name": "local", "task": "text_classification",
+            "params": {"train_file": str(data), "eval_file": str(data), "text_column": "sentence"}}
+    keys = []
+    for rows in (["a good film\t1", "a bad film\t0"], ["a good film\t1", "a dull film\t0"]):
+        data.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+        suite = tiny_suite(tmp_path, cache_dir, [KD], tasks=[task])
+        spec = expand(suite)[0]
+        ctx = runner.Context(suite, tmp_path / "results", "cpu")
+        keys.append((ctx.tokenizer_key(spec), ctx.teacher_key(spec), spec.spec_hash))
+    assert keys[0][0] != keys[1][0] and keys[0][1] != keys[1][1]
+    assert keys[0][2] == keys[1][2]  # the run's own spec is unchanged: only the caches below it follow the data
