@@ -84,17 +84,42 @@ def load_local_file(path_str: str, fmt: str, text_column: str = "text"):
         raise KdbenchError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
 
 
-def load_hub_dataset(name: str, config: str | None, local_task: str):
-    import datasets
+class HubParams(TaskParams):
+    """Where a hub task's data is: a dataset name (or a local dataset folder), its config and two splits."""
 
-    try:
-        return datasets.load_dataset(name, config)
-    except Exception as e:
-        raise KdbenchError(
-            f"dataset {name!r}: cannot load ({type(e).__name__}); hub datasets need a network, "
-            f"or use the {local_task} task with local files"
-        ) from None
+    dataset: str
+    config: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
 
+
+class HubTask:
+    """Base of the hub families: loads the dataset and hands its two splits to the family's `build`."""
+
+    local_task: str  # the family's local-files task, named when the hub cannot be reached
+
+    def __init__(self, params):
+        self.params = params
+
+    def load(self) -> TaskData:
+        import datasets
+
+        p = self.params
+        where = f"dataset {p.dataset!r}"
+        try:
+            ds = datasets.load_dataset(p.dataset, p.config)
+        except Exception as e:
+            raise KdbenchError(
+                f"{where}: cannot load ({type(e).__name__}); hub datasets need a network, "
+                f"or use the {self.local_task} task with local files"
+            ) from None
+        for split in (p.train_split, p.eval_split):
+            if split not in ds:
+                raise KdbenchError(f"{where}: no split {split!r}; splits are: {', '.join(ds)}")
+        return self.build(ds[p.train_split], ds[p.eval_split], where)
+
+    def build(self, train, eval_, where: str) -> TaskData:  # pragma: no cover - interface
+        raise NotImplementedError
 
 
 def preset(key: str, doc: str, family: type, **defaults) -> None:

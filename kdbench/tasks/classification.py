@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from kdbench.errors import KdbenchError
-from kdbench.tasks import TEACHER_LABEL, TaskData, TaskParams, load_hub_dataset, load_local_file, preset, tasks
+from kdbench.tasks import TEACHER_LABEL, HubParams, HubTask, TaskData, TaskParams, load_local_file, preset, tasks
 
 class _TextClassificationParams(TaskParams):
     text_column: str = "text"
@@ -86,31 +86,21 @@ class LocalTextClassification:
         return _build_task_data(train, eval_, p, p.train_file)
 
 
-class _HubTextClassification:
+class _HubTextClassification(HubTask):
     """Text classification from a hub dataset (needs a network, or a local copy in the datasets cache)."""
 
-    class Params(_TextClassificationParams):
-        dataset: str
-        config: str | None = None
-        train_split: str = "train"
-        eval_split: str = "validation"
+    local_task = "text_classification"
 
-    def __init__(self, params):
-        self.params = params
+    class Params(_TextClassificationParams, HubParams):
+        pass
 
-    def load(self) -> TaskData:
+    def build(self, train_ds, eval_ds, where: str) -> TaskData:
         p = self.params
-        where = f"dataset {p.dataset!r}"
-        ds = load_hub_dataset(p.dataset, p.config, "text_classification")
-        label_names = None
-        feature = ds[p.train_split].features.get(p.label_column)
-        if getattr(feature, "names", None):
-            label_names = list(feature.names)
-        train = _rows_from_dataset(ds[p.train_split], p, where)
-        eval_ = _rows_from_dataset(ds[p.eval_split], p, where)
+        feature = train_ds.features.get(p.label_column)
+        label_names = list(feature.names) if getattr(feature, "names", None) else None
         # GLUE test splits carry label -1 (hidden); drop such rows rather than fail
-        train = [r for r in train if r["label"] != -1]
-        eval_ = [r for r in eval_ if r["label"] != -1]
+        train = [r for r in _rows_from_dataset(train_ds, p, where) if r["label"] != -1]
+        eval_ = [r for r in _rows_from_dataset(eval_ds, p, where) if r["label"] != -1]
         return _build_task_data(train, eval_, p, where, label_names)
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from kdbench.errors import KdbenchError
-from kdbench.tasks import TaskData, TaskParams, load_hub_dataset, load_local_file, preset, tasks
+from kdbench.tasks import HubParams, HubTask, TaskData, TaskParams, load_local_file, preset, tasks
 
 OBJECTIVES = {"causal": "causal_lm", "masked": "masked_lm"}  # a task's `objective` -> its head (kdbench.heads)
 
@@ -54,25 +54,19 @@ class LocalTextLM:
         return TaskData(train=train, eval=eval_, head=OBJECTIVES[p.objective])
 
 
-class _HubTextLM:
+class _HubTextLM(HubTask):
     """Language modelling (causal or masked) on a hub dataset's text column (needs a network, or the datasets
     cache)."""
 
-    class Params(_LMParams):
-        dataset: str
-        config: str | None = None
-        train_split: str = "train"
-        eval_split: str = "validation"
+    local_task = "text_lm"
 
-    def __init__(self, params):
-        self.params = params
+    class Params(_LMParams, HubParams):
+        pass
 
-    def load(self) -> TaskData:
+    def build(self, train_ds, eval_ds, where: str) -> TaskData:
         p = self.params
-        where = f"dataset {p.dataset!r}"
-        ds = load_hub_dataset(p.dataset, p.config, "text_lm")
-        train = _lm_rows(ds[p.train_split], p, where, p.max_train)
-        eval_ = _lm_rows(ds[p.eval_split], p, where, p.max_eval)
+        train = _lm_rows(train_ds, p, where, p.max_train)
+        eval_ = _lm_rows(eval_ds, p, where, p.max_eval)
         return TaskData(train=train, eval=eval_, head=OBJECTIVES[p.objective])
 
 

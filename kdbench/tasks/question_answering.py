@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kdbench.errors import KdbenchError
-from kdbench.tasks import TEACHER_LABEL, TaskData, TaskParams, load_hub_dataset, load_local_file, preset, tasks
+from kdbench.tasks import TEACHER_LABEL, HubParams, HubTask, TaskData, TaskParams, load_local_file, preset, tasks
 from kdbench.tasks.generated import _INTENSIFIERS, _NEGATIVE, _NEGATORS, _NOUNS, _POSITIVE
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,24 +234,18 @@ class LocalExtractiveQA:
         return _split_rows(train, eval_, p, p.train_file, "extractive_qa", _no_answers)
 
 
-class _HubExtractiveQA:
+class _HubExtractiveQA(HubTask):
     """Extractive QA from a hub dataset in SQuAD's format (needs a network, or the datasets cache)."""
 
-    class Params(_SpanParams):
-        dataset: str
-        config: str | None = None
-        train_split: str = "train"
-        eval_split: str = "validation"
+    local_task = "extractive_qa"
 
-    def __init__(self, params):
-        self.params = params
+    class Params(_SpanParams, HubParams):
+        pass
 
-    def load(self) -> TaskData:
+    def build(self, train_ds, eval_ds, where: str) -> TaskData:
         p = self.params
-        where = f"dataset {p.dataset!r}"
-        ds = load_hub_dataset(p.dataset, p.config, "extractive_qa")
-        train = _span_rows(ds[p.train_split], p, where, "train")
-        eval_ = _span_rows(ds[p.eval_split], p, where, "eval")
+        train = _span_rows(train_ds, p, where, "train")
+        eval_ = _span_rows(eval_ds, p, where, "eval")
         return _split_rows(train, eval_, p, where, "extractive_qa", _no_answers)
 
 
@@ -360,24 +354,18 @@ class LocalMultipleChoice:
         return _same_choice_count(data, p.train_file)
 
 
-class _HubMultipleChoice:
+class _HubMultipleChoice(HubTask):
     """Multiple choice from a hub dataset (needs a network, or the datasets cache)."""
 
-    class Params(_ChoiceParams):
-        dataset: str
-        config: str | None = None
-        train_split: str = "train"
-        eval_split: str = "validation"
+    local_task = "multiple_choice"
 
-    def __init__(self, params):
-        self.params = params
+    class Params(_ChoiceParams, HubParams):
+        pass
 
-    def load(self) -> TaskData:
+    def build(self, train_ds, eval_ds, where: str) -> TaskData:
         p = self.params
-        where = f"dataset {p.dataset!r}"
-        ds = load_hub_dataset(p.dataset, p.config, "multiple_choice")
-        train = _choice_rows(ds[p.train_split], p, where, "train", drop_unlabelled=True)
-        eval_ = _choice_rows(ds[p.eval_split], p, where, "eval", drop_unlabelled=True)
+        train = _choice_rows(train_ds, p, where, "train", drop_unlabelled=True)
+        eval_ = _choice_rows(eval_ds, p, where, "eval", drop_unlabelled=True)
         return _same_choice_count(_split_rows(train, eval_, p, where, "multiple_choice", _unlabelled), where)
 
 

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from kdbench.errors import KdbenchError
-from kdbench.tasks import TaskData, TaskParams, load_hub_dataset, load_local_file, preset, tasks
+from kdbench.tasks import HubParams, HubTask, TaskData, TaskParams, load_local_file, preset, tasks
 from kdbench.tasks.generated import _NEGATORS, _POSITIVE, FORMS, generate_sentiment_example
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,28 +133,19 @@ class LocalTextSeq2Seq:
         return TaskData(train=train, eval=eval_, head="seq2seq")
 
 
-class _HubSeq2Seq:
+class _HubSeq2Seq(HubTask):
     """Sequence-to-sequence from a hub dataset's source and target columns (needs a network, or the datasets
     cache)."""
 
-    class Params(_Seq2SeqParams):
-        dataset: str
-        config: str | None = None
-        train_split: str = "train"
-        eval_split: str = "validation"
+    local_task = "text_seq2seq"
 
-    def __init__(self, params):
-        self.params = params
+    class Params(_Seq2SeqParams, HubParams):
+        pass
 
-    def load(self) -> TaskData:
+    def build(self, train_ds, eval_ds, where: str) -> TaskData:
         p = self.params
-        where = f"dataset {p.dataset!r}"
-        ds = load_hub_dataset(p.dataset, p.config, "text_seq2seq")
-        for split in (p.train_split, p.eval_split):
-            if split not in ds:
-                raise KdbenchError(f"{where}: no split {split!r}; splits are: {', '.join(ds)}")
-        train = _seq2seq_rows(ds[p.train_split], p, where, p.max_train)
-        eval_ = _seq2seq_rows(ds[p.eval_split], p, where, p.max_eval)
+        train = _seq2seq_rows(train_ds, p, where, p.max_train)
+        eval_ = _seq2seq_rows(eval_ds, p, where, p.max_eval)
         return TaskData(train=train, eval=eval_, head="seq2seq")
 
 
