@@ -17,7 +17,7 @@ import string
 
 from kdbench.errors import KdbenchError
 from kdbench.heads import Head, heads
-from kdbench.heads.classification import accuracy
+from kdbench.heads.classification import Classification
 
 MAX_ANSWER_TOKENS = 30  # the longest span decoding considers, as HF's run_qa and the SQuAD baselines
 _PUNCTUATION = set(string.punctuation)
@@ -61,7 +61,7 @@ class MultipleChoiceCollator:
 
 
 @heads.register("multiple_choice")
-class MultipleChoice(Head):
+class MultipleChoice(Classification):
     """One right choice out of C: AutoModelForMultipleChoice, scored by accuracy.
 
     Rows: `question`, `choices` (C strings, the same C for every row of a task) and `label` (the right choice's index,
@@ -85,25 +85,6 @@ class MultipleChoice(Head):
 
     def collator(self, tokenizer):
         return MultipleChoiceCollator(tokenizer)
-
-    def fill_teacher_labels(self, labels, teacher_logits):
-        import torch
-
-        from kdbench.tasks import TEACHER_LABEL
-
-        return torch.where(labels == TEACHER_LABEL, teacher_logits.argmax(-1), labels)
-
-    def new_state(self):
-        return {"preds": [], "labels": []}
-
-    def update(self, state, logits, labels):
-        state["preds"].append(logits.argmax(-1))
-        state["labels"].append(labels)
-
-    def finish(self, state) -> float:
-        import torch
-
-        return accuracy(torch.cat(state["preds"]), torch.cat(state["labels"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
