@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, create_model
 
@@ -82,6 +82,34 @@ def load_local_file(path_str: str, fmt: str, text_column: str = "text"):
         raise KdbenchError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except Exception as e:  # datasets wraps parser errors in several types
         raise KdbenchError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
+
+
+class LocalParams(TaskParams):
+    """Two local files, read with `datasets`."""
+
+    train_file: str
+    eval_file: str
+    format: Literal["auto", "tsv", "csv", "json"] = "auto"
+
+
+class LocalTask:
+    """Base of the local-file families: reads both files and hands them, with their paths for error messages, to
+    the family's `build`."""
+
+    path_params = ("train_file", "eval_file")  # relative to the suite file (see suite.resolve_paths)
+
+    def __init__(self, params):
+        self.params = params
+
+    def read(self, path: str):
+        return load_local_file(path, self.params.format)
+
+    def load(self) -> TaskData:
+        p = self.params
+        return self.build(self.read(p.train_file), self.read(p.eval_file), p.train_file, p.eval_file)
+
+    def build(self, train, eval_, train_where: str, eval_where: str) -> TaskData:  # pragma: no cover - interface
+        raise NotImplementedError
 
 
 class HubParams(TaskParams):

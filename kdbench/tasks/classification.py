@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import random
-from typing import Literal
 
 from pydantic import Field
 
 from kdbench.errors import KdbenchError
-from kdbench.tasks import TEACHER_LABEL, HubParams, HubTask, TaskData, TaskParams, load_local_file, preset, tasks
+from kdbench.tasks import TEACHER_LABEL, HubParams, HubTask, LocalParams, LocalTask, TaskData, TaskParams, preset, tasks
+
 
 class _TextClassificationParams(TaskParams):
     text_column: str = "text"
@@ -66,24 +66,17 @@ def _build_task_data(train: list[dict], eval_: list[dict], p: _TextClassificatio
 
 
 @tasks.register("text_classification")
-class LocalTextClassification:
+class LocalTextClassification(LocalTask):
     """Text classification from local TSV/CSV/JSON(L) files, read with `datasets`."""
 
-    path_params = ("train_file", "eval_file")  # relative to the suite file (see suite.resolve_paths)
+    class Params(_TextClassificationParams, LocalParams):
+        pass
 
-    class Params(_TextClassificationParams):
-        train_file: str
-        eval_file: str
-        format: Literal["auto", "tsv", "csv", "json"] = "auto"
-
-    def __init__(self, params: Params):
-        self.params = params
-
-    def load(self) -> TaskData:
+    def build(self, train_ds, eval_ds, train_where: str, eval_where: str) -> TaskData:
         p = self.params
-        train = _rows_from_dataset(load_local_file(p.train_file, p.format), p, p.train_file)
-        eval_ = _rows_from_dataset(load_local_file(p.eval_file, p.format), p, p.eval_file)
-        return _build_task_data(train, eval_, p, p.train_file)
+        train = _rows_from_dataset(train_ds, p, train_where)
+        eval_ = _rows_from_dataset(eval_ds, p, eval_where)
+        return _build_task_data(train, eval_, p, train_where)
 
 
 class _HubTextClassification(HubTask):

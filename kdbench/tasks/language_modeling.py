@@ -11,7 +11,9 @@ from typing import Literal
 from pydantic import Field
 
 from kdbench.errors import KdbenchError
-from kdbench.tasks import HubParams, HubTask, TaskData, TaskParams, load_local_file, preset, tasks
+from kdbench.tasks import (
+    HubParams, HubTask, LocalParams, LocalTask, TaskData, TaskParams, load_local_file, preset, tasks,
+)
 
 OBJECTIVES = {"causal": "causal_lm", "masked": "masked_lm"}  # a task's `objective` -> its head (kdbench.heads)
 
@@ -33,24 +35,20 @@ def _lm_rows(ds, p: _LMParams, where: str, limit: int | None) -> list[dict]:
 
 
 @tasks.register("text_lm")
-class LocalTextLM:
+class LocalTextLM(LocalTask):
     """Language modelling (causal or masked) on local text: .txt (one text per non-empty line), or TSV/CSV/JSON(L)
     with a text column."""
 
-    path_params = ("train_file", "eval_file")
-
-    class Params(_LMParams):
-        train_file: str
-        eval_file: str
+    class Params(_LMParams, LocalParams):
         format: Literal["auto", "txt", "tsv", "csv", "json"] = "auto"
 
-    def __init__(self, params: Params):
-        self.params = params
+    def read(self, path: str):
+        return load_local_file(path, self.params.format, self.params.text_column)  # a .txt's lines are the texts
 
-    def load(self) -> TaskData:
+    def build(self, train_ds, eval_ds, train_where: str, eval_where: str) -> TaskData:
         p = self.params
-        train = _lm_rows(load_local_file(p.train_file, p.format, p.text_column), p, p.train_file, p.max_train)
-        eval_ = _lm_rows(load_local_file(p.eval_file, p.format, p.text_column), p, p.eval_file, p.max_eval)
+        train = _lm_rows(train_ds, p, train_where, p.max_train)
+        eval_ = _lm_rows(eval_ds, p, eval_where, p.max_eval)
         return TaskData(train=train, eval=eval_, head=OBJECTIVES[p.objective])
 
 

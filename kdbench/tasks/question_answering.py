@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kdbench.errors import KdbenchError
-from kdbench.tasks import TEACHER_LABEL, HubParams, HubTask, TaskData, TaskParams, load_local_file, preset, tasks
+from kdbench.tasks import TEACHER_LABEL, HubParams, HubTask, LocalParams, LocalTask, TaskData, TaskParams, preset, tasks
 from kdbench.tasks.generated import _INTENSIFIERS, _NEGATIVE, _NEGATORS, _NOUNS, _POSITIVE
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,25 +213,18 @@ def _no_answers(row: dict) -> dict:
 
 
 @tasks.register("extractive_qa")
-class LocalExtractiveQA:
+class LocalExtractiveQA(LocalTask):
     """Extractive QA from local JSON(L) files in SQuAD's flattened format: question, context,
     answers {text: [...], answer_start: [...]} per row (HF datasets' `squad` layout)."""
 
-    path_params = ("train_file", "eval_file")
-
-    class Params(_SpanParams):
-        train_file: str
-        eval_file: str
+    class Params(_SpanParams, LocalParams):
         format: Literal["auto", "json"] = "auto"
 
-    def __init__(self, params):
-        self.params = params
-
-    def load(self) -> TaskData:
+    def build(self, train_ds, eval_ds, train_where: str, eval_where: str) -> TaskData:
         p = self.params
-        train = _span_rows(load_local_file(p.train_file, p.format), p, p.train_file, "train")
-        eval_ = _span_rows(load_local_file(p.eval_file, p.format), p, p.eval_file, "eval")
-        return _split_rows(train, eval_, p, p.train_file, "extractive_qa", _no_answers)
+        train = _span_rows(train_ds, p, train_where, "train")
+        eval_ = _span_rows(eval_ds, p, eval_where, "eval")
+        return _split_rows(train, eval_, p, train_where, "extractive_qa", _no_answers)
 
 
 class _HubExtractiveQA(HubTask):
@@ -332,26 +325,19 @@ def _same_choice_count(data: TaskData, where: str) -> TaskData:
 
 
 @tasks.register("multiple_choice")
-class LocalMultipleChoice:
+class LocalMultipleChoice(LocalTask):
     """Multiple choice from local JSON(L)/CSV/TSV files: a question, its choices (a list column, or one column per
     choice), and the right choice's index or label."""
 
-    path_params = ("train_file", "eval_file")
+    class Params(_ChoiceParams, LocalParams):
+        pass
 
-    class Params(_ChoiceParams):
-        train_file: str
-        eval_file: str
-        format: Literal["auto", "tsv", "csv", "json"] = "auto"
-
-    def __init__(self, params):
-        self.params = params
-
-    def load(self) -> TaskData:
+    def build(self, train_ds, eval_ds, train_where: str, eval_where: str) -> TaskData:
         p = self.params
-        train = _choice_rows(load_local_file(p.train_file, p.format), p, p.train_file, "train")
-        eval_ = _choice_rows(load_local_file(p.eval_file, p.format), p, p.eval_file, "eval")
-        data = _split_rows(train, eval_, p, p.train_file, "multiple_choice", _unlabelled)
-        return _same_choice_count(data, p.train_file)
+        train = _choice_rows(train_ds, p, train_where, "train")
+        eval_ = _choice_rows(eval_ds, p, eval_where, "eval")
+        data = _split_rows(train, eval_, p, train_where, "multiple_choice", _unlabelled)
+        return _same_choice_count(data, train_where)
 
 
 class _HubMultipleChoice(HubTask):

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from kdbench.errors import KdbenchError
-from kdbench.tasks import HubParams, HubTask, TaskData, TaskParams, load_local_file, preset, tasks
+from kdbench.tasks import HubParams, HubTask, LocalParams, LocalTask, TaskData, TaskParams, preset, tasks
 from kdbench.tasks.generated import _NEGATORS, _POSITIVE, FORMS, generate_sentiment_example
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,23 +113,16 @@ def _seq2seq_rows(ds, p: _Seq2SeqParams, where: str, limit: int | None) -> list[
 
 
 @tasks.register("text_seq2seq")
-class LocalTextSeq2Seq:
+class LocalTextSeq2Seq(LocalTask):
     """Sequence-to-sequence from local TSV/CSV/JSON(L) files with a source and a target column."""
 
-    path_params = ("train_file", "eval_file")  # relative to the suite file (see suite.resolve_paths)
+    class Params(_Seq2SeqParams, LocalParams):
+        pass
 
-    class Params(_Seq2SeqParams):
-        train_file: str
-        eval_file: str
-        format: Literal["auto", "tsv", "csv", "json"] = "auto"
-
-    def __init__(self, params: Params):
-        self.params = params
-
-    def load(self) -> TaskData:
+    def build(self, train_ds, eval_ds, train_where: str, eval_where: str) -> TaskData:
         p = self.params
-        train = _seq2seq_rows(load_local_file(p.train_file, p.format), p, p.train_file, p.max_train)
-        eval_ = _seq2seq_rows(load_local_file(p.eval_file, p.format), p, p.eval_file, p.max_eval)
+        train = _seq2seq_rows(train_ds, p, train_where, p.max_train)
+        eval_ = _seq2seq_rows(eval_ds, p, eval_where, p.max_eval)
         return TaskData(train=train, eval=eval_, head="seq2seq")
 
 
