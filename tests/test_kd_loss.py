@@ -341,6 +341,20 @@ def test_non_contiguous_inputs(impl):
     check(impl, s_view, t_view, labels % 300, temperature=2.0, alpha=0.7)
 
 
+def test_causal_lm_shifted_views(impl):
+    """What the Distiller hands over for a causal LM: (B, L - 1, V) views that drop each sequence's last position
+    (not contiguous over rows), labels shifted by one, padding ignored; the last positions get zero gradient."""
+    s, t, labels = make_inputs(3 * 7, 500, lead=(3, 7), ignored=(5, 6))
+    s_view, t_view, y = s[:, :-1], t[:, :-1], labels[:, 1:]
+    assert not s_view.is_contiguous()
+    check(impl, s_view, t_view, y, temperature=2.0, alpha=0.9)
+    dev = device_for(impl)
+    full = s.detach().to(dev).requires_grad_()
+    kd_loss(full[:, :-1], t.to(dev)[:, :-1], y.to(dev), temperature=2.0, alpha=0.9).backward()
+    moved = full.grad[:, :-1].abs().sum(-1).cpu() > 0
+    assert torch.all(full.grad[:, -1] == 0) and torch.equal(moved, y != -100)  # ignored positions get none either
+
+
 def test_teacher_gets_no_grad(impl):
     s, t, labels = make_inputs(4, 64)
     dev = device_for(impl)
