@@ -5,6 +5,7 @@ is imported, hence at conftest import time.
 """
 
 import os
+import socket
 
 import pytest
 import torch
@@ -26,6 +27,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection attempt fails as it does on a machine without a network."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def pytest_collection_modifyitems(config, items):

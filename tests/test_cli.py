@@ -5,7 +5,6 @@ through typer's CliRunner; `kdbench --help` is checked in a fresh interpreter.
 """
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -221,14 +220,6 @@ def test_missing_suite_file_in_a_real_process(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input at run time: the failing run is recorded, its error is one line, exit code 2
 
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def bad_suite(tmp_path: Path, *, task: dict | None = None, teacher=None, student=None) -> Path:

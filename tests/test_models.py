@@ -1,6 +1,5 @@
 """Models and tokenizers: inline configs, local folders, hub names offline, the pair's shared vocabulary."""
 
-import socket
 
 import pytest
 import torch
@@ -26,13 +25,7 @@ BERT = dict(model_type="bert", hidden_size=16, num_hidden_layers=1, num_attentio
 DISTILBERT = dict(model_type="distilbert", dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=32)
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")  # every test here runs without a network
 
 
 @pytest.fixture(scope="module")

@@ -218,14 +218,7 @@ def test_hub_seq2seq_loads_a_local_dataset_folder(tmp_path):
         load_task("hub_seq2seq", {"dataset": str(folder)})
 
 
-def test_hub_seq2seq_offline_says_it_needs_a_network(monkeypatch):
-    import socket
-
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+def test_hub_seq2seq_offline_says_it_needs_a_network(no_network):
     with pytest.raises(KdbenchError, match=r"^dataset 'kdbench-tests/none'.*need a network, or use the text_seq2seq"):
         load_task("hub_seq2seq", {"dataset": "kdbench-tests/none"})
 

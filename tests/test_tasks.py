@@ -3,7 +3,6 @@
 import csv
 import json
 import random
-import socket
 from pathlib import Path
 
 import pytest
@@ -250,14 +249,6 @@ def test_unknown_suffix_needs_a_format(tmp_path, tsv_files):
 # ---------------------------------------------------------------------------------------------------------------
 # Hub presets: they need a network, and say so in one line
 
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def test_hub_presets_are_registered():
