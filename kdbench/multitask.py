@@ -93,10 +93,9 @@ class MultiTaskDistiller(Distiller):
         total = 0.0
         for k in task.unique().tolist():
             rows = task == k
-            student, self.teacher, self.objective, self.head = self.parts[k]
             part = {key: value[rows] for key, value in inputs.items()}
-            total = total + super().compute_loss(student, part) * (rows.sum() / len(task))
-        self.teacher = self.objective = None
+            loss, _ = self.distillation_loss(*self.parts[k], part)  # (student, teacher, objective, head)
+            total = total + loss * (rows.sum() / len(task))
         return total
 
 

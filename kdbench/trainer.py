@@ -62,23 +62,27 @@ class Distiller(Trainer):
                 p.requires_grad_(flag)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, student_out = self.distillation_loss(model, self.teacher, self.objective, self.head, inputs)
+        return (loss, student_out) if return_outputs else loss
+
+    def distillation_loss(self, model, teacher, objective, head, inputs):
+        """(loss, student outputs) of one batch: the hard loss without a teacher, else the objective's loss on the
+        logit rows `head` lines up with the labels. A non-finite loss stops the run."""
         labels = inputs.pop("labels")
         cached = inputs.pop("teacher_logits", None)
-        obj = self.objective
-        flags = dict(output_hidden_states=bool(obj and obj.needs_hidden_states),
-                     output_attentions=bool(obj and obj.needs_attentions))
+        flags = dict(output_hidden_states=bool(objective and objective.needs_hidden_states),
+                     output_attentions=bool(objective and objective.needs_attentions))
         student_out = model(**model_inputs(inputs, model), **flags)
-        head = self.head
         student_logits = head.logits(student_out)  # (N, V) rows; an extractive QA model's start and end, stacked
-        if self.teacher is None:
+        if teacher is None:
             loss = head.hard_loss(student_logits, labels)
         else:
             if cached is not None:
                 teacher_out = SimpleNamespace(logits=cached)
             else:
-                self.teacher.eval()  # Trainer.train() puts every registered module in train mode
+                teacher.eval()  # Trainer.train() puts every registered module in train mode
                 with torch.no_grad():
-                    teacher_out = self.teacher(**model_inputs(inputs, self.teacher), **flags)
+                    teacher_out = teacher(**model_inputs(inputs, teacher), **flags)
             teacher_logits = head.logits(teacher_out)
             labels = head.fill_teacher_labels(labels, teacher_logits)
             # The losses see the logit rows that predict labels (a causal LM's shifted positions); features and
@@ -87,10 +91,11 @@ class Distiller(Trainer):
             t_logits, _ = head.align(teacher_logits, labels)
             # Feature methods leave padding tokens out; logit-only objectives keep their 3-argument loss.
             mask = {"attention_mask": inputs.get("attention_mask")} if any(flags.values()) else {}
-            loss = obj.loss(_with_logits(student_out, s_logits), _with_logits(teacher_out, t_logits), aligned, **mask)
+            loss = objective.loss(_with_logits(student_out, s_logits), _with_logits(teacher_out, t_logits), aligned,
+                                  **mask)
         if not torch.isfinite(loss.detach()):
             raise NonFiniteLossError(f"loss is {loss.item()} at step {self.state.global_step + 1}; run stopped")
-        return (loss, student_out) if return_outputs else loss
+        return loss, student_out
 
 
 def _with_logits(out, logits):
