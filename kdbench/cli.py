@@ -60,11 +60,12 @@ def run(
         s = load_suite(suite)
         if dry_run:
             from kdbench.results import is_done, run_path
-            from kdbench.runner import results_dir_for
+            from kdbench.runner import Context, results_dir_for
 
             out = results_dir_for(s, results_dir)
+            ctx = Context(s, out, "cpu")  # loads the data (the data key), builds no model
             for spec in expand(s):
-                done = not rerun and is_done(run_path(out, spec.run_id), spec.spec_hash)
+                done = not rerun and is_done(run_path(out, spec.run_id), spec.spec_hash, ctx.data_key(spec))
                 typer.echo(f"{'done' if done else 'run '}  {spec.run_id}")
             return
         from kdbench.report import task_tables

@@ -1,7 +1,7 @@
 """RunResult files: one JSON per run, written atomically, read back by the report and by resumed suites.
 
 Layout: <results_dir>/runs/<run_id>.json with keys
-    run_id, spec (the resolved RunSpec), spec_hash, status ("ok" | "failed"), error, error_kind,
+    run_id, spec (the resolved RunSpec), spec_hash, data_key (hash of the task's data), status ("ok" | "failed"), error, error_kind,
     versions, device, started, wall_s, training (wall_s, steps, samples, samples_per_s),
     variants: [{name, kind, metric_name, metric, retention, params, nonzero_params,
                 size {bytes, format, method}, latency {batch size: {median_ms, p90_ms, ..., method}},
@@ -51,10 +51,12 @@ def read_results(results_dir: Path) -> list[dict]:
     return [r for r in (read_result(p) for p in runs) if r is not None]
 
 
-def is_done(path: Path, spec_hash: str) -> bool:
-    """A run is skipped when its result exists, succeeded, and was made from the same spec."""
+def is_done(path: Path, spec_hash: str, data_key: str | None) -> bool:
+    """A run is skipped when its result exists, succeeded, and was made from the same spec and the same data (an
+    edited data file, or a generator changed between versions, re-runs it; so does unloadable data, which fails)."""
     r = read_result(path)
-    return bool(r) and r.get("status") == "ok" and r.get("spec_hash") == spec_hash
+    return (bool(r) and r.get("status") == "ok" and r.get("spec_hash") == spec_hash
+            and data_key is not None and r.get("data_key") == data_key)
 
 
 def versions() -> dict[str, str | None]:

@@ -3,7 +3,7 @@
 Order per (task, pair): the teacher (fine-tuned once and cached on disk by the hash of its spec), then per seed
 the student alone and the student distilled by each method; each distilled student is also compressed into the
 suite's variants. Every run writes one RunResult JSON; a run whose result exists with the same spec hash is
-skipped, so an interrupted suite resumes where it stopped. A run that fails is recorded and the suite goes on.
+skipped, so an interrupted suite resumes where it stopped, unless the task's data changed under it (the data key). A run that fails is recorded and the suite goes on.
 """
 
 from __future__ import annotations
@@ -95,6 +95,17 @@ class Context:
         for other data under the same task spec (changed files, or a generator changed between versions)."""
         return self.memo(("fingerprint", spec.task.name),
                          lambda: spec_hash([self.task_data(spec).train, self.task_data(spec).transfer]))
+
+    def data_key(self, spec: RunSpec) -> str | None:
+        """What a run's result depends on beyond its spec: every split of its task (and of its multitask group,
+        through the tokenizer key). A result is reused only under the same spec and data key. None when the data
+        cannot be loaded: the run then fails and says why."""
+        try:
+            return self.memo(("data_key", spec.task.name), lambda: spec_hash(
+                ["data", self.tokenizer_key(spec), self.task_data(spec).eval]))
+        except KdbenchError as e:
+            log.debug("no data key for %s: %s", spec.run_id, e)
+            return None
 
     def tokenizer_key(self, spec: RunSpec) -> str:
         scope = [for_task(spec, t) for t in self.tokenizer_scope(spec)]
@@ -422,7 +433,7 @@ def execute(spec: RunSpec, ctx: Context) -> dict:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     base = {"run_id": spec.run_id, "spec": spec.model_dump(mode="json"), "spec_hash": spec.spec_hash,
-            "versions": versions(), "device": device_info(ctx.device), "started": started}
+            "data_key": ctx.data_key(spec), "versions": versions(), "device": device_info(ctx.device), "started": started}
     try:
         set_seed(spec.seed)
         body = RUNNERS[spec.kind](spec, ctx)
@@ -470,7 +481,7 @@ def run_suite(suite: Suite, results_dir: str | Path | None = None, *, rerun: boo
         runs_task = progress.add_task(f"suite {suite.name}", total=len(specs))
         for spec in specs:
             path = run_path(out, spec.run_id)
-            if not rerun and is_done(path, spec.spec_hash):
+            if not rerun and is_done(path, spec.spec_hash, ctx.data_key(spec)):
                 outcome.runs.append(RunOutcome(spec.run_id, "skipped"))
             else:
                 progress.update(runs_task, description=f"suite {suite.name}: {spec.run_id}")

@@ -278,3 +278,23 @@ def test_cached_teachers_and_tokenizers_follow_the_data_not_only_the_spec(tmp_pa
         keys.append((ctx.tokenizer_key(spec), ctx.teacher_key(spec), spec.spec_hash))
     assert keys[0][0] != keys[1][0] and keys[0][1] != keys[1][1]
     assert keys[0][2] == keys[1][2]  # the run's own spec is unchanged: only the caches below it follow the data
+
+
+def test_results_are_rerun_when_the_data_changes_under_the_same_spec(tmp_path, cache_dir):
+    """Resuming skips finished runs, but not those whose task data changed: their numbers would be stale."""
+    data = tmp_path / "train.tsv"
+    task = {"name": "local", "task": "text_classification",
+            "params": {"train_file": str(data), "eval_file": str(data), "text_column": "sentence"}}
+    rows = ["a good film\t1", "a bad film\t0", "a fine film\t1", "a dull film\t0"]
+
+    def run(lines):
+        data.write_text("sentence\tlabel\n" + "\n".join(lines) + "\n")
+        return {r.run_id.split("__", 2)[-1]: r.status
+                for r in run_suite(tiny_suite(tmp_path, cache_dir, [KD], tasks=[task]), show_progress=False).runs}
+
+    assert set(run(rows).values()) == {"ok"}
+    assert set(run(rows).values()) == {"skipped"}
+    assert set(run(rows[:3] + ["a sad film\t0"]).values()) == {"ok"}
+    out = tmp_path / "results" / "tiny"
+    keys = {read_result(p)["data_key"] for p in (out / "runs").glob("*.json")}
+    assert len(keys) == 1 and None not in keys  # every run carries the key of the data it was made from
