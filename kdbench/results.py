@@ -1,7 +1,8 @@
 """RunResult files: one JSON per run, written atomically, read back by the report and by resumed suites.
 
 Layout: <results_dir>/runs/<run_id>.json with keys
-    run_id, spec (the resolved RunSpec), spec_hash, data_key (hash of the task's data), status ("ok" | "failed"), error, error_kind,
+    run_id, spec (the resolved RunSpec), spec_hash, data_key (hash of the task's data), status ("ok" | "failed"),
+    error, error_kind,
     versions, device, started, wall_s, training (wall_s, steps, samples, samples_per_s),
     variants: [{name, kind, metric_name, metric, retention, params, nonzero_params,
                 size {bytes, format, method}, latency {batch size: {median_ms, p90_ms, ..., method}},

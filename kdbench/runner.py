@@ -3,7 +3,8 @@
 Order per (task, pair): the teacher (fine-tuned once and cached on disk by the hash of its spec), then per seed
 the student alone and the student distilled by each method; each distilled student is also compressed into the
 suite's variants. Every run writes one RunResult JSON; a run whose result exists with the same spec hash is
-skipped, so an interrupted suite resumes where it stopped, unless the task's data changed under it (the data key). A run that fails is recorded and the suite goes on.
+skipped (unless the task's data changed under it: the data key), so an interrupted suite resumes where it
+stopped. A run that fails is recorded and the suite goes on.
 """
 
 from __future__ import annotations
@@ -433,7 +434,8 @@ def execute(spec: RunSpec, ctx: Context) -> dict:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     base = {"run_id": spec.run_id, "spec": spec.model_dump(mode="json"), "spec_hash": spec.spec_hash,
-            "data_key": ctx.data_key(spec), "versions": versions(), "device": device_info(ctx.device), "started": started}
+            "data_key": ctx.data_key(spec), "versions": versions(), "device": device_info(ctx.device),
+            "started": started}
     try:
         set_seed(spec.seed)
         body = RUNNERS[spec.kind](spec, ctx)
