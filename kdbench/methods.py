@@ -96,6 +96,34 @@ class LogitKD(Objective):
         return self.logit_kd(student_out, teacher_out, labels)
 
 
+class SequenceParams(DistillationConfig):
+    alpha: float = Field(0.0, ge=0, le=1)  # 0: pure sequence-level KD, cross-entropy on the teacher's outputs
+    num_beams: int = Field(1, ge=1)  # 1: greedy decoding (Kim & Rush use beam search, e.g. 5)
+    max_new_tokens: int | None = Field(None, gt=0)  # default: the suite's training.max_seq_length
+    keep_references: bool = False  # train on the gold targets too, next to the teacher's
+
+
+@methods.register("sequence")
+class SequenceKD(LogitKD):
+    """Sequence-level KD (Kim & Rush, 2016, "Sequence-Level Knowledge Distillation"), for seq2seq tasks.
+
+    The teacher decodes a target for every training (and transfer) source, once per run (greedy, or beam search
+    with `num_beams`), and the student is trained on those outputs instead of the gold targets: it learns the
+    teacher's mode rather than a token-level match to every target. `alpha` > 0 adds word-level KD on the
+    teacher's own outputs (their "Seq-KD + Word-KD"); `keep_references` also keeps the gold pairs.
+
+    YAML:
+        methods:
+          - {name: seq-kd, method: sequence, params: {num_beams: 4, alpha: 0.5, temperature: 2.0}}
+    """
+
+    Params = SequenceParams
+    generates_targets = True  # kdbench.runner.distiller relabels the training rows with the teacher's outputs
+
+    def __init__(self, params: SequenceParams | None = None):
+        super().__init__(params or SequenceParams())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Intermediate-layer methods: a layer map from student layers to teacher layers
 

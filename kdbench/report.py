@@ -253,11 +253,18 @@ def teacher_row(rows: list[Row], pair: str) -> Row | None:
     return next((r for r in rows if r.pair == pair and r.kind == "teacher"), None)
 
 
+def extra_metric_names(rows: list[Row]) -> list[str]:
+    """Metrics recorded next to the task metric (a seq2seq task scored by exact match also records perplexity)."""
+    names = {name: None for row in rows for v in row.variants for name in (v.get("extra_metrics") or {})}
+    return list(names)
+
+
 def task_table(rows: list[Row]) -> str:
     """Markdown table: one line per variant, every figure as mean ± std over seeds."""
     bss = batch_sizes(rows)
-    header = (["pair", "variant", "model", "seeds", metric_name(rows), "retention", "params", "non-zero", "size",
-               "size ÷"] + [f"latency b{b} ms" for b in bss] + [f"speedup b{b}" for b in bss]
+    extras = extra_metric_names(rows)
+    header = (["pair", "variant", "model", "seeds", metric_name(rows), "retention", *extras, "params", "non-zero",
+               "size", "size ÷"] + [f"latency b{b} ms" for b in bss] + [f"speedup b{b}" for b in bss]
               + ["peak MB", "J/sample", "train s"])
     body = []
     for row in rows:
@@ -268,6 +275,8 @@ def task_table(rows: list[Row]) -> str:
             [row.pair, row.label, row.model, str(len(row.members)),
              fmt_stat(row.stat(metric_of), decimals=3),
              fmt_stat(row.stat(retention_of), decimals=1, scale=100, suffix="%"),
+             *[fmt_stat(row.stat(lambda v, n=name: (v.get("extra_metrics") or {}).get(n)), decimals=3)
+               for name in extras],
              fmt_count(params) if params else "n/a",
              fmt_stat(nonzero, decimals=1, scale=100, suffix="%"),
              fmt_bytes(row.mean(size_of)),
@@ -617,6 +626,8 @@ def render(results: list[dict], suite_name: str, plots: dict[str, list[tuple[str
                  else f"the teacher's {metric} / this row's {metric}")
         better = "higher" if metric_sign(rows) > 0 else "lower"
         lines += [d.format(metric=metric, better=better, retention=ratio) for d in DEFINITIONS]
+        lines += [f"- **{name}**: also measured on the eval split, next to the task metric (not used for retention "
+                  "or the picks below)." for name in extra_metric_names(rows)]
         lines += how_measured(rows) + multitask_notes(rows) + [""]
         lines += ["### What should I ship?", ""] + recommend(rows) + [""]
         lines += [f"![{title}]({name})" for title, name in (plots or {}).get(task, [])] + [""]

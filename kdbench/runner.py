@@ -127,7 +127,8 @@ class Context:
         """The task's head (kdbench.heads): model class, encoding, loss alignment, metric."""
         from kdbench import heads
 
-        return self.memo(("head", spec.task.name), lambda: heads.get(self.task_data(spec).head))
+        data = self.task_data(spec)
+        return self.memo(("head", spec.task.name), lambda: heads.get(data.head, **data.head_params))
 
     def encoded(self, spec: RunSpec, split: str):
         """Tokenized rows of a split, encoded by the task's head."""
@@ -248,6 +249,7 @@ def profile_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *,
 
     head = ctx.head(spec)
     metric = head.evaluate(model, ctx.encoded(spec, "eval"), ctx.collator(spec), ctx.device)
+    extra = head.extra_metrics(model, ctx.encoded(spec, "eval"), ctx.collator(spec), ctx.device)
     total, nonzero = profiler.count_parameters(model)
     latency, paired = measure_latency(model, spec, ctx, teacher)
     speedup = {bs: r["speedup"] for bs, r in paired.items()} if teacher is not None else {
@@ -268,6 +270,7 @@ def profile_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *,
         "higher_is_better": head.higher_is_better,
         "metric": metric,
         "retention": head.retention(metric, teacher_metric),
+        "extra_metrics": extra,
         "params": total,
         "nonzero_params": nonzero,
         "size": profiler.size_on_disk(model),
@@ -344,6 +347,8 @@ def distiller(spec: RunSpec, ctx: Context, objective):
     teacher, _ = ctx.teacher(spec)
     head = ctx.head(spec)
     kd_rows = ctx.encoded(spec, "train") + ctx.encoded(spec, "transfer")
+    if getattr(objective, "generates_targets", False):  # sequence-level KD: train on what the teacher decodes
+        kd_rows = teacher_decoded_rows(spec, ctx, objective.params, kd_rows)
     if head.caches_teacher_logits and not (objective.needs_hidden_states or objective.needs_attentions):
         # Logits of a frozen teacher in eval mode do not change between epochs, seeds or methods: compute once.
         kd_rows = ctx.memo(("teacher_logits", spec.task.name, spec.pair.name),
@@ -355,6 +360,22 @@ def distiller(spec: RunSpec, ctx: Context, objective):
                              description=description, max_steps=max_steps, head=head)
 
     return distill
+
+
+def teacher_decoded_rows(spec: RunSpec, ctx: Context, params, rows: list[dict]) -> list[dict]:
+    """`rows` with the teacher's decoded outputs as their targets (and the gold rows too with `keep_references`);
+    decoded once per task, pair and decoding setting."""
+    head = ctx.head(spec)
+    if not hasattr(head, "teacher_targets"):
+        raise KdbenchError(f"method {spec.method.name!r}: sequence-level KD needs a seq2seq task; task "
+                           f"{spec.task.name!r} has a {head.kind} head")
+    teacher, _ = ctx.teacher(spec)
+    max_len = spec.training.max_seq_length
+    settings = (params.num_beams, params.max_new_tokens or max_len)
+    decoded = ctx.memo(("teacher_targets", spec.task.name, spec.pair.name, settings), lambda: head.teacher_targets(
+        teacher, rows, ctx.tokenizer(spec), ctx.device, max_len=max_len, num_beams=settings[0],
+        max_new_tokens=settings[1]))
+    return rows + decoded if params.keep_references else decoded
 
 
 def compressed_variants(student, spec: RunSpec, ctx: Context, teacher_metric: float, distill):

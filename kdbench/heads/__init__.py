@@ -82,6 +82,10 @@ class Head:
                 self.update(state, self.logits(model(**inputs)).float().cpu(), labels)
         return self.finish(state)
 
+    def extra_metrics(self, model, rows: list[dict], collator, device: str) -> dict[str, float]:
+        """Metrics recorded next to the task metric (default: none)."""
+        return {}
+
     def retention(self, metric: float, teacher_metric: float | None) -> float | None:
         if not teacher_metric or metric is None:
             return None
@@ -90,8 +94,9 @@ class Head:
         return teacher_metric / metric if metric else None
 
 
-def get(kind: str) -> Head:
-    return heads.get(kind)()
+def get(kind: str, **params) -> Head:
+    """A head instance; `params` are the task's settings for it (a seq2seq task's metric)."""
+    return heads.get(kind)(**params)
 
 
 # The heads register themselves on import.

@@ -1,9 +1,16 @@
-"""The sequence-to-sequence head: a source text in, a target text out (T5), scored by target perplexity."""
+"""The sequence-to-sequence head: a source text in, a target text out (T5), scored by target perplexity or by
+what greedy/beam decoding produces (exact match, ROUGE-L)."""
 
 from __future__ import annotations
 
+import re
+from typing import Literal
+
 from kdbench.heads import IGNORE, heads
 from kdbench.heads.language_modeling import Perplexity
+
+Seq2SeqMetric = Literal["perplexity", "exact_match", "rouge_l"]
+METRIC_NAMES = {"perplexity": "perplexity", "exact_match": "exact match", "rouge_l": "ROUGE-L"}
 
 
 @heads.register("seq2seq")
@@ -17,27 +24,86 @@ class Seq2Seq(Perplexity):
     the labels shifted right behind the decoder start token, which is the pad token (T5's convention:
     kdbench.models gives inline encoder-decoder configs that `decoder_start_token_id`); they are in the rows as
     `decoder_input_ids`, so training, evaluation and profiling batches all carry them, and logit position i
-    predicts label i (no shift at the loss). Perplexity is exp of the mean NLL over every target token of the
-    split, end-of-sequence included: cheap on a CPU (one forward pass per batch), unlike generation metrics
-    (exact match, ROUGE), which need greedy decoding.
+    predicts label i (no shift at the loss).
+
+    `metric` (a task parameter):
+    - perplexity: exp of the mean NLL over every target token of the split, end-of-sequence included (lower is
+      better); one teacher-forced forward pass per batch.
+    - exact_match: the share of eval rows whose decoded output equals the reference, compared lowercased with
+      runs of whitespace collapsed (higher is better).
+    - rouge_l: mean ROUGE-L F1 (torchmetrics' ROUGEScore: lowercased, non-alphanumerics dropped, longest common
+      subsequence of words; higher is better).
+    The generation metrics decode with `num_beams` (1: greedy) up to `max_new_tokens` new tokens (default: the
+    longest reference of the split), and compare against the reference as the model was trained on it: the
+    target's tokens decoded back to text (so truncated at max_seq_length, and passed through the same tokenizer as
+    the output). Whatever the metric, a variant also records its target perplexity (`extra_metrics`).
     """
 
     kind = "seq2seq"
     auto_class = "AutoModelForSeq2SeqLM"
+
+    def __init__(self, metric: Seq2SeqMetric = "perplexity", num_beams: int = 1, max_new_tokens: int | None = None):
+        if metric not in METRIC_NAMES:
+            raise ValueError(f"seq2seq metric {metric!r}: expected one of {', '.join(METRIC_NAMES)}")
+        self.metric, self.num_beams, self.max_new_tokens = metric, num_beams, max_new_tokens
+        self.metric_name = METRIC_NAMES[metric]
+        self.higher_is_better = metric != "perplexity"
+
+    def evaluate(self, model, rows, collator, device, batch_size=64):
+        if self.metric == "perplexity":
+            return super().evaluate(model, rows, collator, device, batch_size)
+        tokenizer = collator.tokenizer
+        outputs = self.generate(model, rows, tokenizer, device, num_beams=self.num_beams,
+                                max_new_tokens=self.max_new_tokens, batch_size=batch_size)
+        hypotheses = tokenizer.batch_decode(outputs, skip_special_tokens=True)
+        references = tokenizer.batch_decode([reference_ids(r["labels"], tokenizer) for r in rows],
+                                            skip_special_tokens=True)
+        return score_generations(self.metric, hypotheses, references)
+
+    def extra_metrics(self, model, rows, collator, device) -> dict[str, float]:
+        """Target perplexity next to a generation metric: the teacher-forced view of the same model."""
+        if self.metric == "perplexity":
+            return {}
+        return {"perplexity": super().evaluate(model, rows, collator, device)}
+
+    def teacher_targets(self, teacher, rows, tokenizer, device, *, max_len: int, num_beams: int = 1,
+                        max_new_tokens: int | None = None) -> list[dict]:
+        """`rows` relabelled with what `teacher` decodes from their sources (sequence-level KD)."""
+        outputs = self.generate(teacher, rows, tokenizer, device, num_beams=num_beams,
+                                max_new_tokens=max_new_tokens or max_len)
+        return [target_row(r, out, tokenizer, max_len) for r, out in zip(rows, outputs)]
+
+    def generate(self, model, rows, tokenizer, device, *, num_beams: int = 1, max_new_tokens: int | None = None,
+                 batch_size: int = 64) -> list[list[int]]:
+        """Each row's decoded target tokens (greedy, or beam search), the start token dropped and cut before the
+        first end-of-sequence token. `max_new_tokens` defaults to the longest label of `rows`."""
+        import torch
+
+        if max_new_tokens is None:
+            max_new_tokens = max((len(r["labels"]) for r in rows if "labels" in r), default=32)
+        eos = end_token_id(tokenizer)
+        start = decoder_start_token_id(tokenizer)
+        model.eval()
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(rows), batch_size):
+                batch = tokenizer.pad([{k: r[k] for k in ("input_ids", "attention_mask")}
+                                       for r in rows[i : i + batch_size]], return_tensors="pt")
+                ids = model.generate(input_ids=batch["input_ids"].to(device),
+                                     attention_mask=batch["attention_mask"].to(device),
+                                     max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                     decoder_start_token_id=start, eos_token_id=eos, pad_token_id=start)
+                for seq in ids[:, 1:].tolist():  # position 0 is the decoder start token
+                    out.append(seq[: seq.index(eos)] if eos in seq else seq)
+        return out
 
     def encode(self, rows, tokenizer, max_len):
         if not rows:
             return []
         src = tokenizer([r["source"] for r in rows], truncation=True, max_length=max_len)
         targets = tokenizer([r["target"] for r in rows], add_special_tokens=False)["input_ids"]
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-        start = decoder_start_token_id(tokenizer)
-        out = []
-        for i, ids in enumerate(targets):
-            labels = (ids + [eos] if eos is not None else ids)[:max_len]
-            out.append({"input_ids": src["input_ids"][i], "attention_mask": src["attention_mask"][i],
-                        "decoder_input_ids": [start] + labels[:-1], "labels": labels})
-        return out
+        return [target_row({"input_ids": src["input_ids"][i], "attention_mask": src["attention_mask"][i]}, ids,
+                           tokenizer, max_len) for i, ids in enumerate(targets)]
 
     def collator(self, tokenizer):
         return Seq2SeqCollator(tokenizer)
@@ -48,6 +114,40 @@ class Seq2Seq(Perplexity):
 
 def decoder_start_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def end_token_id(tokenizer) -> int | None:
+    """The token that ends a target: end-of-sequence, or the separator of a tokenizer that has none."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
+def reference_ids(labels, tokenizer) -> list[int]:
+    """A row's labels as the reference tokens: padding and the end token removed."""
+    eos = end_token_id(tokenizer)
+    return [t for t in labels if t != IGNORE and t != eos]
+
+
+def target_row(row: dict, target: list[int], tokenizer, max_len: int) -> dict:
+    """`row` with `target` token ids (no end token) as its labels and decoder inputs, encoded as `encode` does."""
+    eos = end_token_id(tokenizer)
+    labels = (list(target) + ([eos] if eos is not None else []))[:max_len]
+    return {**row, "decoder_input_ids": [decoder_start_token_id(tokenizer)] + labels[:-1], "labels": labels}
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def score_generations(metric: str, hypotheses: list[str], references: list[str]) -> float:
+    """Mean exact match or ROUGE-L F1 of `hypotheses` against `references` (same length)."""
+    if not references:
+        return float("nan")
+    if metric == "exact_match":
+        return sum(_normalise(h) == _normalise(r) for h, r in zip(hypotheses, references)) / len(references)
+    from torchmetrics.text import ROUGEScore
+
+    rouge = ROUGEScore(rouge_keys=("rougeL",))
+    return float(rouge(hypotheses, references)["rougeL_fmeasure"])
 
 
 class Seq2SeqCollator:

@@ -37,7 +37,8 @@ TEACHER_LABEL = -1
 class TaskData:
     """Splits as lists of dicts with keys `text`, optional `text_pair`, and `label` (int; classification only).
 
-    `head` names the kdbench.heads entry that builds, trains and scores models for the task.
+    `head` names the kdbench.heads entry that builds, trains and scores models for the task; `head_params` are
+    its settings (a seq2seq task's metric).
     """
 
     train: list[dict[str, Any]]
@@ -45,6 +46,7 @@ class TaskData:
     label_names: list[str] = field(default_factory=list)
     transfer: list[dict[str, Any]] = field(default_factory=list)
     head: str = "classification"
+    head_params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_labels(self) -> int:
@@ -153,7 +155,10 @@ class HubTask:
 def preset(key: str, doc: str, family: type, **defaults) -> None:
     """A hub task preset: a family's task with defaults filled in; twenty lines of data, like lm-eval-harness
     task YAMLs."""
-    fields = {k: (type(v) if v is not None else str | None, v) for k, v in defaults.items()}
+    base = family.Params.model_fields
+    # a field of the family keeps its annotation (a Literal stays checked); a new one is typed by its default
+    fields = {k: (base[k].annotation if k in base else type(v) if v is not None else str | None, v)
+              for k, v in defaults.items()}
     params = create_model(f"{key}_params", __base__=family.Params, **fields)
     cls = type(key, (family,), {"Params": params, "__doc__": doc})
     tasks.register(key)(cls)

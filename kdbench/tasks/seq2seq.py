@@ -2,7 +2,9 @@
 
     generated_seq2seq   offline: the quickstart's reviews rewritten as each clause's resolved polarity + verdict
     text_seq2seq        local TSV/CSV/JSON(L) files with source and target columns
-    hub_seq2seq         a hub dataset's source and target columns; presets xsum and cnn_dailymail
+    hub_seq2seq         a hub dataset's source and target columns; presets xsum and cnn_dailymail (ROUGE-L)
+Every family takes the head's scoring settings: `metric` (perplexity, exact_match, rouge_l), `num_beams`,
+`max_new_tokens`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Literal
 from pydantic import Field
 
 from kdbench.errors import KdbenchError
+from kdbench.heads.seq2seq import Seq2SeqMetric
 from kdbench.tasks import HubParams, HubTask, LocalParams, LocalTask, TaskData, TaskParams, preset, tasks
 from kdbench.tasks.generated import _NEGATORS, _POSITIVE, FORMS, generate_sentiment_example
 
@@ -49,6 +52,17 @@ def seq2seq_target(text: str) -> str:
     return " ; ".join(f"{noun} {polarity}" for noun, polarity in resolved) + f" => {verdict}"
 
 
+class ScoringParams(TaskParams):
+    """How the seq2seq head scores a model (kdbench.heads.seq2seq.Seq2Seq)."""
+
+    metric: Seq2SeqMetric = "perplexity"
+    num_beams: int = Field(1, ge=1)  # for the generation metrics; 1 is greedy decoding
+    max_new_tokens: int | None = Field(None, gt=0)  # default: the longest reference of the eval split
+
+    def head_params(self) -> dict:
+        return {"metric": self.metric, "num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens}
+
+
 @tasks.register("generated_seq2seq")
 class GeneratedSeq2Seq:
     """Embedded offline seq2seq task: the quickstart's reviews, rewritten as what each clause says and the verdict.
@@ -57,10 +71,11 @@ class GeneratedSeq2Seq:
     The nouns are copied (any model learns it), each clause's polarity needs negation scope, and the verdict needs
     the contrast rule ('but' and 'although' pick a clause), which a larger model gets right more often. A share
     `label_noise` of the train targets have a wrong verdict (eval stays clean), as in generated_sentiment: a
-    teacher's distribution there carries what the noisy labels hide. Scored by target perplexity.
+    teacher's distribution there carries what the noisy labels hide. Scored by target perplexity (default) or by
+    the exact match of the decoded target (`metric: exact_match`).
     """
 
-    class Params(TaskParams):
+    class Params(ScoringParams):
         train_size: int = Field(3000, gt=0)
         eval_size: int = Field(500, gt=0)
         label_noise: float = Field(0.1, ge=0, lt=0.5)  # train verdicts flipped (eval stays clean)
@@ -85,14 +100,15 @@ class GeneratedSeq2Seq:
                 rows.append({"source": text, "target": target})
             return rows
 
-        return TaskData(train=split(p.train_size, p.label_noise), eval=split(p.eval_size), head="seq2seq")
+        return TaskData(train=split(p.train_size, p.label_noise), eval=split(p.eval_size), head="seq2seq",
+                        head_params=p.head_params())
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Local files and the hub
 
 
-class _Seq2SeqParams(TaskParams):
+class _Seq2SeqParams(ScoringParams):
     source_column: str = "source"
     target_column: str = "target"
     prefix: str = ""  # put before every source, e.g. T5's "summarize: "
@@ -123,7 +139,7 @@ class LocalTextSeq2Seq(LocalTask):
         p = self.params
         train = _seq2seq_rows(train_ds, p, train_where, p.max_train)
         eval_ = _seq2seq_rows(eval_ds, p, eval_where, p.max_eval)
-        return TaskData(train=train, eval=eval_, head="seq2seq")
+        return TaskData(train=train, eval=eval_, head="seq2seq", head_params=p.head_params())
 
 
 class _HubSeq2Seq(HubTask):
@@ -139,12 +155,13 @@ class _HubSeq2Seq(HubTask):
         p = self.params
         train = _seq2seq_rows(train_ds, p, where, p.max_train)
         eval_ = _seq2seq_rows(eval_ds, p, where, p.max_eval)
-        return TaskData(train=train, eval=eval_, head="seq2seq")
+        return TaskData(train=train, eval=eval_, head="seq2seq", head_params=p.head_params())
 
 
 tasks.register("hub_seq2seq")(_HubSeq2Seq)
 preset("xsum", "XSum one-sentence news summaries from the hub (T5's 'summarize: ' prefix).", _HubSeq2Seq,
-       dataset="EdinburghNLP/xsum", source_column="document", target_column="summary", prefix="summarize: ")
+       dataset="EdinburghNLP/xsum", source_column="document", target_column="summary", prefix="summarize: ",
+       metric="rouge_l")
 preset("cnn_dailymail", "CNN/DailyMail 3.0.0 news summaries from the hub (T5's 'summarize: ' prefix).", _HubSeq2Seq,
        dataset="abisee/cnn_dailymail", config="3.0.0", source_column="article", target_column="highlights",
-       prefix="summarize: ")
+       prefix="summarize: ", metric="rouge_l")
