@@ -102,7 +102,7 @@ class MultiTaskDistiller(Distiller):
 def train_group(spec, ctx):
     """Train the group's multi-task student; return ({task name: model}, TrainStats)."""
     from kdbench.methods import make_objective
-    from kdbench.runner import for_task
+    from kdbench.runner import distillation_rows, for_task
 
     views = [for_task(spec, task) for task in spec.group]
     heads = {type(ctx.head(v)).__name__ for v in views}
@@ -115,9 +115,9 @@ def train_group(spec, ctx):
     parts, rows = [], []
     for k, v in enumerate(views):
         teacher, _ = ctx.teacher(v)
-        parts.append((students[v.task.name], teacher, make_objective(spec.method.method, spec.method.params),
-                      ctx.head(v)))
-        rows += [{**r, "task": k} for r in ctx.encoded(v, "train") + ctx.encoded(v, "transfer")]
+        objective = make_objective(spec.method.method, spec.method.params)
+        parts.append((students[v.task.name], teacher, objective, ctx.head(v)))
+        rows += [{**r, "task": k} for r in distillation_rows(v, ctx, objective)]
     # one tokenizer for the group, so any task's collator pads all the rows
     stats = trainer.train(MultiTaskStudent(students), rows, ctx.collator(spec), spec.training, seed=spec.seed,
                           device=ctx.device, progress=ctx.progress, head=head, distiller=MultiTaskDistiller,

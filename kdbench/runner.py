@@ -346,9 +346,7 @@ def distiller(spec: RunSpec, ctx: Context, objective):
 
     teacher, _ = ctx.teacher(spec)
     head = ctx.head(spec)
-    kd_rows = ctx.encoded(spec, "train") + ctx.encoded(spec, "transfer")
-    if getattr(objective, "generates_targets", False):  # sequence-level KD: train on what the teacher decodes
-        kd_rows = teacher_decoded_rows(spec, ctx, objective.params, kd_rows)
+    kd_rows = distillation_rows(spec, ctx, objective)
     if head.caches_teacher_logits and not (objective.needs_hidden_states or objective.needs_attentions):
         # Logits of a frozen teacher in eval mode do not change between epochs, seeds or methods: compute once.
         kd_rows = ctx.memo(("teacher_logits", spec.task.name, spec.pair.name),
@@ -360,6 +358,15 @@ def distiller(spec: RunSpec, ctx: Context, objective):
                              description=description, max_steps=max_steps, head=head)
 
     return distill
+
+
+def distillation_rows(spec: RunSpec, ctx: Context, objective) -> list[dict]:
+    """What a student is distilled on: the labelled split plus the transfer set, or, for sequence-level KD, the
+    teacher's decoded outputs for their inputs."""
+    rows = ctx.encoded(spec, "train") + ctx.encoded(spec, "transfer")
+    if getattr(objective, "generates_targets", False):
+        rows = teacher_decoded_rows(spec, ctx, objective.params, rows)
+    return rows
 
 
 def teacher_decoded_rows(spec: RunSpec, ctx: Context, params, rows: list[dict]) -> list[dict]:

@@ -142,3 +142,15 @@ def test_a_multitask_suite_runs_end_to_end(tmp_path):
     assert results["sentiment"]["training"] == results["topics"]["training"]
     readme = (out / "README.md").read_text()
     assert "- **mt-kd**: one student for the tasks sentiment, topics" in readme
+
+
+def test_a_multitask_group_distils_on_what_its_method_trains_on(tmp_path):
+    """The group's rows come from the same place as a single-task run's: sequence-level KD asks each task's
+    teacher to decode, which a classification task cannot, and says so in one line."""
+    data = suite_data(tmp_path, methods=[{"name": "seq", "method": "sequence"}],
+                      multitask=[{"name": "mt-seq", "tasks": ["sentiment", "topics"], "method": "seq"}])
+    outcome = run_suite(load_suite(write(tmp_path, data)), show_progress=False, only=[
+        "sentiment__pair__teacher", "topics__pair__teacher", "sentiment__pair__mt-seq__s0"])
+    [failed] = outcome.failed
+    assert failed.error == ("method 'mt-seq': sequence-level KD needs a seq2seq task; task 'sentiment' has a "
+                            "classification head")
