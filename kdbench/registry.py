@@ -57,9 +57,9 @@ class Registry(Generic[T]):
         except ValidationError as e:
             errors = e.errors()
             first = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
-            where = ".".join(str(p) for p in first["loc"]) or "params"
-            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-            err = KdbenchError(f"{self.kind} {name!r}: params.{where}: {msg}")
+            where = ".".join(["params", *(str(p) for p in first["loc"])])  # a model-wide check has no field
+            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+            err = KdbenchError(f"{self.kind} {name!r}: {where}: {msg}")
             err.loc = ("params", *first["loc"])  # lets the suite loader point at the line
             raise err from None
 

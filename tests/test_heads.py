@@ -177,6 +177,28 @@ def test_masked_lm_eval_mask_is_fixed_whatever_the_rng_and_batch_size(tok, mlm):
     assert not heads.get("masked_lm").higher_is_better and head.metric_name == "perplexity"
 
 
+def test_a_task_sets_the_masking_rate_and_the_eval_mask(tok, mlm):
+    from kdbench.errors import KdbenchError
+    from kdbench.tasks import load_task, tasks
+
+    data = load_task("generated_lm", {"train_size": 4, "eval_size": 2, "objective": "masked",
+                                      "mask_probability": 0.4, "eval_mask_seed": 9})
+    head = heads.get(data.head, **data.head_params)
+    assert (head.probability, head.eval_seed) == (0.4, 9)
+    clean = torch.tensor([r["input_ids"] for r in masked_rows(tok)] * 200)
+    torch.manual_seed(0)
+    _, labels = head.collator(tok).mask(clean.clone(), clean.clone())
+    special = torch.isin(clean, torch.tensor(tok.all_special_ids))
+    assert (labels != IGNORE).sum() / (~special).sum() == pytest.approx(0.4, abs=0.02)
+    rows = masked_rows(tok)
+    default = heads.get("masked_lm")
+    # another eval seed masks other tokens: another perplexity for the same model
+    assert head.evaluate(mlm, rows, head.collator(tok), "cpu") != pytest.approx(
+        default.evaluate(mlm, rows, default.collator(tok), "cpu"), rel=1e-4)
+    with pytest.raises(KdbenchError, match=r"^task 'generated_lm': params: mask_probability needs objective: masked$"):
+        tasks.validate_params("generated_lm", {"mask_probability": 0.2})
+
+
 def test_distiller_distills_masked_lm_logits_at_masked_positions_only(tok, mlm, tmp_path):
     """DistilBERT's MLM distillation: kd_loss over the masked positions of the shared batch, nothing else."""
     head = heads.get("masked_lm")

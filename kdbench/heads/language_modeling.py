@@ -79,10 +79,10 @@ class MaskedLM(Perplexity):
     better).
 
     Texts are packed into blocks as for the causal head (`pack`). Encoded rows carry the clean block as `labels`;
-    the collator masks: BERT's 15% of the non-special tokens, of which 80% become the mask token, 10% a random
-    token and 10% stay, with labels IGNORE except at the chosen positions. A training batch gets a fresh random
-    mask (from torch's generator, which the Trainer seeds), shared by teacher and student inside one step, so the
-    distillation loss, like the hard loss, counts the masked positions only (as DistilBERT did). A batch without
+    the collator masks: a share `probability` (BERT's 15% by default) of the non-special tokens, of which 80%
+    become the mask token, 10% a random token and 10% stay, with labels IGNORE except at the chosen positions. A
+    training batch gets a fresh random mask (from torch's generator, which the Trainer seeds), shared by teacher
+    and student inside one step, so the distillation loss, like the hard loss, counts the masked positions only (as DistilBERT did). A batch without
     labels (a profiling batch) is only padded.
 
     The metric masks the eval split with a fixed mask instead: row i is masked by a generator seeded with
@@ -93,8 +93,9 @@ class MaskedLM(Perplexity):
 
     kind = "masked_lm"
     auto_class = "AutoModelForMaskedLM"
-    probability = 0.15
-    eval_seed = 0
+
+    def __init__(self, probability: float = 0.15, eval_seed: int = 0):
+        self.probability, self.eval_seed = probability, eval_seed
 
     def encode(self, rows, tokenizer, max_len):
         return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)}

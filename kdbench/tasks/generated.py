@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from kdbench.tasks import TEACHER_LABEL, TaskData, TaskParams, tasks
+from kdbench.tasks.language_modeling import ObjectiveParams
 
 # The quickstart: sentiment whose label hinges on negation scope and contrast clauses.
 
@@ -102,8 +103,7 @@ class GeneratedLM:
     `objective: masked` trains masked LMs (BERT's masked tokens) on the same texts instead of causal ones.
     """
 
-    class Params(TaskParams):
-        objective: Literal["causal", "masked"] = "causal"  # the head: causal_lm or masked_lm
+    class Params(ObjectiveParams):  # objective: causal_lm or masked_lm head, and a masked LM's masking
         train_size: int = Field(4000, gt=0)
         eval_size: int = Field(500, gt=0)
         forms: list[Literal[FORMS]] = Field(default_factory=lambda: ["single", "but"], min_length=1)
@@ -123,7 +123,5 @@ class GeneratedLM:
                 rows.append({"text": f"{text} => {('negative', 'positive')[label]}"})
             return rows
 
-        from kdbench.tasks.language_modeling import OBJECTIVES
-
-        return TaskData(train=split(p.train_size), eval=split(p.eval_size), head=OBJECTIVES[p.objective])
+        return p.task_data(split(p.train_size), split(p.eval_size))
 

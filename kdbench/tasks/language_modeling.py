@@ -1,14 +1,14 @@
 """Texts for language models, from local files or the hub (WikiText-2); the head packs them into blocks.
 
 Each task's `objective` picks the head: `causal` (next-token prediction, the default) or `masked` (BERT's masked
-tokens); both are scored by perplexity.
+tokens, at `mask_probability`, with eval masks fixed by `eval_mask_seed`); both are scored by perplexity.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kdbench.errors import KdbenchError
 from kdbench.tasks import (
@@ -18,8 +18,27 @@ from kdbench.tasks import (
 OBJECTIVES = {"causal": "causal_lm", "masked": "masked_lm"}  # a task's `objective` -> its head (kdbench.heads)
 
 
-class _LMParams(TaskParams):
+class ObjectiveParams(TaskParams):
+    """Which language-modelling head scores the task, and how a masked LM is masked."""
+
     objective: Literal["causal", "masked"] = "causal"  # next-token (causal_lm) or masked-token (masked_lm) heads
+    mask_probability: float = Field(0.15, gt=0, lt=1)  # masked only: the share of tokens chosen (BERT's 15%)
+    eval_mask_seed: int = 0  # masked only: eval row i is masked by a generator seeded with this + i
+
+    @model_validator(mode="after")
+    def _masking_needs_a_masked_objective(self):
+        given = sorted({"mask_probability", "eval_mask_seed"} & self.model_fields_set)
+        if self.objective == "causal" and given:
+            raise ValueError(f"{given[0]} needs objective: masked")
+        return self
+
+    def task_data(self, train: list[dict], eval_: list[dict]) -> TaskData:
+        head_params = ({"probability": self.mask_probability, "eval_seed": self.eval_mask_seed}
+                       if self.objective == "masked" else {})
+        return TaskData(train=train, eval=eval_, head=OBJECTIVES[self.objective], head_params=head_params)
+
+
+class _LMParams(ObjectiveParams):
     text_column: str = "text"
     max_train: int | None = Field(None, gt=0)  # first N texts (documents or lines), before packing into blocks
     max_eval: int | None = Field(None, gt=0)
@@ -49,7 +68,7 @@ class LocalTextLM(LocalTask):
         p = self.params
         train = _lm_rows(train_ds, p, train_where, p.max_train)
         eval_ = _lm_rows(eval_ds, p, eval_where, p.max_eval)
-        return TaskData(train=train, eval=eval_, head=OBJECTIVES[p.objective])
+        return p.task_data(train, eval_)
 
 
 class _HubTextLM(HubTask):
@@ -65,7 +84,7 @@ class _HubTextLM(HubTask):
         p = self.params
         train = _lm_rows(train_ds, p, where, p.max_train)
         eval_ = _lm_rows(eval_ds, p, where, p.max_eval)
-        return TaskData(train=train, eval=eval_, head=OBJECTIVES[p.objective])
+        return p.task_data(train, eval_)
 
 
 tasks.register("hub_text_lm")(_HubTextLM)
