@@ -49,7 +49,9 @@ class Objective:
     `modules` holds the objective's trainable parts (None: it has none). `setup` builds them for a student/teacher
     pair; the Distiller calls it before every training (a run's first one, and each recovery after pruning), so it
     must keep modules that it already built and that still fit the pair. An objective that needs hidden states or
-    attentions is also given the batch's `attention_mask=` (B, L) by keyword, to leave padding out.
+    attentions is also given the batch's `attention_mask=` (B, L) by keyword, to leave padding out; for an
+    encoder-decoder student, also `decoder_attention_mask=` (B, Lt): its valid target positions
+    (kdbench.trainer.decoder_token_mask).
     """
 
     needs_hidden_states = False
@@ -129,11 +131,27 @@ class SequenceKD(LogitKD):
 
 
 def num_layers(model) -> int:
-    return int(model.config.num_hidden_layers)  # DistilBERT maps it to n_layers
+    return int(model.config.num_hidden_layers)  # DistilBERT maps it to n_layers, T5 to num_layers (its encoder's)
 
 
 def hidden_width(model) -> int:
-    return int(model.config.hidden_size)  # DistilBERT maps it to dim
+    return int(model.config.hidden_size)  # DistilBERT maps it to dim, T5 to d_model (both its stacks' width)
+
+
+def is_encoder_decoder(model) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def layer_stacks(model) -> dict[str, int]:
+    """The model's layer stacks and their layer counts: {"": L} for a one-stack model (BERT, GPT-2, Llama);
+    {"encoder": Le, "decoder": Ld} for an encoder-decoder (T5: num_layers and num_decoder_layers, which T5Config
+    sets to num_layers when it is not given)."""
+    if not is_encoder_decoder(model):
+        return {"": num_layers(model)}
+    config = model.config
+    decoder = next((getattr(config, k) for k in ("num_decoder_layers", "decoder_layers")
+                    if getattr(config, k, None) is not None), config.num_hidden_layers)
+    return {"encoder": num_layers(model), "decoder": int(decoder)}
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int, *, embeddings: bool) -> dict[int, int]:
@@ -147,28 +165,89 @@ def uniform_layer_map(student_layers: int, teacher_layers: int, *, embeddings: b
     return {0: 0, **mapped} if embeddings else mapped
 
 
-def resolve_layer_map(method: str, layer_map: dict[int, int] | None, student, teacher, *,
-                      embeddings: bool) -> dict[int, int]:
-    """The user's layer map checked against the real layer counts, or the uniform default; sorted by student index.
+def resolve_layer_maps(method: str, layer_map: dict[int, int] | None, student, teacher, *, embeddings: bool,
+                       decoder_layer_map: dict[int, int] | None = None) -> dict[str, dict[int, int]]:
+    """One layer map per layer stack (see `layer_stacks`), each checked against the real layer counts or the uniform
+    default, sorted by student index: {"": map} for a one-stack pair; {"encoder": map, "decoder": map} for an
+    encoder-decoder pair, each student stack mapped to the teacher's stack of the same kind.
 
-    With `embeddings`, indices are hidden-state indices 0..L (0: the embeddings output, as in HF
-    `output_hidden_states`); without, transformer layers 1..L.
+    `layer_map` applies to every stack (one map for both stacks of a T5 pair); `decoder_layer_map`, for
+    encoder-decoders only, replaces it for the decoder. With `embeddings`, indices are hidden-state indices 0..L
+    (0: the embeddings output, as in HF `output_hidden_states`); without, transformer layers 1..L.
     """
-    if any(getattr(m.config, "is_encoder_decoder", False) for m in (student, teacher)):
-        raise KdbenchError(f"method {method!r}: encoder-decoder models (T5) have two layer stacks and no layer map "
-                           "yet; use the logit method")
-    ls, lt = num_layers(student), num_layers(teacher)
+    pair = {"student": is_encoder_decoder(student), "teacher": is_encoder_decoder(teacher)}
+    if pair["student"] != pair["teacher"]:
+        two, one = sorted(pair, key=pair.get, reverse=True)
+        raise KdbenchError(f"method {method!r}: the {two} is an encoder-decoder and the {one} is not; layer maps "
+                           "pair stacks of the same kind, use the logit method")
+    if decoder_layer_map is not None and not pair["student"]:
+        raise KdbenchError(f"method {method!r}: params.decoder_layer_map is for encoder-decoder pairs (T5); this "
+                           "pair has one layer stack, use params.layer_map")
+    student_stacks, teacher_stacks = layer_stacks(student), layer_stacks(teacher)
+    maps = {}
+    for stack, ls in student_stacks.items():
+        field, given = "layer_map", layer_map
+        if stack == "decoder" and decoder_layer_map is not None:
+            field, given = "decoder_layer_map", decoder_layer_map
+        maps[stack] = _checked_layer_map(method, field, given, ls, teacher_stacks[stack], stack, embeddings)
+    return maps
+
+
+def _checked_layer_map(method, field, layer_map, ls, lt, stack, embeddings) -> dict[int, int]:
     if layer_map is None:
         return uniform_layer_map(ls, lt, embeddings=embeddings)
     if not layer_map:
-        raise KdbenchError(f"method {method!r}: params.layer_map is empty; leave it out for the uniform map")
+        raise KdbenchError(f"method {method!r}: params.{field} is empty; leave it out for the uniform map")
     lo = 0 if embeddings else 1
     what = "hidden-state indices 0..{n}, 0 = embeddings" if embeddings else "layers 1..{n}"
     for side, index, n in [("student", s, ls) for s in layer_map] + [("teacher", t, lt) for t in layer_map.values()]:
         if not lo <= index <= n:
-            raise KdbenchError(f"method {method!r}: params.layer_map: {side} index {index} is out of range "
-                               f"(the {side} has {n} layer{'s' * (n != 1)}: {what.format(n=n)})")
+            whose = f"the {side}'s {stack}" if stack else f"the {side}"
+            raise KdbenchError(f"method {method!r}: params.{field}: {side} index {index} is out of range "
+                               f"({whose} has {n} layer{'s' * (n != 1)}: {what.format(n=n)})")
     return dict(sorted(layer_map.items()))
+
+
+# The output fields of each stack: a one-stack model's, then an encoder-decoder's (T5's Seq2SeqLMOutput).
+_STACK_OUTPUTS = {
+    "hidden_states": {"": "hidden_states", "encoder": "encoder_hidden_states", "decoder": "decoder_hidden_states"},
+    "attentions": {"": "attentions", "encoder": "encoder_attentions", "decoder": "decoder_attentions"},
+}
+
+
+def stack_output(out, what: str, stack: str):
+    """`what` ("hidden_states" or "attentions") of one layer stack of model outputs `out`, or None."""
+    return getattr(out, _STACK_OUTPUTS[what][stack], None)
+
+
+class LayerMapped:
+    """What `hidden` and `attention` share: `layer_maps` ({stack: {student index: teacher index}}, built by setup;
+    see `resolve_layer_maps`) and the masks of each stack's positions."""
+
+    method = "layer"
+    layer_maps: dict[str, dict[int, int]] | None = None
+
+    @property
+    def layer_map(self) -> dict[int, int] | None:
+        """The layer map of a one-stack pair, or the encoder's of an encoder-decoder pair (None before setup)."""
+        return None if self.layer_maps is None else next(iter(self.layer_maps.values()))
+
+    @property
+    def decoder_layer_map(self) -> dict[int, int] | None:
+        """The decoder's layer map of an encoder-decoder pair (None for a one-stack pair, or before setup)."""
+        return None if self.layer_maps is None else self.layer_maps.get("decoder")
+
+    def stacks(self) -> list[str]:
+        if self.layer_maps is None:
+            raise KdbenchError(f"method {self.method!r}: setup(student, teacher) was not called "
+                               "(the Distiller calls it)")
+        return list(self.layer_maps)
+
+    @staticmethod
+    def stack_masks(attention_mask, decoder_attention_mask) -> dict:
+        """The mask of each stack's positions: the encoder's (and a one-stack model's) is the batch's
+        attention_mask; the decoder's, the valid target positions (kdbench.trainer.decoder_token_mask)."""
+        return {"": attention_mask, "encoder": attention_mask, "decoder": decoder_attention_mask}
 
 
 def _token_mask(attention_mask, like):
@@ -182,14 +261,21 @@ def _token_mask(attention_mask, like):
 
 
 class HiddenParams(DistillationConfig):
-    """Parameters of `hidden`: logit KD's, plus the feature weight and the layer map."""
+    """Parameters of `hidden`: logit KD's, plus the feature weight and the layer map(s)."""
 
     feature_weight: float = Field(1.0, ge=0)
-    layer_map: dict[int, int] | None = None  # student hidden-state index -> teacher's; None: uniform, 0 -> 0
+    # student hidden-state index -> teacher's; None: uniform, 0 -> 0. An encoder-decoder pair: both stacks' map.
+    layer_map: dict[int, int] | None = None
+    decoder_layer_map: dict[int, int] | None = None  # encoder-decoders: the decoder's own map (None: layer_map's)
+
+
+def projection_key(stack: str, index: int) -> str:
+    """The ModuleDict key of the projection of student hidden-state `index` of `stack`: "1", or "decoder_1"."""
+    return f"{stack}_{index}" if stack else str(index)
 
 
 @methods.register("hidden")
-class HiddenStateKD(Objective):
+class HiddenStateKD(LayerMapped, Objective):
     """Hidden-state matching through learned projections (FitNets, TinyBERT layer map), plus logit KD.
 
     FitNets (Romero et al., 2015, "FitNets: Hints for Thin Deep Nets") regress a student layer onto a wider teacher
@@ -207,14 +293,26 @@ class HiddenStateKD(Objective):
     dropped after training. Hidden states are the post-LayerNorm block outputs (so the MSE starts near 1 whatever
     the widths); in training the student's carry its dropout.
 
+    Encoder-decoder pairs (T5): each student stack is mapped to the teacher's stack of the same kind (encoder to
+    encoder, decoder to decoder), each by the uniform map of its own layer counts, with one projection per mapped
+    index per stack (d_model -> teacher d_model). `layer_map` applies to both stacks; `decoder_layer_map` gives the
+    decoder its own. Encoder positions count where attention_mask is 1, decoder positions where the target has a
+    label (the Distiller's decoder_attention_mask). The real tokens of both stacks are stacked into the one feature
+    tensor, so the MSE is one mean over (encoder tokens * encoder pairs + target tokens * decoder pairs) rows. T5
+    is pre-LayerNorm: its hidden states are the residual stream (0: the embeddings; L: after the final
+    LayerNorm), as transformers returns them, so their scale is the model's own, not 1.
+
     YAML:
         methods:
           - name: hidden
             method: hidden
-            params: {temperature: 4.0, alpha: 0.7, feature_weight: 1.0}   # uniform map
+            params: {temperature: 4.0, alpha: 0.7, feature_weight: 1.0}   # uniform map (each stack's, for T5)
           - name: hidden-last
             method: hidden
             params: {feature_weight: 1.0, layer_map: {1: 2}}   # student layer 1 -> teacher layer 2 only
+          - name: t5-hidden
+            method: hidden
+            params: {layer_map: {0: 0, 1: 2}, decoder_layer_map: {1: 2}}   # encoder, and decoder (T5 only)
     """
 
     Params = HiddenParams
@@ -224,16 +322,17 @@ class HiddenStateKD(Objective):
 
     def __init__(self, params: HiddenParams | None = None):
         self.params = params or HiddenParams()
-        self.layer_map: dict[int, int] | None = None
+        self.layer_maps = None
         self.modules = None
 
     def setup(self, student, teacher) -> None:
         import torch
 
-        self.layer_map = resolve_layer_map(self.method, self.params.layer_map, student, teacher,
-                                           embeddings=self.embeddings)
+        self.layer_maps = resolve_layer_maps(self.method, self.params.layer_map, student, teacher,
+                                             embeddings=self.embeddings,
+                                             decoder_layer_map=getattr(self.params, "decoder_layer_map", None))
         hs, ht = hidden_width(student), hidden_width(teacher)
-        keys = [str(s) for s in self.layer_map]
+        keys = [projection_key(stack, s) for stack, pairs in self.layer_maps.items() for s in pairs]
         built = self.modules
         if built is not None and list(built.keys()) == keys and all(
             (p.in_features, p.out_features) == (hs, ht) for p in built.values()
@@ -242,49 +341,86 @@ class HiddenStateKD(Objective):
         weight = next(student.parameters())
         self.modules = torch.nn.ModuleDict({k: torch.nn.Linear(hs, ht) for k in keys}).to(weight.device)
 
-    def features(self, student_hidden, teacher_hidden, attention_mask=None, pairs: dict[int, int] | None = None):
+    def features(self, student_hidden, teacher_hidden, attention_mask=None, pairs: dict[int, int] | None = None,
+                 stack: str = ""):
         """(student, teacher) features of the real tokens of every mapped pair: (R * P, H_teacher) each.
 
-        student_hidden / teacher_hidden: HF `hidden_states` tuples of (B, L, H); attention_mask (B, L) or None.
-        `pairs`: part of the layer map (default: all of it), e.g. the one pair of a progressive stage.
+        student_hidden / teacher_hidden: HF `hidden_states` tuples of (B, L, H) (an encoder-decoder's
+        `encoder_hidden_states` or `decoder_hidden_states`, with `stack` "encoder" or "decoder"); attention_mask
+        (B, L) or None. `pairs`: part of the stack's layer map (default: all of it), e.g. the one pair of a
+        progressive stage.
         """
         import torch
 
-        if self.modules is None:
-            raise KdbenchError(f"method {self.method!r}: setup(student, teacher) was not called "
-                               "(the Distiller calls it)")
+        self.stacks()  # fails unless set up
         keep = _token_mask(attention_mask, student_hidden[0])
         fs, ft = [], []
-        for s, t in (self.layer_map if pairs is None else pairs).items():
-            fs.append(self.modules[str(s)](student_hidden[s][keep]))  # (R, H_s) -> (R, H_t)
+        for s, t in (self.layer_maps[stack] if pairs is None else pairs).items():
+            fs.append(self.modules[projection_key(stack, s)](student_hidden[s][keep]))  # (R, H_s) -> (R, H_t)
             ft.append(teacher_hidden[t][keep])
         return torch.cat(fs), torch.cat(ft)
 
     def check_hidden_states(self, student_out, teacher_out) -> None:
-        for who, out in (("student", student_out), ("teacher", teacher_out)):
-            if not getattr(out, "hidden_states", None):
-                raise KdbenchError(f"method {self.method!r}: the {who} returned no hidden states "
-                                   "(a cached teacher, or a model without output_hidden_states)")
+        for stack in self.layer_maps or [""]:
+            for who, out in (("student", student_out), ("teacher", teacher_out)):
+                if not stack_output(out, "hidden_states", stack):
+                    what = f"{stack} hidden states" if stack else "hidden states"
+                    raise KdbenchError(f"method {self.method!r}: the {who} returned no {what} "
+                                       "(a cached teacher, or a model without output_hidden_states)")
 
-    def loss(self, student_out, teacher_out, labels, attention_mask=None):
+    def loss(self, student_out, teacher_out, labels, attention_mask=None, decoder_attention_mask=None):
+        import torch
+
         p = self.params
         features = None
         if p.feature_weight != 0:
+            stacks = self.stacks()
             self.check_hidden_states(student_out, teacher_out)
-            fs, ft = self.features(student_out.hidden_states, teacher_out.hidden_states, attention_mask)
+            masks = self.stack_masks(attention_mask, decoder_attention_mask)
+            parts = [self.features(stack_output(student_out, "hidden_states", stack),
+                                   stack_output(teacher_out, "hidden_states", stack), masks[stack], stack=stack)
+                     for stack in stacks]
+            fs, ft = (parts[0] if len(parts) == 1 else
+                      (torch.cat([f for f, _ in parts]), torch.cat([f for _, f in parts])))
             features = (fs, ft, p.feature_weight)
         return self.logit_kd(student_out, teacher_out, labels, features)
 
 
 class AttentionParams(DistillationConfig):
-    """Parameters of `attention`: logit KD's, plus the feature weight and the layer map (layers 1..L)."""
+    """Parameters of `attention`: logit KD's, plus the feature weight, the layer map(s) (layers 1..L) and, for
+    encoder-decoders, whether the decoder's cross-attention counts too."""
 
     feature_weight: float = Field(10.0, ge=0)
-    layer_map: dict[int, int] | None = None  # student layer (1..Ls) -> teacher layer (1..Lt); None: uniform
+    # student layer (1..Ls) -> teacher layer (1..Lt); None: uniform. An encoder-decoder pair: both stacks' map.
+    layer_map: dict[int, int] | None = None
+    decoder_layer_map: dict[int, int] | None = None  # encoder-decoders: the decoder's own map (None: layer_map's)
+    cross_attention: bool = True  # encoder-decoders: also match the mapped decoder layers' cross-attention maps
+
+
+def attention_entries(student_attn, teacher_attn, pairs: dict[int, int], query_mask=None, key_mask=None, *,
+                      causal: bool = False):
+    """(student, teacher) head-averaged attention probabilities at the real (query, key) entries of every mapped
+    pair of layers, as flat (M,) tensors, pairs in map order.
+
+    student_attn / teacher_attn: tuples of (B, heads, Lq, Lk), layer k at index k - 1; query_mask (B, Lq) and
+    key_mask (B, Lk); query_mask None: every query real; key_mask None: the query mask (self-attention). `causal`
+    also leaves out the entries whose key comes after the query (a causal decoder's, which are 0 in both models).
+    """
+    import torch
+
+    like = student_attn[0][:, 0]  # (B, Lq, Lk)
+    query = _token_mask(query_mask, like)
+    key = query if key_mask is None else _token_mask(key_mask, like.transpose(1, 2))
+    entries = query[:, :, None] & key[:, None, :]  # (B, Lq, Lk): query and key both real
+    if causal:
+        entries = entries & torch.ones(like.shape[1:], dtype=torch.bool, device=like.device).tril()
+    fs = [student_attn[s - 1].mean(1)[entries] for s in pairs]
+    ft = [teacher_attn[t - 1].mean(1)[entries] for t in pairs.values()]
+    return torch.cat(fs), torch.cat(ft)
 
 
 @methods.register("attention")
-class AttentionKD(Objective):
+class AttentionKD(LayerMapped, Objective):
     """Attention-map transfer (Zagoruyko & Komodakis 2017; TinyBERT attention loss), plus logit KD.
 
     Zagoruyko & Komodakis (2017, "Paying More Attention to Attention") make the student's attention maps match the
@@ -303,6 +439,14 @@ class AttentionKD(Objective):
     the attention term near the logit term there (0.5 vs 0.6). In training the student's maps carry its attention
     dropout (transformers returns the post-dropout probabilities).
 
+    Encoder-decoder pairs (T5): the encoder's self-attention maps are matched over the encoder's layer map (real
+    source query and key), the decoder's self-attention maps over the decoder's layer map (real target query and
+    key, and only key <= query: the entries a causal decoder cannot attend are 0 in both models and left out), and,
+    with `cross_attention` (the default), the decoder's cross-attention maps over the decoder's layer map too (real
+    target query, real source key). Heads are averaged in each, as above. All entries of the three go into the one
+    (M, 1) feature tensor, so the MSE is one mean over them. `layer_map` applies to both stacks;
+    `decoder_layer_map` gives the decoder (and its cross-attention) its own.
+
     Attention maps need eager attention (SDPA returns none in transformers 5): while training, the Distiller
     switches both models to "eager" and back afterwards (kdbench.trainer.objective_attached).
 
@@ -310,47 +454,78 @@ class AttentionKD(Objective):
         methods:
           - name: attention
             method: attention
-            params: {temperature: 4.0, alpha: 0.7, feature_weight: 10.0}   # uniform map
+            params: {temperature: 4.0, alpha: 0.7, feature_weight: 10.0}   # uniform map (each stack's, for T5)
           - name: attention-last
             method: attention
             params: {layer_map: {1: 2}}   # student layer 1 -> teacher layer 2
+          - name: t5-self-attention
+            method: attention
+            params: {cross_attention: false}   # T5: encoder and decoder self-attention only
     """
 
     Params = AttentionParams
     needs_attentions = True
+    method = "attention"
 
     def __init__(self, params: AttentionParams | None = None):
         self.params = params or AttentionParams()
-        self.layer_map: dict[int, int] | None = None
+        self.layer_maps = None
 
     def setup(self, student, teacher) -> None:
-        self.layer_map = resolve_layer_map("attention", self.params.layer_map, student, teacher, embeddings=False)
+        self.layer_maps = resolve_layer_maps(self.method, self.params.layer_map, student, teacher, embeddings=False,
+                                             decoder_layer_map=self.params.decoder_layer_map)
 
     def features(self, student_attn, teacher_attn, attention_mask=None):
         """(student, teacher) head-averaged attention probabilities at real (query, key) entries: (M, 1) each.
 
-        student_attn / teacher_attn: HF `attentions` tuples of (B, heads, L, L), layer k at index k - 1.
+        student_attn / teacher_attn: HF `attentions` tuples of (B, heads, L, L) of a one-stack model, layer k at
+        index k - 1. (An encoder-decoder's: `stack_features`.)
         """
+        self.stacks()  # fails unless set up
+        fs, ft = attention_entries(student_attn, teacher_attn, self.layer_map, attention_mask)
+        return fs[:, None], ft[:, None]
+
+    def outputs(self) -> list[tuple[str, str, str]]:
+        """(output field, layer map's stack, mask kind) of every attention output the loss reads."""
+        if self.stacks() == [""]:
+            return [("attentions", "", "")]
+        out = [("encoder_attentions", "encoder", "encoder"), ("decoder_attentions", "decoder", "decoder")]
+        return out + ([("cross_attentions", "decoder", "cross")] if self.params.cross_attention else [])
+
+    def stack_features(self, student_out, teacher_out, attention_mask=None, decoder_attention_mask=None):
+        """(student, teacher) features of every attention output the loss reads (`outputs`), stacked: (M, 1) each.
+
+        One-stack model: `features`. Encoder-decoder: encoder self-attention, decoder self-attention (causal
+        entries only), then cross-attention (queries: real target positions; keys: real source positions)."""
         import torch
 
-        if self.layer_map is None:
-            raise KdbenchError("method 'attention': setup(student, teacher) was not called (the Distiller calls it)")
-        keep = _token_mask(attention_mask, student_attn[0][:, 0])
-        pair = keep[:, :, None] & keep[:, None, :]  # (B, L, L): query and key both real
-        fs = [student_attn[s - 1].mean(1)[pair] for s in self.layer_map]
-        ft = [teacher_attn[t - 1].mean(1)[pair] for t in self.layer_map.values()]
+        fs, ft = [], []
+        for field, stack, kind in self.outputs():
+            student_attn, teacher_attn = getattr(student_out, field), getattr(teacher_out, field)
+            pairs = self.layer_maps[stack]
+            if kind in ("", "encoder"):
+                s, t = attention_entries(student_attn, teacher_attn, pairs, attention_mask)
+            elif kind == "decoder":
+                s, t = attention_entries(student_attn, teacher_attn, pairs, decoder_attention_mask, causal=True)
+            else:
+                like = student_attn[0][:, 0]
+                source = _token_mask(attention_mask, like.transpose(1, 2))  # (B, Ls): all real without a mask
+                s, t = attention_entries(student_attn, teacher_attn, pairs, decoder_attention_mask, source)
+            fs.append(s)
+            ft.append(t)
         return torch.cat(fs)[:, None], torch.cat(ft)[:, None]
 
-    def loss(self, student_out, teacher_out, labels, attention_mask=None):
+    def loss(self, student_out, teacher_out, labels, attention_mask=None, decoder_attention_mask=None):
         p = self.params
         features = None
         if p.feature_weight != 0:
-            for who, out in (("student", student_out), ("teacher", teacher_out)):
-                attn = getattr(out, "attentions", None)
-                if not attn or any(a is None for a in attn):
-                    raise KdbenchError(f"method 'attention': the {who} returned no attention maps; it needs "
-                                       "attn_implementation='eager' (SDPA returns none)")
-            fs, ft = self.features(student_out.attentions, teacher_out.attentions, attention_mask)
+            for field, _, _ in self.outputs():
+                for who, out in (("student", student_out), ("teacher", teacher_out)):
+                    attn = getattr(out, field, None)
+                    if not attn or any(a is None for a in attn):
+                        raise KdbenchError(f"method 'attention': the {who} returned no attention maps; it needs "
+                                           "attn_implementation='eager' (SDPA returns none)")
+            fs, ft = self.stack_features(student_out, teacher_out, attention_mask, decoder_attention_mask)
             features = (fs, ft, p.feature_weight)
         return self.logit_kd(student_out, teacher_out, labels, features)
 
@@ -471,7 +646,8 @@ class ProgressiveKD(HiddenStateKD):
     student's parameters; the Trainer's AdamW skips parameters without a gradient (no update, no weight decay, no
     momentum). Every parameter is trainable at the start of training (the optimizer is built from the trainable
     ones) and again at its end (compression and recovery train the student further). The blocks are found by
-    `transformer_blocks` (BERT, RoBERTa, DistilBERT, ELECTRA, GPT-2, Llama-style); other models fail at setup.
+    `transformer_blocks` (BERT, RoBERTa, DistilBERT, ELECTRA, GPT-2, Llama-style); other models fail at setup,
+    and so do encoder-decoder pairs (T5: two stacks, which `hidden` and `attention` map but stages do not walk).
     A recovery after pruning runs the same schedule over its own steps; under K + 1 steps it is logit KD alone.
 
     YAML:
@@ -493,6 +669,9 @@ class ProgressiveKD(HiddenStateKD):
         self.stage: int | None = None  # the layer stage in progress (1..K), or None: the final logit stage
 
     def setup(self, student, teacher) -> None:
+        if is_encoder_decoder(student) or is_encoder_decoder(teacher):
+            raise KdbenchError(f"method {self.method!r}: encoder-decoder models (T5) have two layer stacks and its "
+                               "stages walk one; use the hidden, attention or logit method")
         super().setup(student, teacher)
         transformer_blocks(student, self.method)  # fail here, before training, on a model whose blocks are unknown
         self.stage = None

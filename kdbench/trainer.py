@@ -21,7 +21,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from kdbench import heads
 from kdbench.errors import NonFiniteLossError
-from kdbench.heads import Head
+from kdbench.heads import IGNORE, Head
 from kdbench.methods import DistillationConfig, LogitKD, Objective
 from kdbench.models import model_inputs
 
@@ -68,7 +68,7 @@ class Distiller(Trainer):
     def distillation_loss(self, model, teacher, objective, head, inputs):
         """(loss, student outputs) of one batch: the hard loss without a teacher, else the objective's loss on the
         logit rows `head` lines up with the labels. A non-finite loss stops the run."""
-        labels = inputs.pop("labels")
+        labels = batch_labels = inputs.pop("labels")
         cached = inputs.pop("teacher_logits", None)
         flags = dict(output_hidden_states=bool(objective and objective.needs_hidden_states),
                      output_attentions=bool(objective and objective.needs_attentions))
@@ -91,6 +91,8 @@ class Distiller(Trainer):
             t_logits, _ = head.align(teacher_logits, labels)
             # Feature methods leave padding tokens out; logit-only objectives keep their 3-argument loss.
             mask = {"attention_mask": inputs.get("attention_mask")} if any(flags.values()) else {}
+            if mask and _is_encoder_decoder(model):
+                mask["decoder_attention_mask"] = decoder_token_mask(inputs, batch_labels)
             loss = objective.loss(_with_logits(student_out, s_logits), _with_logits(teacher_out, t_logits), aligned,
                                   **mask)
         if not torch.isfinite(loss.detach()):
@@ -99,11 +101,31 @@ class Distiller(Trainer):
 
 
 def _with_logits(out, logits):
-    """A view of model outputs `out` with other logits (the hidden states and attentions stay)."""
+    """A view of model outputs `out` with other logits (the hidden states and attentions stay, an encoder-decoder's
+    encoder_/decoder_/cross_ ones included)."""
     if logits is getattr(out, "logits", None):
         return out
-    return SimpleNamespace(logits=logits, hidden_states=getattr(out, "hidden_states", None),
-                           attentions=getattr(out, "attentions", None))
+    fields = dict(out.items()) if hasattr(out, "items") else dict(vars(out))  # a ModelOutput, or a SimpleNamespace
+    return SimpleNamespace(**{**fields, "logits": logits})
+
+
+def _is_encoder_decoder(model) -> bool:
+    model = getattr(model, "module", model)  # DDP
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def decoder_token_mask(inputs: dict, labels):
+    """(B, Lt) of an encoder-decoder's decoder positions that count, for feature methods: the batch's
+    `decoder_attention_mask` if it has one, else the positions with a label (the seq2seq head pads labels with
+    IGNORE and `decoder_input_ids` to the same length, and decoder position i predicts label i); None (every
+    position) when neither lines up with the decoder inputs."""
+    given = inputs.get("decoder_attention_mask")
+    if given is not None:
+        return given
+    decoder = inputs.get("decoder_input_ids")
+    if labels is not None and decoder is not None and labels.shape == decoder.shape:
+        return labels != IGNORE
+    return None
 
 
 PROJECTIONS = "kd_projections"  # the student's submodule that holds an objective's trainable modules in training

@@ -382,12 +382,14 @@ def test_ls_methods_lists_both_with_descriptions_and_params():
     result = CliRunner().invoke(app, ["ls", "methods"])
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    for name, starts in [("hidden", "Hidden-state matching through learned projections"),
-                         ("attention", "Attention-map transfer (Zagoruyko & Komodakis 2017")]:
+    for name, starts, own in [
+        ("hidden", "Hidden-state matching through learned projections", ["decoder_layer_map"]),
+        ("attention", "Attention-map transfer (Zagoruyko & Komodakis 2017", ["decoder_layer_map,", "cross_attention"]),
+    ]:
         [i] = [i for i, line in enumerate(lines) if line.split()[:1] == [name]]
         assert lines[i].split(None, 1)[1] == methods.describe(name) and methods.describe(name).startswith(starts)
         assert lines[i + 1].split() == ["params:", "temperature,", "alpha,", "divergence,", "beta,",
-                                        "feature_weight,", "layer_map"]
+                                        "feature_weight,", "layer_map,", *own]
     [i] = [i for i, line in enumerate(lines) if line.split()[:1] == ["progressive"]]
     assert lines[i].split(None, 1)[1] == "Progressive layer-by-layer transfer (MobileBERT), then logit KD of the " \
                                          "whole student."
@@ -517,7 +519,8 @@ def test_progressive_fails_at_setup_naming_a_model_whose_blocks_it_cannot_find()
                           decoder_start_token_id=0))
     objective = ProgressiveKD(ProgressiveParams(layer_map={1: 1, 2: 2}))
     with pytest.raises(KdbenchError, match=r"^method 'progressive': encoder-decoder models \(T5\) have two layer "
-                                           r"stacks and no layer map yet; use the logit method$"):
+                                           r"stacks and its stages walk one; use the hidden, attention or logit "
+                                           r"method$"):
         objective.setup(t5, t5)
     with pytest.raises(KdbenchError, match=r"cannot find the transformer blocks of the 't5' student \(one ModuleList "
                                            r"of its 2 layers; found 2: encoder.block, decoder.block\)$"):

@@ -37,8 +37,9 @@ def tok(data, tmp_path_factory):
 
 
 def t5(tok, seed=0, **fields):
-    config = T5Config(vocab_size=len(tok), d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
-                      relative_attention_num_buckets=8, decoder_start_token_id=tok.pad_token_id, **fields)
+    config = T5Config(**{"vocab_size": len(tok), "d_model": 16, "d_ff": 32, "num_layers": 1, "num_heads": 2,
+                         "d_kv": 8, "relative_attention_num_buckets": 8, "decoder_start_token_id": tok.pad_token_id,
+                         **fields})
     torch.manual_seed(seed)
     return T5ForConditionalGeneration(config).eval()
 
@@ -235,15 +236,16 @@ def test_seq2seq_presets():
 # End to end
 
 
-def test_a_seq2seq_suite_runs_end_to_end_and_reports_perplexity(tmp_path):
+def tiny_suite(tmp_path, methods: list[dict], teacher: dict | None = None):
+    """A tiny T5 suite (2 training steps) with `methods`, written to tmp_path and loaded; `teacher`: its model."""
     data = {
         "name": "tiny-t5", "device": "cpu", "seeds": [0],
         "tasks": [{"name": "s2s", "task": "generated_seq2seq", "params": {"train_size": 48, "eval_size": 16}}],
         "pairs": [{"name": "t5",
-                   "teacher": {"model": {**T5, "d_model": 16, "d_ff": 32},
+                   "teacher": {"model": teacher or {**T5, "d_model": 16, "d_ff": 32},
                                "finetune": {"max_steps": 2, "batch_size": 8}},
                    "student": {"model": {**T5, "d_model": 8, "d_ff": 16}}}],
-        "methods": [{"name": "kd", "method": "logit", "params": {"temperature": 2.0}}],
+        "methods": methods,
         "compression": [{"name": "int8", "steps": [{"compressor": "int8"}]}],
         "training": {"max_steps": 2, "batch_size": 8, "max_seq_length": 32},
         "profiling": {"batch_sizes": [2], "warmup": 0, "min_repeats": 1, "max_repeats": 1, "time_budget_s": 0.01,
@@ -251,7 +253,11 @@ def test_a_seq2seq_suite_runs_end_to_end_and_reports_perplexity(tmp_path):
         "output_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"),
     }
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    suite = load_suite(tmp_path / "suite.yaml")
+    return load_suite(tmp_path / "suite.yaml")
+
+
+def test_a_seq2seq_suite_runs_end_to_end_and_reports_perplexity(tmp_path):
+    suite = tiny_suite(tmp_path, [{"name": "kd", "method": "logit", "params": {"temperature": 2.0}}])
     outcome = run_suite(suite, show_progress=False)
     assert {r.run_id.split("__", 2)[2]: r.status for r in outcome.runs} == {
         "teacher": "ok", "student__s0": "ok", "kd__s0": "ok"}, [r.error for r in outcome.runs]
@@ -287,11 +293,231 @@ def test_seq2seq_suites_validate():
         assert {t.task for t in suite.tasks} <= {"generated_seq2seq", "xsum", "cnn_dailymail"}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Layer methods (hidden, attention) on T5 pairs: each stack mapped to the teacher's stack of the same kind
 
-@pytest.mark.parametrize("method", ["hidden", "attention", "progressive"])
-def test_layer_methods_refuse_encoder_decoders_in_one_line(tok, method):
+
+def t5_pair(tok):
+    """(student, teacher): encoder 2 -> 4 layers, decoder 1 -> 2, d_model 16 -> 32, heads 2 -> 4; no dropout."""
+    teacher = t5(tok, seed=1, d_model=32, d_ff=64, num_layers=4, num_decoder_layers=2, num_heads=4, dropout_rate=0.0)
+    student = t5(tok, seed=2, num_layers=2, num_decoder_layers=1, dropout_rate=0.0)
+    return student, teacher
+
+
+def test_layer_methods_map_each_t5_stack_to_the_teachers_stack_of_the_same_kind(tok):
     from kdbench.methods import make_objective
 
-    culprit = rf"^method '{method}': encoder-decoder models \(T5\) .* use the logit method$"
-    with pytest.raises(KdbenchError, match=culprit):
-        make_objective(method, {}).setup(t5(tok), t5(tok))
+    student, teacher = t5_pair(tok)
+    hidden, attention = make_objective("hidden", {}), make_objective("attention", {})
+    hidden.setup(student, teacher)
+    attention.setup(student, teacher)
+    assert hidden.layer_maps == {"encoder": {0: 0, 1: 2, 2: 4}, "decoder": {0: 0, 1: 2}}
+    assert attention.layer_maps == {"encoder": {1: 2, 2: 4}, "decoder": {1: 2}}
+    assert hidden.layer_map == {0: 0, 1: 2, 2: 4} and hidden.decoder_layer_map == {0: 0, 1: 2}
+    assert {k: (m.in_features, m.out_features) for k, m in hidden.modules.items()} == {
+        "encoder_0": (16, 32), "encoder_1": (16, 32), "encoder_2": (16, 32), "decoder_0": (16, 32),
+        "decoder_1": (16, 32)}  # one projection per mapped index per stack, d_model -> teacher d_model
+    # num_decoder_layers left out: the decoder has num_layers layers, as in T5Config
+    default = make_objective("attention", {})
+    default.setup(t5(tok, num_layers=2), t5(tok, num_layers=3))
+    assert default.layer_maps == {"encoder": {1: 2, 2: 3}, "decoder": {1: 2, 2: 3}}
+
+    # a user's layer_map applies to both stacks; decoder_layer_map gives the decoder its own
+    both = make_objective("attention", {"layer_map": {1: 2}})
+    both.setup(student, teacher)
+    assert both.layer_maps == {"encoder": {1: 2}, "decoder": {1: 2}}
+    own = make_objective("hidden", {"layer_map": {2: 4}, "decoder_layer_map": {1: 1, 0: 0}})
+    own.setup(student, teacher)
+    assert own.layer_maps == {"encoder": {2: 4}, "decoder": {0: 0, 1: 1}}
+    assert list(own.modules) == ["encoder_2", "decoder_0", "decoder_1"]
+
+
+@pytest.mark.parametrize("method, params, message", [
+    ("hidden", {"layer_map": {2: 4}}, ("params.layer_map: student index 2 is out of range (the student's decoder "
+                                       "has 1 layer: hidden-state indices 0..1, 0 = embeddings)")),
+    ("attention", {"layer_map": {3: 1}}, ("params.layer_map: student index 3 is out of range (the student's "
+                                          "encoder has 2 layers: layers 1..2)")),
+    ("attention", {"decoder_layer_map": {1: 3}}, ("params.decoder_layer_map: teacher index 3 is out of range "
+                                                  "(the teacher's decoder has 2 layers: layers 1..2)")),
+    ("hidden", {"decoder_layer_map": {}}, "params.decoder_layer_map is empty; leave it out for the uniform map"),
+    ("progressive", {}, ("encoder-decoder models (T5) have two layer stacks and its stages walk one; use the "
+                         "hidden, attention or logit method")),
+])
+def test_a_bad_t5_layer_map_fails_at_setup_in_one_line_naming_the_stack(tok, method, params, message):
+    from kdbench.methods import make_objective
+
+    with pytest.raises(KdbenchError) as info:
+        make_objective(method, params).setup(*t5_pair(tok))
+    assert str(info.value) == f"method {method!r}: {message}"
+
+
+def test_layer_methods_refuse_a_mixed_pair_and_a_decoder_map_without_a_decoder(tok):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from kdbench.methods import make_objective
+
+    bert = BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32))
+    with pytest.raises(KdbenchError, match=r"^method 'hidden': the student is an encoder-decoder and the teacher is "
+                                           r"not; layer maps pair stacks of the same kind, use the logit method$"):
+        make_objective("hidden", {}).setup(t5(tok), bert)
+    with pytest.raises(KdbenchError, match=r"^method 'attention': the teacher is an encoder-decoder and the student"):
+        make_objective("attention", {}).setup(bert, t5(tok))
+    with pytest.raises(KdbenchError, match=r"^method 'attention': params.decoder_layer_map is for encoder-decoder "
+                                           r"pairs \(T5\); this pair has one layer stack, use params.layer_map$"):
+        make_objective("attention", {"decoder_layer_map": {1: 1}}).setup(bert, bert)
+
+
+def seq2seq_batch(data, tok, n: int = 4) -> dict:
+    head = heads.get("seq2seq")
+    batch = head.collator(tok)(head.encode(data.train[:n], tok, 32))
+    assert not batch["attention_mask"].all() and not (batch["labels"] != IGNORE).all()  # padding on both sides
+    return batch
+
+
+def t5_distiller(student, teacher, objective, tmp_path):
+    args = training_arguments(TrainingSettings(), seed=0, device="cpu", output_dir=str(tmp_path))
+    return Distiller(model=student, args=args, teacher=teacher, objective=objective, head=heads.get("seq2seq"))
+
+
+def t5_outputs(model, batch, objective):
+    return model(**models.model_inputs(batch, model), output_hidden_states=objective.needs_hidden_states,
+                 output_attentions=objective.needs_attentions)
+
+
+def test_hidden_on_t5_is_kd_loss_with_both_stacks_real_tokens_and_trains_student_and_projections(data, tok, tmp_path):
+    from kdbench.methods import HiddenParams, HiddenStateKD
+
+    student, teacher = t5_pair(tok)
+    objective = HiddenStateKD(HiddenParams(temperature=2.0, alpha=0.6, feature_weight=0.5))
+    d = t5_distiller(student, teacher, objective, tmp_path)
+    batch = seq2seq_batch(data, tok)
+    loss = d.compute_loss(student, dict(batch))
+    assert math.isfinite(loss.item()) and loss.item() > 0
+
+    # by hand: the encoder's real source tokens, then the decoder's labelled target positions, through the projections
+    with torch.no_grad():
+        so, to = t5_outputs(student, batch, objective), t5_outputs(teacher, batch, objective)
+        fs, ft = [], []
+        for stack, keep in (("encoder", batch["attention_mask"].bool()), ("decoder", batch["labels"] != IGNORE)):
+            s_hidden, t_hidden = getattr(so, f"{stack}_hidden_states"), getattr(to, f"{stack}_hidden_states")
+            for s, t in objective.layer_maps[stack].items():
+                fs.append(objective.modules[f"{stack}_{s}"](s_hidden[s][keep]))
+                ft.append(t_hidden[t][keep])
+        fs, ft = torch.cat(fs), torch.cat(ft)
+        rows = 3 * int(batch["attention_mask"].sum()) + 2 * int((batch["labels"] != IGNORE).sum())
+        assert fs.shape == ft.shape == (rows, 32)
+        expected = kd_loss(so.logits, to.logits, batch["labels"], temperature=2.0, alpha=0.6, student_features=fs,
+                           teacher_features=ft, feature_weight=0.5)
+        logit_only = kd_loss(so.logits, to.logits, batch["labels"], temperature=2.0, alpha=0.6)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert loss.item() > logit_only.item()
+
+    loss.backward()
+    for name, p in objective.modules.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for stack in (student.encoder, student.decoder):
+        assert stack.block[0].layer[0].SelfAttention.q.weight.grad.abs().sum() > 0
+    assert student.encoder.block[1].layer[-1].DenseReluDense.wo.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def with_other_padding(batch: dict, tok, seed: int) -> dict:
+    """The batch with other token ids at its padded source positions and its unlabelled decoder positions."""
+    g = torch.Generator().manual_seed(seed)
+    out = {k: v.clone() for k, v in batch.items()}
+    for key, pad in (("input_ids", batch["attention_mask"] == 0), ("decoder_input_ids", batch["labels"] == IGNORE)):
+        out[key][pad] = torch.randint(5, len(tok), (int(pad.sum()),), generator=g)
+    return out
+
+
+@pytest.mark.parametrize("method", ["hidden", "attention"])
+def test_layer_methods_on_t5_leave_out_source_and_target_padding(data, tok, tmp_path, monkeypatch, method):
+    from kdbench import kernels
+    from kdbench.methods import make_objective
+    from kdbench.trainer import objective_attached
+
+    calls = []
+
+    def spy(*args, **kwargs):  # the one kd_loss call of a loss: record its features
+        calls.append((kwargs["student_features"], kwargs["teacher_features"]))
+        return real(*args, **kwargs)
+
+    real = kernels.kd_loss
+    monkeypatch.setattr(kernels, "kd_loss", spy)
+    student, teacher = t5_pair(tok)
+    objective = make_objective(method, {})
+    d = t5_distiller(student, teacher, objective, tmp_path)
+    batch = seq2seq_batch(data, tok)
+    other = with_other_padding(batch, tok, seed=0)
+    source, target = batch["attention_mask"], batch["labels"] != IGNORE
+
+    def features(inputs, **masks):
+        calls.clear()
+        so, to = t5_outputs(student, inputs, objective), t5_outputs(teacher, inputs, objective)
+        loss = objective.loss(so, to, inputs["labels"], **masks)
+        [(fs, ft)] = calls
+        return loss, fs, ft
+
+    with objective_attached(student, teacher, objective), torch.no_grad():
+        loss = d.compute_loss(student, dict(batch))
+        [masked] = calls
+        assert d.compute_loss(student, dict(other)).item() == loss.item()  # other padding: the same loss
+        assert all(torch.equal(a, b) for a, b in zip(calls[-1], masked))  # ... from the same features
+        both = features(batch, attention_mask=source, decoder_attention_mask=target)
+        assert both[0].item() == loss.item() and all(torch.equal(a, b) for a, b in zip(both[1:], masked))
+        # Each stack's mask is what keeps the padding out: without it, the padded positions' features change.
+        for masks in ({"attention_mask": source}, {"decoder_attention_mask": target}):
+            _, fs, ft = features(batch, **masks)
+            _, fs_other, ft_other = features(other, **masks)
+            assert fs.shape[0] > masked[0].shape[0] and not torch.equal(fs, fs_other), masks
+            assert not torch.equal(ft, ft_other), masks
+
+
+def test_attention_on_t5_matches_encoder_decoder_and_cross_maps_at_real_entries(data, tok):
+    from kdbench.methods import AttentionKD, AttentionParams
+    from kdbench.trainer import objective_attached
+
+    student, teacher = t5_pair(tok)
+    batch = seq2seq_batch(data, tok)
+    source, target = batch["attention_mask"], batch["labels"] != IGNORE
+    ns, nt = source.sum(1), target.sum(1)
+    for cross in (True, False):
+        objective = AttentionKD(AttentionParams(cross_attention=cross))
+        objective.setup(student, teacher)  # encoder {1: 2, 2: 4}, decoder {1: 2}; heads 2 vs 4, averaged
+        with objective_attached(student, teacher, objective), torch.no_grad():
+            so, to = t5_outputs(student, batch, objective), t5_outputs(teacher, batch, objective)
+        fs, ft = objective.stack_features(so, to, source, target)
+        encoder = 2 * int((ns * ns).sum())  # 2 pairs, real query x real key
+        decoder = int((nt * (nt + 1) // 2).sum())  # 1 pair, real query x real key at or before it
+        assert fs.shape == ft.shape == (encoder + decoder + cross * int((nt * ns).sum()), 1)
+    # the encoder's first pair (student layer 1, teacher layer 2), sequence 0; the decoder's, its last sequence
+    n, m = int(ns[0]), int(nt[-1])
+    torch.testing.assert_close(fs[: n * n, 0], so.encoder_attentions[0][0].mean(0)[:n, :n].flatten())
+    torch.testing.assert_close(ft[: n * n, 0], to.encoder_attentions[1][0].mean(0)[:n, :n].flatten())
+    causal = torch.ones(m, m, dtype=torch.bool).tril()
+    torch.testing.assert_close(ft[-(m * (m + 1) // 2):, 0], to.decoder_attentions[1][-1].mean(0)[:m, :m][causal])
+
+    # identical models: the attention term, cross-attention included, is exactly 0
+    objective = AttentionKD()
+    objective.setup(teacher, teacher)
+    with objective_attached(teacher, teacher, objective), torch.no_grad():
+        out = t5_outputs(teacher, batch, objective)
+    fs, ft = objective.stack_features(out, out, source, target)
+    assert torch.equal(fs, ft) and len(objective.outputs()) == 3
+
+
+def test_a_seq2seq_suite_distills_with_hidden_and_attention(tmp_path):
+    methods = [{"name": "fitnets", "method": "hidden", "params": {"temperature": 2.0}},
+               {"name": "at", "method": "attention", "params": {"temperature": 2.0}}]
+    teacher = {**T5, "num_layers": 2, "num_heads": 4, "d_model": 16, "d_ff": 32}  # 2 + 2 layers, 4 heads
+    outcome = run_suite(tiny_suite(tmp_path, methods, teacher=teacher), show_progress=False)
+    assert {r.run_id.split("__", 2)[2]: r.status for r in outcome.runs} == {
+        "teacher": "ok", "student__s0": "ok", "fitnets__s0": "ok", "at__s0": "ok"}, [r.error for r in outcome.runs]
+    out = outcome.results_dir
+    student = read_result(run_path(out, "s2s__t5__student__s0"))["variants"][0]
+    for name in ("fitnets", "at"):
+        variants = read_result(run_path(out, f"s2s__t5__{name}__s0"))["variants"]
+        assert [v["name"] for v in variants] == ["distilled", "int8"]
+        assert 1.0 < variants[0]["metric"] < float("inf")
+        assert variants[0]["params"] == student["params"]  # the projections were dropped after training
