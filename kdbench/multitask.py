@@ -24,6 +24,7 @@ YAML (the method's parameters come from the suite method it names):
 from __future__ import annotations
 
 import contextlib
+import json
 
 import torch
 
@@ -99,19 +100,59 @@ class MultiTaskDistiller(Distiller):
         return total
 
 
+def group_key(spec, ctx) -> str:
+    """The cache key of a group's trained student: everything its training depends on (the method, the student,
+    the training settings and seed, and each task's teacher, tokenizer and data)."""
+    from kdbench.runner import for_task
+    from kdbench.suite import spec_hash
+
+    views = [for_task(spec, task) for task in spec.group]
+    return spec_hash(["multitask", spec.method.model_dump(mode="json"), spec.pair.student.model_dump(mode="json"),
+                      spec.training.model_dump(mode="json"), spec.seed,
+                      [(ctx.teacher_key(v), ctx.data_key(v)) for v in views]])
+
+
 def train_group(spec, ctx):
-    """Train the group's multi-task student; return ({task name: model}, TrainStats)."""
-    from kdbench.methods import make_objective
-    from kdbench.runner import distillation_rows, for_task
+    """The group's multi-task student, ({task name: model}, TrainStats): loaded from the on-disk cache, or trained
+    once and saved there, so a suite resumed half-way through a group does not train it again."""
+    students = build_group(spec, ctx)
+    folder = ctx.cache_dir / "multitask" / group_key(spec, ctx)
+    weights, stats_file = folder / "students.pt", folder / "training.json"
+    if weights.exists() and stats_file.exists():
+        MultiTaskStudent(students).load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        stats = trainer.TrainStats(**json.loads(stats_file.read_text()))
+    else:
+        stats = train_students(spec, ctx, students)
+        tmp = folder.with_name(folder.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save(MultiTaskStudent(students).state_dict(), tmp / "students.pt")
+        (tmp / "training.json").write_text(json.dumps({"wall_s": stats.wall_s, "steps": stats.steps,
+                                                       "samples": stats.samples}))
+        tmp.rename(folder)  # atomic: a half-written group is never reused
+    for model in students.values():
+        model.to(ctx.device).eval()
+    return students, stats
+
+
+def build_group(spec, ctx) -> dict:
+    """The group's untrained students, {task name: model}, sharing one encoder."""
+    from kdbench.runner import for_task
 
     views = [for_task(spec, task) for task in spec.group]
     heads = {type(ctx.head(v)).__name__ for v in views}
     if len(heads) > 1:
         raise KdbenchError(f"multitask {spec.method.name!r}: its tasks need one kind of head, got "
                            + ", ".join(sorted(heads)))
-    head = ctx.head(spec)
-    students = build_students(spec.pair.student.model, [(v.task.name, ctx.task_data(v).num_labels) for v in views],
-                              head=head, vocab_size=len(ctx.tokenizer(spec)), seed=spec.seed)
+    return build_students(spec.pair.student.model, [(v.task.name, ctx.task_data(v).num_labels) for v in views],
+                          head=ctx.head(spec), vocab_size=len(ctx.tokenizer(spec)), seed=spec.seed)
+
+
+def train_students(spec, ctx, students: dict):
+    """Distil the group's `students` together, each row from its own task's teacher; return the TrainStats."""
+    from kdbench.methods import make_objective
+    from kdbench.runner import distillation_rows, for_task
+
+    views = [for_task(spec, task) for task in spec.group]
     parts, rows = [], []
     for k, v in enumerate(views):
         teacher, _ = ctx.teacher(v)
@@ -119,10 +160,6 @@ def train_group(spec, ctx):
         parts.append((students[v.task.name], teacher, objective, ctx.head(v)))
         rows += [{**r, "task": k} for r in distillation_rows(v, ctx, objective)]
     # one tokenizer for the group, so any task's collator pads all the rows
-    stats = trainer.train(MultiTaskStudent(students), rows, ctx.collator(spec), spec.training, seed=spec.seed,
-                          device=ctx.device, progress=ctx.progress, head=head, distiller=MultiTaskDistiller,
-                          parts=parts, description=f"{spec.method.name} ({len(views)} tasks), seed {spec.seed}")
-    for model in students.values():
-        model.eval()
-    return students, stats
-
+    return trainer.train(MultiTaskStudent(students), rows, ctx.collator(spec), spec.training, seed=spec.seed,
+                         device=ctx.device, progress=ctx.progress, head=ctx.head(spec), distiller=MultiTaskDistiller,
+                         parts=parts, description=f"{spec.method.name} ({len(views)} tasks), seed {spec.seed}")

@@ -428,7 +428,8 @@ def compress_variant(student, comp, ctx: Context, distill, inputs: dict | None =
 
 
 def run_multitask(spec: RunSpec, ctx: Context) -> dict:
-    """This task's part of the group's multi-task student (trained once per group, pair and seed, in-process)."""
+    """This task's part of the group's multi-task student (trained once per group, pair and seed, and cached on
+    disk: kdbench.multitask.train_group)."""
     from kdbench import multitask
     from kdbench.methods import make_objective
 

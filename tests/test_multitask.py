@@ -154,3 +154,32 @@ def test_a_multitask_group_distils_on_what_its_method_trains_on(tmp_path):
     [failed] = outcome.failed
     assert failed.error == ("method 'mt-seq': sequence-level KD needs a seq2seq task; task 'sentiment' has a "
                             "classification head")
+
+
+def test_a_trained_group_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
+    """A suite resumed half-way through a group (or re-run elsewhere) loads the group's student, not trains it."""
+    from kdbench import multitask
+
+    data = suite_data(tmp_path)
+    only = ["sentiment__pair__teacher", "topics__pair__teacher", "sentiment__pair__mt-kd__s0"]
+    first = run_suite(load_suite(write(tmp_path, data)), show_progress=False, only=only)
+    assert {r.status for r in first.runs} == {"ok"}
+    assert len(list((tmp_path / "cache" / "multitask").iterdir())) == 1
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the group was trained again")
+
+    monkeypatch.setattr(multitask, "train_students", no_training)
+    again = run_suite(load_suite(write(tmp_path, {**data, "output_dir": str(tmp_path / "elsewhere")})),
+                      show_progress=False, only=only + ["topics__pair__mt-kd__s0"])
+    assert {r.run_id: r.status for r in again.runs if r.status != "ok"} == {}
+    before = read_result(run_path(first.results_dir, "sentiment__pair__mt-kd__s0"))
+    after = read_result(run_path(again.results_dir, "sentiment__pair__mt-kd__s0"))
+    assert after["variants"][0]["metric"] == before["variants"][0]["metric"]
+    assert after["training"] == before["training"]
+    # another seed is another group: not in the cache
+    seeded = run_suite(load_suite(write(tmp_path, {**data, "seeds": [1], "output_dir": str(tmp_path / "s1")})),
+                       show_progress=False, only=["sentiment__pair__teacher", "topics__pair__teacher",
+                                                  "sentiment__pair__mt-kd__s1"])
+    [failed] = seeded.failed
+    assert "the group was trained again" in failed.error
