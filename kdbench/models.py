@@ -89,6 +89,12 @@ def _from_pretrained(loader, ref: str, **kwargs):
         ) from None
 
 
+def load_config(ref: str):
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, ref)
+
+
 def load_tokenizer(ref: str):
     from transformers import AutoTokenizer
 

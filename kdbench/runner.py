@@ -118,8 +118,11 @@ class Context:
         def build():
             scope = [for_task(spec, t) for t in self.tokenizer_scope(spec)]
             texts = [x for s in scope for x in self.head(s).texts(self.task_data(s).train)]  # a head knows its texts
-            return pair_tokenizer(spec.pair.teacher.model, spec.pair.student.model, texts, self.cache_dir,
-                                  self.tokenizer_key(spec))
+            tok = pair_tokenizer(spec.pair.teacher.model, spec.pair.student.model, texts, self.cache_dir,
+                                 self.tokenizer_key(spec))
+            for role in ("teacher", "student"):  # before any training: what the head assumes of the models
+                self.head(spec).check_model(getattr(spec.pair, role).model, tok, f"{role} of pair {spec.pair.name!r}")
+            return tok
 
         return self.memo(("tokenizer", self.tokenizer_key(spec), spec.pair.name), build)
 

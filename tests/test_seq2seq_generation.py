@@ -168,3 +168,27 @@ def test_sequence_level_kd_refuses_a_task_without_decoding_in_one_line(tmp_path)
     assert failed.error == ("method 'seq-kd': sequence-level KD needs a seq2seq task; task 's2s' has a "
                             "classification head") and failed.error_kind == "input"
     assert outcome.exit_code == 2
+
+
+def test_a_pretrained_model_with_another_decoder_start_is_refused_in_one_line(tok, tmp_path):
+    """The rows' decoder inputs start with the pad token (T5). A BART-style model starts with another token: the
+    head says so before anything trains, naming the model."""
+    head = heads.get("seq2seq")
+    for name, start in (("t5-style", tok.pad_token_id), ("bart-style", tok.sep_token_id)):
+        config = T5Config(vocab_size=len(tok), d_model=8, d_ff=16, num_layers=1, num_heads=2, d_kv=4,
+                          decoder_start_token_id=start)
+        T5ForConditionalGeneration(config).save_pretrained(str(tmp_path / name))
+    head.check_model(str(tmp_path / "t5-style"), tok, "teacher of pair 'p'")
+    head.check_model({"model_type": "t5"}, tok, "student of pair 'p'")  # inline: given the pad token when built
+    with pytest.raises(KdbenchError) as info:
+        head.check_model(str(tmp_path / "bart-style"), tok, "teacher of pair 'p'")
+    assert str(info.value) == (f"teacher of pair 'p': '{tmp_path / 'bart-style'}' starts its decoder with token "
+                               f"{tok.sep_token_id}, not the pad token {tok.pad_token_id}; kdbench's seq2seq head "
+                               "supports T5-style models only")
+    # and the runner asks before it trains anything
+    tok.save_pretrained(str(tmp_path / "bart-style"))
+    outcome = run_suite(tiny_suite(tmp_path, {}, [], teacher=str(tmp_path / "bart-style")), show_progress=False)
+    teacher, student = outcome.failed
+    assert teacher.error.startswith("teacher of pair 't5': ") and teacher.error.endswith("T5-style models only")
+    assert student.error == "teacher run s2s__t5__teacher did not succeed; its students cannot run"
+    assert outcome.exit_code == 2

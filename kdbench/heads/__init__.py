@@ -82,6 +82,10 @@ class Head:
                 self.update(state, self.logits(model(**inputs)).float().cpu(), labels)
         return self.finish(state)
 
+    def check_model(self, ref, tokenizer, who: str) -> None:
+        """Refuse, in one line naming `who`, a model (an inline config or a pretrained name) that this head cannot
+        serve with `tokenizer` (default: any will do)."""
+
     def extra_metrics(self, model, rows: list[dict], collator, device: str) -> dict[str, float]:
         """Metrics recorded next to the task metric (default: none)."""
         return {}

@@ -49,6 +49,21 @@ class Seq2Seq(Perplexity):
         self.metric_name = METRIC_NAMES[metric]
         self.higher_is_better = metric != "perplexity"
 
+    def check_model(self, ref, tokenizer, who):
+        """Decoder inputs are built in the rows behind the pad token, T5's decoder start. A pretrained model that
+        starts its decoder with another token (BART's is the end-of-sequence token) would be trained and scored on
+        inputs it never saw: refused."""
+        from kdbench import models
+        from kdbench.errors import KdbenchError
+
+        if not models.is_pretrained(ref):
+            return  # inline configs get the pad token as their decoder start (kdbench.models.build_model)
+        start = getattr(models.load_config(ref), "decoder_start_token_id", None)
+        if start is not None and start != decoder_start_token_id(tokenizer):
+            raise KdbenchError(f"{who}: {ref!r} starts its decoder with token {start}, not the pad token "
+                               f"{decoder_start_token_id(tokenizer)}; kdbench's seq2seq head supports T5-style "
+                               "models only")
+
     def evaluate(self, model, rows, collator, device, batch_size=64):
         if self.metric == "perplexity":
             return super().evaluate(model, rows, collator, device, batch_size)
