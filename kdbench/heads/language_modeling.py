@@ -82,8 +82,8 @@ class MaskedLM(Perplexity):
     the collator masks: a share `probability` (BERT's 15% by default) of the non-special tokens, of which 80%
     become the mask token, 10% a random token and 10% stay, with labels IGNORE except at the chosen positions. A
     training batch gets a fresh random mask (from torch's generator, which the Trainer seeds), shared by teacher
-    and student inside one step, so the distillation loss, like the hard loss, counts the masked positions only (as DistilBERT did). A batch without
-    labels (a profiling batch) is only padded.
+    and student inside one step, so the distillation loss, like the hard loss, counts the masked positions only
+    (as DistilBERT did). A batch without labels (a profiling batch) is only padded.
 
     The metric masks the eval split with a fixed mask instead: row i is masked by a generator seeded with
     `eval_seed + i`, so every model of every run is scored on the same masked tokens whatever the batch size.
