@@ -111,6 +111,15 @@ class ProfilingSettings(Strict):
     max_repeats: int = Field(50, ge=1)
     time_budget_s: float = Field(1.0, gt=0)
     memory: bool = True  # peak memory (a subprocess on CPU: costs a few seconds per variant)
+    # Generative heads (causal LM, seq2seq): also time greedy generate() of exactly this many new tokens after the
+    # profiling batch (ms per token, tokens/s). None: forward latency only.
+    generate_tokens: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _repeats_in_order(self):
+        if self.min_repeats > self.max_repeats:
+            raise ValueError(f"min_repeats ({self.min_repeats}) is more than max_repeats ({self.max_repeats})")
+        return self
 
 
 class Suite(Strict):
@@ -267,7 +276,7 @@ def _dotted(loc) -> str:
 def _message(err) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown key"
-    return err["msg"]
+    return err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own ValueError
 
 
 def _line_of(node, loc) -> str:

@@ -185,6 +185,13 @@ def test_a_suite_must_be_a_mapping(tmp_path):
     assert_one_line_error(write(tmp_path, "- just\n- a list\n"), "must be a YAML mapping", "list")
 
 
+def test_profiling_repeats_out_of_order_fail_at_load_with_their_line(tmp_path):
+    text = SUITE.replace("profiling: {batch_sizes: [1]}", "profiling: {batch_sizes: [1], min_repeats: 5, max_repeats: 3}")
+    message = assert_one_line_error(write(tmp_path, text), "profiling: min_repeats (5) is more than max_repeats (3)",
+                                    f"line {line_of(text, 'profiling:')}")
+    assert "Value error" not in message
+
+
 @pytest.mark.parametrize(
     "old, new, dotted, line_fragment",
     [
