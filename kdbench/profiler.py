@@ -6,6 +6,7 @@ or counted, on which device, and with which tool, so a table can print it next t
     count_parameters(model)                       -> (total, nonzero)        see PARAMS_METHOD
     size_on_disk(model)                           -> {bytes, mb, format, method}
     measure_latency(model, make_inputs, ...)      -> {batch_size: {median_ms, p90_ms, repeats, samples_per_s, ...}}
+    measure_generation(model, make_inputs, ...)   -> the same for generate(), with ms_per_token and tokens_per_s
     measure_peak_memory(model_or_dir, ...)        -> {peak_mb, method, ...}   (start_memory_server() warms it up)
     measure_energy(model, make_inputs, ...)       -> {joules_per_sample (None when n/a), method}
     Timer                                         wall time, steps and samples/s of a training loop
@@ -161,17 +162,22 @@ def _percentile(xs: list[float], q: float) -> float:
     return float(torch.tensor(xs, dtype=torch.float64).quantile(q))
 
 
-def _time_call(model: torch.nn.Module, batch: dict, cuda: bool) -> float:
-    """Milliseconds of one forward: CUDA events (GPU time, synchronised) on a GPU, perf_counter on a CPU."""
+def _forward(model: torch.nn.Module, batch: dict):
+    return model(**batch)
+
+
+def _time_call(model: torch.nn.Module, batch: dict, cuda: bool, call=_forward) -> float:
+    """Milliseconds of one `call(model, batch)` (a forward by default): CUDA events (GPU time, synchronised) on a
+    GPU, perf_counter on a CPU."""
     if cuda:
         t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0.record()
-        model(**batch)
+        call(model, batch)
         t1.record()
         t1.synchronize()
         return t0.elapsed_time(t1)
     t0 = time.perf_counter()
-    model(**batch)
+    call(model, batch)
     return (time.perf_counter() - t0) * 1e3
 
 
@@ -185,8 +191,11 @@ def measure_latency(
     max_repeats: int = 50,
     time_budget_s: float = 2.0,
     device: torch.device | str = "cpu",
+    call: Callable[[torch.nn.Module, dict], Any] = _forward,
+    call_name: str = "model(**batch)",
 ) -> dict[int, dict[str, Any]]:
     """Forward latency per batch size: {bs: {median_ms, p90_ms, mean_ms, min_ms, repeats, samples_per_s, ...}}.
+    (`call(model, batch)`, named `call_name` in the method string, times something else than one forward.)
 
     The model must already be on `device`; inputs are built once per batch size and moved there (not timed).
     Each batch size gets `warmup` untimed calls, then timed calls until `min_repeats` are done and either
@@ -207,11 +216,11 @@ def measure_latency(
         times: list[float] = []
         with torch.inference_mode():
             for _ in range(warmup):
-                model(**batch)
+                call(model, batch)
             _sync(dev)
             start = time.perf_counter()
             while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < time_budget_s):
-                times.append(_time_call(model, batch, cuda))
+                times.append(_time_call(model, batch, cuda, call))
         median = _percentile(times, 0.5)
         out[bs] = {
             "median_ms": median,
@@ -223,10 +232,30 @@ def measure_latency(
             "num_threads": threads,
             "device": name,
             "method": (
-                f"{'CUDA events' if cuda else 'time.perf_counter'} around model(**batch) under inference_mode, "
+                f"{'CUDA events' if cuda else 'time.perf_counter'} around {call_name} under inference_mode, "
                 f"batch {bs}, {warmup} warmup calls, {len(times)} timed calls, {threads} CPU threads"
             ),
         }
+    return out
+
+
+def measure_generation(model: torch.nn.Module, make_inputs: MakeInputs, *, new_tokens: int, pad_token_id: int,
+                       **settings) -> dict[int, dict[str, Any]]:
+    """Latency of generating exactly `new_tokens` tokens greedily after each batch of prompts (`make_inputs`: the
+    encoder's inputs of a seq2seq model, the prompt of a causal LM), with the KV cache, per batch size:
+    measure_latency's figures plus ms_per_token (median / new_tokens) and tokens_per_s (generated tokens of the
+    whole batch per second). `settings` are measure_latency's."""
+
+    def generate(m, batch):
+        return m.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          num_beams=1, pad_token_id=pad_token_id)
+
+    out = measure_latency(model, make_inputs, call=generate,
+                          call_name=f"model.generate(greedy, exactly {new_tokens} new tokens, KV cache)", **settings)
+    for bs, r in out.items():
+        r["new_tokens"] = new_tokens
+        r["ms_per_token"] = r["median_ms"] / new_tokens
+        r["tokens_per_s"] = bs * new_tokens * 1e3 / r["median_ms"]
     return out
 
 

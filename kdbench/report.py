@@ -92,6 +92,10 @@ def latency_of(bs: str) -> Callable[[dict], float | None]:
     return lambda v: ((v.get("latency") or {}).get(bs) or {}).get("median_ms")
 
 
+def decode_of(bs: str) -> Callable[[dict], float | None]:
+    return lambda v: ((v.get("generation") or {}).get(bs) or {}).get("ms_per_token")
+
+
 def speedup_of(bs: str) -> Callable[[dict], float | None]:
     return lambda v: (v.get("speedup_vs_teacher") or {}).get(bs)
 
@@ -170,6 +174,11 @@ def collect_rows(results: list[dict]) -> dict[str, list[Row]]:
 def batch_sizes(rows: list[Row]) -> list[str]:
     """Profiled batch sizes of a task, ascending, as the string keys the JSON uses."""
     return sorted({bs for r in rows for v in r.variants for bs in (v.get("latency") or {})}, key=int)
+
+
+def generation_batch_sizes(rows: list[Row]) -> list[str]:
+    """Batch sizes whose generate() was timed (profiling.generate_tokens), ascending; none for most tasks."""
+    return sorted({bs for r in rows for v in r.variants for bs in (v.get("generation") or {})}, key=int)
 
 
 def metric_name(rows: list[Row]) -> str:
@@ -263,8 +272,10 @@ def task_table(rows: list[Row]) -> str:
     """Markdown table: one line per variant, every figure as mean ± std over seeds."""
     bss = batch_sizes(rows)
     extras = extra_metric_names(rows)
+    gbss = generation_batch_sizes(rows)
     header = (["pair", "variant", "model", "seeds", metric_name(rows), "retention", *extras, "params", "non-zero",
                "size", "size ÷"] + [f"latency b{b} ms" for b in bss] + [f"speedup b{b}" for b in bss]
+              + [f"decode b{b} ms/token" for b in gbss]
               + ["peak MB", "J/sample", "train s"])
     body = []
     for row in rows:
@@ -283,6 +294,7 @@ def task_table(rows: list[Row]) -> str:
              fmt_ratio(teacher and teacher.mean(size_of), row.mean(size_of))]
             + [fmt_stat(row.stat(latency_of(b))) for b in bss]
             + [fmt_stat(row.stat(speedup_of(b)), suffix="x") for b in bss]
+            + [fmt_stat(row.stat(decode_of(b))) for b in gbss]
             + [fmt_stat(row.stat(memory_of)), fmt_stat(row.stat(energy_of)), fmt_stat(row.stat(train_s_of))]
         )
     return _table(header, body, text_columns=3)
@@ -319,6 +331,7 @@ def merge_numbers(strings: list[str]) -> str:
 def _method_strings(v: dict) -> list[tuple[str, str]]:
     """(figure, how it was measured) pairs recorded in one variant."""
     found = [("latency method", lat["method"]) for lat in (v.get("latency") or {}).values() if lat.get("method")]
+    found += [("decoding method", g["method"]) for g in (v.get("generation") or {}).values() if g.get("method")]
     if (v.get("memory") or {}).get("method"):
         found.append(("peak memory method", v["memory"]["method"]))
     if (v.get("size") or {}).get("method"):
@@ -628,6 +641,10 @@ def render(results: list[dict], suite_name: str, plots: dict[str, list[tuple[str
         lines += [d.format(metric=metric, better=better, retention=ratio) for d in DEFINITIONS]
         lines += [f"- **{name}**: also measured on the eval split, next to the task metric (not used for retention "
                   "or the picks below)." for name in extra_metric_names(rows)]
+        if generation_batch_sizes(rows):
+            lines.append("- **decode ms/token**: median time of one greedy generate() call of a fixed number of new "
+                         "tokens after the profiling batch, divided by that number (the whole batch decodes together; "
+                         "prompt processing included).")
         lines += how_measured(rows) + multitask_notes(rows) + [""]
         lines += ["### What should I ship?", ""] + recommend(rows) + [""]
         lines += [f"![{title}]({name})" for title, name in (plots or {}).get(task, [])] + [""]

@@ -84,6 +84,35 @@ def test_latency_rejects_bad_repeats(model):
         measure_latency(model, make_inputs, min_repeats=5, max_repeats=2)
 
 
+def test_generation_times_exactly_the_asked_new_tokens_per_call():
+    """generate() is called with min = max new tokens (no early stop at an end token), greedy, and the figures
+    per token follow from the median call."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kdbench.profiler import measure_generation
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=64)).eval()
+    lengths = []
+    real_generate = lm.generate
+
+    def generate(**kwargs):
+        out = real_generate(**kwargs)
+        lengths.append(out.shape[-1] - kwargs["input_ids"].shape[-1])
+        return out
+
+    lm.generate = generate
+    prompt = lambda bs: {"input_ids": torch.randint(1, 50, (bs, 8)), "attention_mask": torch.ones(bs, 8, dtype=int)}
+    out = measure_generation(lm, prompt, new_tokens=5, pad_token_id=0, batch_sizes=(1, 3), warmup=1,
+                             min_repeats=2, max_repeats=2, time_budget_s=0.01)
+    assert set(lengths) == {5} and len(lengths) == 2 * (1 + 2)  # warmup + timed calls, per batch size
+    for bs, r in out.items():
+        assert r["repeats"] == 2 and r["new_tokens"] == 5
+        assert r["ms_per_token"] == pytest.approx(r["median_ms"] / 5)
+        assert r["tokens_per_s"] == pytest.approx(bs * 5 * 1e3 / r["median_ms"])
+        assert "model.generate(greedy, exactly 5 new tokens, KV cache)" in r["method"]
+
+
 def test_energy_is_none_on_cpu(model):
     res = measure_energy(model, make_inputs, 2, "cpu")
     assert res["joules_per_sample"] is None and res["method"].startswith("n/a")

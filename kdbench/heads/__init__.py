@@ -35,6 +35,7 @@ class Head:
     # Logits of a frozen teacher can be computed once per input and reused (kdbench.trainer.cache_teacher_logits)
     # when they are small: (C,) per example for a classifier, not (L, V) per block for a language model.
     caches_teacher_logits = False
+    generates = False  # a model of this head writes text with generate() (its decoding latency can be profiled)
 
     def encode(self, rows: list[dict], tokenizer, max_len: int) -> list[dict]:  # pragma: no cover - interface
         raise NotImplementedError

@@ -58,6 +58,7 @@ class CausalLM(Perplexity):
 
     kind = "causal_lm"
     auto_class = "AutoModelForCausalLM"
+    generates = True
 
     def encode(self, rows, tokenizer, max_len):
         return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)}

@@ -41,6 +41,7 @@ class Seq2Seq(Perplexity):
 
     kind = "seq2seq"
     auto_class = "AutoModelForSeq2SeqLM"
+    generates = True
 
     def __init__(self, metric: Seq2SeqMetric = "perplexity", num_beams: int = 1, max_new_tokens: int | None = None):
         if metric not in METRIC_NAMES:
