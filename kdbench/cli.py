@@ -37,6 +37,10 @@ def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # rich draws kdbench's own bars
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.getLogger("kdbench").setLevel(logging.INFO if verbose else logging.WARNING)
+    from kdbench import distributed
+
+    if not distributed.is_main():  # under torchrun: rank 0 speaks for all; the others report errors only
+        logging.getLogger("kdbench").setLevel(logging.ERROR)
 
 
 def _fail(e: KdbenchError) -> None:
@@ -52,8 +56,12 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and whether each would run, then stop"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
-    """Run a suite: teachers, students alone, each method, compressed variants; write results and tables."""
+    """Run a suite: teachers, students alone, each method, compressed variants; write results and tables.
+
+    Data parallel: `torchrun --nproc_per_node N $(which kdbench) run suite.yaml` (rank 0 prints and writes)."""
     _setup_logging(verbose)
+    from kdbench import distributed
+
     try:
         from kdbench.suite import expand, load_suite
 
@@ -64,7 +72,7 @@ def run(
 
             out = results_dir_for(s, results_dir)
             ctx = Context(s, out, "cpu")  # loads the data (the data key), builds no model
-            for spec in expand(s):
+            for spec in expand(s) if distributed.is_main() else []:
                 done = not rerun and is_done(run_path(out, spec.run_id), spec.spec_hash, ctx.data_key(spec))
                 typer.echo(f"{'done' if done else 'run '}  {spec.run_id}")
             return
@@ -75,6 +83,8 @@ def run(
         outcome = run_suite(s, results_dir, rerun=rerun)
     except KdbenchError as e:
         _fail(e)
+    if not distributed.is_main():  # every rank has the same outcome, hence the same exit code
+        raise typer.Exit(code=outcome.exit_code)
     for task, table in task_tables(read_results(outcome.results_dir)).items():
         typer.echo(f"\n## {task}\n\n{table}")
     ran = sum(r.status != "skipped" for r in outcome.runs)

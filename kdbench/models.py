@@ -138,9 +138,31 @@ def train_tokenizer(texts: list[str], vocab_size: int, save_dir: Path):
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]",
     )
-    save_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(save_dir))
+    from kdbench import distributed
+
+    if distributed.is_main():  # data parallel: every rank trains this same tokenizer; rank 0 alone caches it
+        save_atomically(fast, save_dir)
     return fast
+
+
+def save_atomically(obj, folder: Path) -> None:
+    """`obj.save_pretrained(folder)` through a temporary folder and a rename, so that no reader (a resumed suite,
+    another process of a data-parallel launch) sees half a save; if another process saved it first, its copy
+    stays."""
+    import os
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        obj.save_pretrained(str(tmp))
+        os.rename(tmp, folder)
+    except OSError:
+        if not folder.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pair_tokenizer(teacher_ref, student_ref, train_texts: list[str], cache_dir: Path, cache_key: str,

@@ -90,6 +90,11 @@ class MultiTaskDistiller(Distiller):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise KdbenchError("multitask: the student has no single output to return")
+        return super().compute_loss(model, inputs)
+
+    def step_loss(self, model, inputs):
+        """(the batch's loss, None); the task models are the parts' students (the MultiTaskStudent's `tasks`), so
+        under DDP they all run inside its wrapped forward (trainer.DistillationStep)."""
         task = inputs.pop("task")
         total = 0.0
         for k in task.unique().tolist():
@@ -97,7 +102,7 @@ class MultiTaskDistiller(Distiller):
             part = {key: value[rows] for key, value in inputs.items()}
             loss, _ = self.distillation_loss(*self.parts[k], part)  # (student, teacher, objective, head)
             total = total + loss * (rows.sum() / len(task))
-        return total
+        return total, None
 
 
 def group_key(spec, ctx) -> str:
@@ -114,24 +119,33 @@ def group_key(spec, ctx) -> str:
 
 def train_group(spec, ctx):
     """The group's multi-task student, ({task name: model}, TrainStats): loaded from the on-disk cache, or trained
-    once and saved there, so a suite resumed half-way through a group does not train it again."""
+    once and saved there, so a suite resumed half-way through a group does not train it again.
+
+    Data parallel: rank 0 decides whether the cache holds it; every rank then loads it, or trains it (DDP, so all
+    end with the same weights), and rank 0 alone saves it."""
+    from kdbench import distributed
+
     students = build_group(spec, ctx)
     folder = ctx.cache_dir / "multitask" / group_key(spec, ctx)
     weights, stats_file = folder / "students.pt", folder / "training.json"
-    if weights.exists() and stats_file.exists():
+    if distributed.broadcast(weights.exists() and stats_file.exists()):
         MultiTaskStudent(students).load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         stats = trainer.TrainStats(**json.loads(stats_file.read_text()))
     else:
         stats = train_students(spec, ctx, students)
-        tmp = folder.with_name(folder.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        torch.save(MultiTaskStudent(students).state_dict(), tmp / "students.pt")
-        (tmp / "training.json").write_text(json.dumps({"wall_s": stats.wall_s, "steps": stats.steps,
-                                                       "samples": stats.samples}))
-        tmp.rename(folder)  # atomic: a half-written group is never reused
+        distributed.on_main(lambda: save_group(students, stats, folder))
     for model in students.values():
         model.to(ctx.device).eval()
     return students, stats
+
+
+def save_group(students: dict, stats, folder) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(MultiTaskStudent(students).state_dict(), tmp / "students.pt")
+    (tmp / "training.json").write_text(json.dumps({"wall_s": stats.wall_s, "steps": stats.steps,
+                                                   "samples": stats.samples, "world_size": stats.world_size}))
+    tmp.rename(folder)  # atomic: a half-written group is never reused
 
 
 def build_group(spec, ctx) -> dict:

@@ -3,11 +3,13 @@
 Layout: <results_dir>/runs/<run_id>.json with keys
     run_id, spec (the resolved RunSpec), spec_hash, data_key (hash of the task's data), status ("ok" | "failed"),
     error, error_kind,
-    versions, device, started, wall_s, training (wall_s, steps, samples, samples_per_s),
+    versions, device, started, wall_s, training (wall_s, steps, samples, samples_per_s, world_size),
+    distributed (only under torchrun: world_size, backend, measured_on_rank),
     variants: [{name, kind, metric_name, metric, retention, params, nonzero_params,
                 size {bytes, format, method}, latency {batch size: {median_ms, p90_ms, ..., method}},
                 speedup_vs_teacher {batch size: x}, memory {peak_mb, method}, energy {joules_per_sample, method},
-                compression {steps: [...]}, training {wall_s, steps, samples, samples_per_s}}]
+                compression {steps: [...]}, training {wall_s, steps, samples, samples_per_s, world_size}}]
+samples counts the rows of every process (steps x batch size x world size).
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ def versions() -> dict[str, str | None]:
 def device_info(device: str) -> dict[str, Any]:
     import torch
 
-    if device == "cuda":
-        name = torch.cuda.get_device_name(0)
+    if device.startswith("cuda"):  # "cuda", or "cuda:<LOCAL_RANK>" under torchrun
+        name = torch.cuda.get_device_name(torch.device(device).index if ":" in device else None)
     else:
         name = platform.processor() or platform.machine()
         try:  # the model name is more telling than "x86_64"
@@ -96,4 +98,4 @@ def device_info(device: str) -> dict[str, Any]:
                     break
         except OSError:
             pass
-    return {"type": device, "name": name, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    return {"type": device.split(":")[0], "name": name, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}

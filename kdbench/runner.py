@@ -5,6 +5,17 @@ the student alone and the student distilled by each method; each distilled stude
 suite's variants. Every run writes one RunResult JSON; a run whose result exists with the same spec hash is
 skipped (unless the task's data changed under it: the data key), so an interrupted suite resumes where it
 stopped. A run that fails is recorded and the suite goes on.
+
+Data parallel (several GPUs, or CPU processes): `torchrun --nproc_per_node N $(which kdbench) run suite.yaml`.
+Every process (rank) runs this same loop over the same plan: rank 0 decides once, before anything runs, which runs
+are pending, and every rank executes each of them in the same order, so the Trainer's DDP collectives line up
+(`batch_size` is per process: a step takes batch_size x N rows). Every rank holds the same tokenizer (trained
+deterministically), teacher and multi-task students (trained by all ranks together, or loaded from the cache when
+rank 0 says it holds them), but rank 0 alone writes: the result JSONs, the report and the caches. Rank 0 alone
+evaluates and profiles, on its own device, while the others wait; a failure there, or a non-finite loss on any
+rank, is raised on every rank, so all record it and go on together; the ranks compare outcomes after each run.
+kdbench.distributed holds the helpers. Results record the world size (`distributed`, and `world_size` in the
+training stats) and count every rank's samples.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kdbench import distributed
 from kdbench.errors import KdbenchError
 from kdbench.models import model_inputs
 from kdbench.results import device_info, is_done, read_result, run_path, versions, write_result
@@ -166,7 +178,7 @@ class Context:
         tmodel = spec.pair.teacher
         folder = self.cache_dir / "teachers" / self.teacher_key(spec)
         stats = None
-        if (folder / "config.json").exists():
+        if distributed.broadcast((folder / "config.json").exists()):  # rank 0's answer: all ranks go one way
             model = models.load_saved(folder, self.head(spec))
             log.info("teacher loaded from cache %s", folder)
         else:
@@ -175,13 +187,11 @@ class Context:
             model = models.build_model(tmodel.model, head=self.head(spec), num_labels=data.num_labels,
                                        vocab_size=len(self.tokenizer(spec)), seed=self.teacher_seed)
             if tmodel.finetune is not None:
+                # every rank trains it (DDP), so every rank holds the same weights; rank 0 alone saves them
                 stats = trainer.train(model, self.encoded(spec, "train"), self.collator(spec), tmodel.finetune,
                                       seed=self.teacher_seed, device=self.device, progress=self.progress,
                                       description=f"fine-tune teacher {spec.pair.name}", head=self.head(spec))
-                folder.parent.mkdir(parents=True, exist_ok=True)
-                tmp = folder.with_name(folder.name + ".tmp")
-                model.save_pretrained(str(tmp))
-                tmp.rename(folder)  # atomic: a half-written teacher is never reused
+                distributed.on_main(lambda: save_teacher(model, folder))
         model.to(self.device).eval()
         return model, stats
 
@@ -190,10 +200,17 @@ class Context:
                          lambda: self.head(spec).collator(self.tokenizer(spec)))
 
     def teacher_metric(self, spec: RunSpec) -> float | None:
-        r = read_result(run_path(self.results_dir, teacher_run_id(spec)))
-        if r and r.get("status") == "ok":
-            return r["variants"][0]["metric"]
-        return None
+        def read():
+            r = read_result(run_path(self.results_dir, teacher_run_id(spec)))
+            return r["variants"][0]["metric"] if r and r.get("status") == "ok" else None
+
+        return distributed.on_main(read)  # rank 0 wrote it; every rank must take the same branch on it
+
+
+def save_teacher(model, folder: Path) -> None:
+    from kdbench.models import save_atomically
+
+    save_atomically(model, folder)  # a half-written teacher is never reused
 
 
 def for_task(spec: RunSpec, task) -> RunSpec:
@@ -246,8 +263,16 @@ def profile_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *,
     """Quality, size, latency, memory and energy of one model variant, measured the same way for all.
 
     The speedup over `teacher` is timed in alternation with it (profiler.measure_speedup); the teacher's own row
-    has `teacher=None` and a speedup of 1 by definition.
+    has `teacher=None` and a speedup of 1 by definition. Data parallel: measured on rank 0 alone (the others wait
+    and get its dict, or its error).
     """
+    return distributed.on_main(lambda: measure_variant(name, kind, model, spec, ctx, teacher_metric=teacher_metric,
+                                                       teacher=teacher, info=info, training=training))
+
+
+def measure_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *, teacher_metric: float | None,
+                    teacher=None, info: dict | None = None, training: dict | None = None) -> dict:
+    """profile_variant's measurements, in this process."""
     from kdbench import profiler
 
     head = ctx.head(spec)
@@ -468,6 +493,8 @@ def execute(spec: RunSpec, ctx: Context) -> dict:
     base = {"run_id": spec.run_id, "spec": spec.model_dump(mode="json"), "spec_hash": spec.spec_hash,
             "data_key": ctx.data_key(spec), "versions": versions(), "device": device_info(ctx.device),
             "started": started}
+    if distributed.active():
+        base["distributed"] = distributed.describe()
     try:
         set_seed(spec.seed)
         body = RUNNERS[spec.kind](spec, ctx)
@@ -484,6 +511,20 @@ def execute(spec: RunSpec, ctx: Context) -> dict:
                 "traceback": traceback.format_exc(), "wall_s": round(time.perf_counter() - t0, 3), "variants": []}
 
 
+def agree(result: dict) -> dict:
+    """Data parallel: rank 0's result, failed if any rank's run failed (with the first such rank's error), the same
+    on every rank. Also the barrier that keeps the ranks in step between runs."""
+    if not distributed.active():
+        return result
+    keys = ("status", "error", "error_kind", "traceback")
+    ranks = distributed.gather({k: result.get(k) for k in keys})
+    bad = next(((i, r) for i, r in enumerate(ranks) if r["status"] != "ok"), None)
+    if bad is None or bad[0] == 0:
+        return result
+    i, r = bad
+    return {**result, **r, "error": f"rank {i}: {r['error']}", "variants": [], "failed_variants": []}
+
+
 def keep_finished(path: Path, result: dict) -> Path:
     """Where to write `result`: a failed re-run never overwrites a finished (ok) result; it goes to runs/failed/."""
     previous = read_result(path)
@@ -495,7 +536,11 @@ def keep_finished(path: Path, result: dict) -> Path:
 
 def run_suite(suite: Suite, results_dir: str | Path | None = None, *, rerun: bool = False, show_progress=True,
               only: list[str] | None = None) -> SuiteOutcome:
-    """Run every pending run of `suite`, write the RunResults and the report; return what happened."""
+    """Run every pending run of `suite`, write the RunResults and the report; return what happened.
+
+    Under torchrun every rank calls this and gets the same outcome (see the module's docstring); only rank 0
+    writes and shows progress.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -504,25 +549,35 @@ def run_suite(suite: Suite, results_dir: str | Path | None = None, *, rerun: boo
     out = results_dir_for(suite, results_dir)
     specs = [s for s in expand(suite) if only is None or s.run_id in only]
     outcome = SuiteOutcome(out)
+    device = distributed.setup(resolve_device(suite.device))  # this rank's device: cuda:<LOCAL_RANK> under torchrun
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=Console(stderr=True), disable=not show_progress, transient=False)
-    with progress:
-        ctx = Context(suite, out, resolve_device(suite.device), progress)
-        if ctx.device == "cpu" and suite.profiling.memory and specs:
-            from kdbench import profiler
+                        console=Console(stderr=True), disable=not (show_progress and distributed.is_main()),
+                        transient=False)
+    try:
+        with progress:
+            ctx = Context(suite, out, device, progress)
+            if ctx.device == "cpu" and suite.profiling.memory and specs and distributed.is_main():
+                from kdbench import profiler
 
-            profiler.start_memory_server()  # boots (seconds) while the first model trains
-        runs_task = progress.add_task(f"suite {suite.name}", total=len(specs))
-        for spec in specs:
-            path = run_path(out, spec.run_id)
-            if not rerun and is_done(path, spec.spec_hash, ctx.data_key(spec)):
-                outcome.runs.append(RunOutcome(spec.run_id, "skipped"))
-            else:
-                progress.update(runs_task, description=f"suite {suite.name}: {spec.run_id}")
-                result = execute(spec, ctx)
-                write_result(keep_finished(path, result), result)
-                outcome.runs.append(RunOutcome(spec.run_id, result["status"], result["error"], result["error_kind"],
-                                               result.get("failed_variants", [])))
-            progress.advance(runs_task)
-    report.write_report(out, suite_name=suite.name)
+                profiler.start_memory_server()  # boots (seconds) while the first model trains
+            # decided once, before anything runs, and the same on every rank: a result that rank 0 writes while
+            # another rank is still deciding must not make that rank skip a run the others execute
+            pending = distributed.on_main(lambda: {
+                s.run_id for s in specs
+                if rerun or not is_done(run_path(out, s.run_id), s.spec_hash, ctx.data_key(s))})
+            runs_task = progress.add_task(f"suite {suite.name}", total=len(specs))
+            for spec in specs:
+                path = run_path(out, spec.run_id)
+                if spec.run_id not in pending:
+                    outcome.runs.append(RunOutcome(spec.run_id, "skipped"))
+                else:
+                    progress.update(runs_task, description=f"suite {suite.name}: {spec.run_id}")
+                    result = agree(execute(spec, ctx))
+                    distributed.on_main(lambda p=path, r=result: write_result(keep_finished(p, r), r))
+                    outcome.runs.append(RunOutcome(spec.run_id, result["status"], result["error"],
+                                                   result["error_kind"], result.get("failed_variants", [])))
+                progress.advance(runs_task)
+        distributed.on_main(lambda: report.write_report(out, suite_name=suite.name))
+    finally:
+        distributed.teardown()
     return outcome

@@ -5,6 +5,10 @@ teacher under `eval()` and `no_grad`, fills in teacher labels for transfer-set r
 Objective for the loss. Without a teacher it is plain cross-entropy: the "student alone" baseline.
 An objective with trainable modules (projections) has them attached to the student for the length of `train()`
 only (`objective_attached`), so the Trainer's optimizer trains them and the student comes back as the plain model.
+Under DDP (torchrun) the Trainer wraps a `DistillationStep` instead of the student: the whole loss is its forward,
+so that the projections' and a multi-task student's gradients are averaged too; a non-finite loss on any process
+stops them all at the same step. With bf16/fp16 that forward, teacher and loss included, runs under the Trainer's
+autocast (one process: the student's forward alone).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from types import SimpleNamespace
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import CallbackHandler
 
 from kdbench import heads
 from kdbench.errors import NonFiniteLossError
@@ -36,9 +41,16 @@ class Distiller(Trainer):
     pass is skipped. That is exact for a frozen teacher in eval mode and saves its cost on every epoch and seed.
     """
 
-    def __init__(self, *args, teacher: torch.nn.Module | None = None, objective: Objective | None = None,
-                 distillation: DistillationConfig | None = None, head: Head | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model=None, args=None, *more, teacher: torch.nn.Module | None = None,
+                 objective: Objective | None = None, distillation: DistillationConfig | None = None,
+                 head: Head | None = None, **kwargs):
+        self.student = model
+        if model is not None and args is not None and _data_parallel(args):
+            model = DistillationStep(model, self.step_loss)  # what DDP wraps: see DistillationStep
+        super().__init__(model, args, *more, **kwargs)
+        if isinstance(model, DistillationStep):  # callbacks (an objective's stages) see the student, as without DDP
+            self.callback_handler.__class__ = _StudentCallbacks
+            self.callback_handler.model = model
         self.head = head or heads.get("classification")
         self.teacher = teacher
         self.objective = objective or (LogitKD(distillation) if teacher is not None else None)
@@ -46,28 +58,48 @@ class Distiller(Trainer):
             teacher.to(self.args.device).eval()
             teacher.requires_grad_(False)
             if self.objective is not None:
-                self.objective.setup(self.model, teacher)  # builds its trainable modules (kept if already built)
+                self.objective.setup(self.student, teacher)  # builds its trainable modules (kept if already built)
                 for callback in self.objective.callbacks():
                     self.add_callback(callback)
 
     def train(self, *args, **kwargs):
         # An objective's schedule may freeze parameters stage by stage; a run that stops early (a NaN loss) must
         # still hand back the student as trainable as it came, for the recovery training after pruning.
-        trainable = [(p, p.requires_grad) for p in self.model.parameters()]
+        trainable = [(p, p.requires_grad) for p in self.student.parameters()]
         try:
-            with objective_attached(self.model, self.teacher, self.objective):
+            with objective_attached(self.student, self.teacher, self.objective):
                 return super().train(*args, **kwargs)
         finally:
             for p, flag in trainable:
                 p.requires_grad_(flag)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, student_out = self.distillation_loss(model, self.teacher, self.objective, self.head, inputs)
+        if isinstance(getattr(model, "module", model), DistillationStep):
+            loss, student_out = model(inputs)  # through DDP's forward, so that every gradient is averaged
+        else:
+            loss, student_out = self.step_loss(model, inputs)
+        self.stop_if_not_finite(loss)
         return (loss, student_out) if return_outputs else loss
+
+    def step_loss(self, model, inputs):
+        """(loss, student outputs) of one batch for `model` (the student)."""
+        return self.distillation_loss(model, self.teacher, self.objective, self.head, inputs)
+
+    def stop_if_not_finite(self, loss) -> None:
+        """A non-finite loss stops the run; under DDP every rank stops at the same step (the loss of one rank's
+        shard decides for all), so none is left waiting for the others' gradients."""
+        finite = torch.isfinite(loss.detach()).reshape(1)
+        if self.args.world_size > 1:
+            finite = self.accelerator.gather(finite.to(torch.int32)).bool().all()  # int: NCCL and gloo both take it
+        if not finite:
+            step = self.state.global_step + 1
+            if torch.isfinite(loss.detach()):
+                raise NonFiniteLossError(f"loss is not finite in another process at step {step}; run stopped")
+            raise NonFiniteLossError(f"loss is {loss.item()} at step {step}; run stopped")
 
     def distillation_loss(self, model, teacher, objective, head, inputs):
         """(loss, student outputs) of one batch: the hard loss without a teacher, else the objective's loss on the
-        logit rows `head` lines up with the labels. A non-finite loss stops the run."""
+        logit rows `head` lines up with the labels."""
         labels = batch_labels = inputs.pop("labels")
         cached = inputs.pop("teacher_logits", None)
         flags = dict(output_hidden_states=bool(objective and objective.needs_hidden_states),
@@ -95,9 +127,41 @@ class Distiller(Trainer):
                 mask["decoder_attention_mask"] = decoder_token_mask(inputs, batch_labels)
             loss = objective.loss(_with_logits(student_out, s_logits), _with_logits(teacher_out, t_logits), aligned,
                                   **mask)
-        if not torch.isfinite(loss.detach()):
-            raise NonFiniteLossError(f"loss is {loss.item()} at step {self.state.global_step + 1}; run stopped")
         return loss, student_out
+
+
+def _data_parallel(args) -> bool:
+    """Whether `args` train with DDP over several processes (torchrun)."""
+    _ = args.device  # sets up the process group state that world_size reads
+    return args.world_size > 1
+
+
+class DistillationStep(torch.nn.Module):
+    """The student behind one forward that returns the batch's loss: what DDP wraps when several processes train.
+
+    DDP averages a parameter's gradient only if the parameter was used inside the wrapped module's forward. A
+    feature method's projections (applied to the hidden states after the student's forward) and a multi-task
+    student's task models (called one by one by the distiller) are not: DDP fails on the first, and silently leaves
+    the second unsynchronised. Here the whole loss, from the student's forward to the objective's terms, is the
+    forward. The teacher is not a submodule: it is frozen, and DDP need not broadcast it.
+    """
+
+    def __init__(self, student: torch.nn.Module, step_loss):
+        super().__init__()
+        self.student = student
+        self.step_loss = step_loss  # Distiller.step_loss: (model, inputs) -> (loss, outputs)
+
+    def forward(self, inputs: dict):
+        return self.step_loss(self.student, inputs)
+
+
+class _StudentCallbacks(CallbackHandler):
+    """A CallbackHandler that hands its callbacks the student where the Trainer gives it a DistillationStep."""
+
+    def __setattr__(self, name, value):
+        if name == "model" and isinstance(value, DistillationStep):
+            value = value.student
+        super().__setattr__(name, value)
 
 
 def _with_logits(out, logits):
@@ -207,9 +271,13 @@ def cache_teacher_logits(teacher, rows: list[dict], collator, device: str, batch
 
 @dataclass
 class TrainStats:
+    """`samples` counts every process's: steps x batch size per device x world size (the processes training
+    together under torchrun, 1 otherwise); `samples_per_s` is the throughput of them all."""
+
     wall_s: float
     steps: int
     samples: int
+    world_size: int = 1
 
     @property
     def samples_per_s(self) -> float:
@@ -217,7 +285,7 @@ class TrainStats:
 
     def as_dict(self) -> dict:
         return {"wall_s": round(self.wall_s, 3), "steps": self.steps, "samples": self.samples,
-                "samples_per_s": round(self.samples_per_s, 1)}
+                "samples_per_s": round(self.samples_per_s, 1), "world_size": self.world_size}
 
 
 class _StepProgress(TrainerCallback):
@@ -267,6 +335,10 @@ def train(model, dataset, collator, settings, *, seed: int, device: str, teacher
           head: Head | None = None, distiller: type[Distiller] | None = None, **distiller_kwargs) -> TrainStats:
     """Train `model` in place on `dataset` (a list of tokenized dicts); return wall time, steps, samples.
 
+    Under torchrun it trains with DDP on every process: `settings.batch_size` is per process (the Trainer's
+    per_device_train_batch_size), so one step takes batch_size x world size rows and an epoch has that many fewer
+    steps; each process sees its own shard of every epoch.
+
     `distiller` replaces the Distiller class (kdbench.multitask's), with `distiller_kwargs` for its constructor."""
     with tempfile.TemporaryDirectory(prefix="kdbench-trainer-") as tmp:
         args = training_arguments(settings, seed=seed, device=device, output_dir=tmp, max_steps=max_steps)
@@ -279,4 +351,5 @@ def train(model, dataset, collator, settings, *, seed: int, device: str, teacher
         trainer.train()
         wall = time.perf_counter() - start
         steps = trainer.state.global_step
-    return TrainStats(wall_s=wall, steps=steps, samples=steps * settings.batch_size)
+        world = args.world_size  # under torchrun each process takes its own batch of `batch_size` rows per step
+    return TrainStats(wall_s=wall, steps=steps, samples=steps * settings.batch_size * world, world_size=world)

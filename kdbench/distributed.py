@@ -1,0 +1,194 @@
+"""Data-parallel suites: which process this is, and keeping the processes of a torchrun launch in step.
+
+`torchrun --nproc_per_node N $(which kdbench) run suite.yaml` starts N processes (ranks). transformers.Trainer
+trains with DDP across them; everything around training follows three rules, which the helpers here implement:
+
+- every rank takes the same decisions (which runs are pending, whether a teacher is cached): rank 0 takes them and
+  `broadcast`s them;
+- what touches the disk or measures (result JSONs, the report, the tokenizer/teacher/multi-task caches, evaluation,
+  latency, memory, energy) happens on rank 0 only: `on_main(fn)` runs `fn` there and hands its return value, or its
+  exception, to every rank, so all ranks leave a failed step the same way and none waits for a collective that the
+  others skipped;
+- what every rank needs is built by every rank, identically (the tokenizer is trained deterministically, the
+  teacher fine-tuned by all ranks together); rank 0 alone saves it, through a rename (models.save_atomically), so
+  that a rank that finds it on disk loads a whole copy.
+
+These messages go over a gloo group of their own (`control`), with a long timeout (KDBENCH_DIST_TIMEOUT_S,
+default 3 hours), because the other ranks wait there while rank 0 profiles; the Trainer's gradients go over the
+default group (gloo on the CPU, NCCL on CUDA, each rank on its own GPU: LOCAL_RANK).
+
+Outside torchrun (WORLD_SIZE unset or 1) every helper is a no-op that runs in this process, and torch.distributed
+is not even imported.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+TIMEOUT_ENV = "KDBENCH_DIST_TIMEOUT_S"
+CONTROL_TIMEOUT_S = 3 * 3600  # rank 0 may profile for a long time while the others wait
+TRAINING_TIMEOUT_S = 1800  # the Trainer's own default (TrainingArguments.ddp_timeout)
+
+_state: dict[str, Any] = {"control": None, "owned": False, "backend": None, "solo": False}
+
+
+def launched() -> bool:
+    """Started by torchrun (or another launcher that sets WORLD_SIZE) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
+def local_rank() -> int:
+    """The rank on this machine: which GPU this process uses."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
+
+
+def is_main() -> bool:
+    """Rank 0, the process that writes and measures (always True outside torchrun)."""
+    return rank() == 0
+
+
+def active() -> bool:
+    """Several processes, joined in a process group by `setup`."""
+    return launched() and _state["control"] is not None
+
+
+def setup(device: str) -> str:
+    """Join the launch's process group (once) and return this process's device: `device` itself outside torchrun;
+    `cuda:<LOCAL_RANK>` on CUDA (set as the current device too, so nothing lands on cuda:0 by default)."""
+    if not launched():
+        return device
+    import torch
+    import torch.distributed as dist
+
+    from kdbench.errors import KdbenchError
+
+    if not dist.is_available():
+        raise KdbenchError(f"launched with WORLD_SIZE={world_size()}, but this torch has no torch.distributed")
+    cuda = device.startswith("cuda")
+    if cuda:
+        if local_rank() >= torch.cuda.device_count():
+            raise KdbenchError(f"LOCAL_RANK {local_rank()} has no GPU: {torch.cuda.device_count()} visible "
+                               "(use --nproc_per_node at most the GPU count)")
+        torch.cuda.set_device(local_rank())
+    if not dist.is_initialized():
+        backend = "nccl" if cuda else "gloo"
+        if not cuda and not dist.is_gloo_available():
+            raise KdbenchError("data-parallel runs on the CPU need torch.distributed's gloo backend")
+        extra = {"device_id": torch.device("cuda", local_rank())} if cuda else {}
+        dist.init_process_group(backend, timeout=timedelta(seconds=TRAINING_TIMEOUT_S), **extra)
+        _state["owned"] = True
+    _state["backend"] = dist.get_backend()
+    if _state["control"] is None:
+        timeout = float(os.environ.get(TIMEOUT_ENV, CONTROL_TIMEOUT_S))
+        _state["control"] = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+    return f"cuda:{local_rank()}" if cuda else device
+
+
+def teardown() -> None:
+    """Leave the process group if `setup` created it (a process that brought its own keeps it)."""
+    if _state["control"] is None:
+        return
+    import torch.distributed as dist
+
+    if _state["owned"] and dist.is_initialized():
+        dist.destroy_process_group()  # the control group goes with it
+    elif dist.is_initialized():
+        dist.destroy_process_group(_state["control"])
+    _state.update(control=None, owned=False, backend=None)
+
+
+def describe() -> dict | None:
+    """What a result records about the launch: None for a single process."""
+    if not active():
+        return None
+    return {"world_size": world_size(), "backend": _state["backend"], "measured_on_rank": 0,
+            "note": "trained with DDP on every rank; written, evaluated and profiled on rank 0 only"}
+
+
+def _collective(name: str) -> None:
+    if _state["solo"]:
+        raise RuntimeError(f"kdbench bug: distributed.{name} called inside on_main's rank-0-only work, where the "
+                           "other ranks cannot answer it")
+
+
+def barrier() -> None:
+    if active():
+        import torch.distributed as dist
+
+        _collective("barrier")
+        dist.barrier(group=_state["control"])
+
+
+def broadcast(value: T) -> T:
+    """Rank 0's `value` on every rank (picklable; other ranks' `value` is ignored)."""
+    if not active():
+        return value
+    import torch.distributed as dist
+
+    _collective("broadcast")
+    box = [value if is_main() else None]
+    dist.broadcast_object_list(box, src=0, group=_state["control"])
+    return box[0]
+
+
+def gather(value: T) -> list[T]:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not active():
+        return [value]
+    import torch.distributed as dist
+
+    _collective("gather")
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, value, group=_state["control"])
+    return out
+
+
+def _portable(error: BaseException) -> BaseException:
+    """`error` if it survives pickling, else a RuntimeError that says what it was."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Rank 0 runs `fn`; every rank returns its value (it must pickle: keep it small, e.g. a measurements dict),
+    or raises its exception. The other ranks wait meanwhile, so this is a barrier too.
+
+    `fn` must not itself call a collective (these helpers, training): the other ranks are not there to answer.
+    The helpers refuse it (an error on every rank instead of a hang); so build what every rank needs (a tokenizer,
+    a teacher) before, not lazily inside `fn`."""
+    if not active():
+        return fn()
+    _collective("on_main")
+    if is_main():
+        _state["solo"] = True
+        try:
+            value = fn()
+        except Exception as e:
+            _state["solo"] = False
+            broadcast(("error", _portable(e)))
+            raise
+        finally:
+            _state["solo"] = False
+        broadcast(("ok", value))
+        return value
+    kind, value = broadcast(None)
+    if kind == "error":
+        raise value
+    return value
