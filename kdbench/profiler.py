@@ -253,6 +253,7 @@ def measure_generation(model: torch.nn.Module, make_inputs: MakeInputs, *, new_t
     out = measure_latency(model, make_inputs, call=generate,
                           call_name=f"model.generate(greedy, exactly {new_tokens} new tokens, KV cache)", **settings)
     for bs, r in out.items():
+        r["prompt_tokens"] = int(make_inputs(bs)["input_ids"].shape[-1])
         r["new_tokens"] = new_tokens
         r["ms_per_token"] = r["median_ms"] / new_tokens
         r["tokens_per_s"] = bs * new_tokens * 1e3 / r["median_ms"]

@@ -258,6 +258,31 @@ def measure_latency(model, spec: RunSpec, ctx: Context, teacher=None) -> tuple[d
     return latency, profiler.measure_speedup(model, teacher, inputs_for(model), inputs_for(teacher), **settings)
 
 
+def measure_decoding(model, spec: RunSpec, ctx: Context) -> dict:
+    """Greedy generate() of `profiling.generate_tokens` new tokens per batch size (profiler.measure_generation),
+    after the profiling batch's inputs: a seq2seq model's source, a causal LM's prompt, which is cut from the left
+    so that prompt plus new tokens fit the model's positions."""
+    from kdbench import profiler
+
+    p = spec.profiling
+    new = p.generate_tokens
+    positions = getattr(model.config, "max_position_embeddings", None)  # GPT-2 maps n_positions to it
+    keep = None
+    if not model.config.is_encoder_decoder and positions is not None:
+        keep = positions - new
+        if keep < 1:
+            raise KdbenchError(f"profiling.generate_tokens: {new} new tokens do not fit the model's {positions} "
+                               "positions")
+
+    def prompt(bs):
+        batch = example_batch(spec, ctx, bs)
+        return {k: v[..., -keep:] if keep else v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    return profiler.measure_generation(model, prompt, new_tokens=new, pad_token_id=ctx.tokenizer(spec).pad_token_id,
+                                       batch_sizes=p.batch_sizes, warmup=min(p.warmup, 1), min_repeats=p.min_repeats,
+                                       max_repeats=p.max_repeats, time_budget_s=p.time_budget_s, device=ctx.device)
+
+
 def profile_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *, teacher_metric: float | None,
                     teacher=None, info: dict | None = None, training: dict | None = None) -> dict:
     """Quality, size, latency, memory and energy of one model variant, measured the same way for all.
@@ -291,6 +316,7 @@ def measure_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *,
     energy = profiler.measure_energy(
         model, lambda bs: model_inputs(example_batch(spec, ctx, bs), model), batch_size=largest, device=ctx.device
     )
+    generation = measure_decoding(model, spec, ctx) if spec.profiling.generate_tokens and head.generates else None
     return {
         "name": name,
         "kind": kind,
@@ -307,6 +333,7 @@ def measure_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *,
         "speedup": paired,  # the paired measurement behind each speedup, with its method
         "memory": memory,
         "energy": energy,
+        "generation": generation,
         "compression": info or {},
         "training": training,
     }

@@ -247,6 +247,7 @@ def test_a_causal_lm_suite_runs_end_to_end_and_reports_perplexity(tmp_path, cach
                             "finetune": {"max_steps": 2, "batch_size": 8}},
                 "student": {"model": {**LLAMA, "hidden_size": 8, "intermediate_size": 16}}}],
         compression=[{"name": "int8", "steps": [{"compressor": "int8"}]}],
+        profiling={**FAST_PROFILING, "generate_tokens": 4},
     )
     outcome = run_suite(suite, show_progress=False)
     assert statuses(outcome) == {"teacher": "ok", "student__s0": "ok", "kd__s0": "ok", "hidden__s0": "ok"}
@@ -262,6 +263,11 @@ def test_a_causal_lm_suite_runs_end_to_end_and_reports_perplexity(tmp_path, cach
     header = next(line for line in readme.splitlines() if line.startswith("| pair"))
     assert [c.strip() for c in header.split("|")][5:7] == ["perplexity", "retention"]
     assert "(lower is better)" in readme
+    # decoding latency: 4 new tokens after a prompt cut to the model's 32 positions minus those 4
+    for v in [teacher, *kd]:
+        [(bs, g)] = v["generation"].items()
+        assert (g["new_tokens"], g["prompt_tokens"]) == (4, 28) and g["ms_per_token"] > 0
+    assert f"decode b{bs} ms/token" in header and "**decode ms/token**" in readme
 
 
 def test_cached_teachers_and_tokenizers_follow_the_data_not_only_the_spec(tmp_path, cache_dir):

@@ -128,7 +128,7 @@ def tiny_suite(tmp_path, task_params, methods, task="generated_seq2seq", teacher
                    "student": {"model": student or {**T5, "d_model": 8, "d_ff": 16}}}],
         "methods": methods,
         "training": {"batch_size": 8, "max_seq_length": 32, **(training or {"max_steps": 2})},
-        "profiling": {**FAST_PROFILING, "seq_length": 24},
+        "profiling": {**FAST_PROFILING, "seq_length": 24, "generate_tokens": 3},
         "output_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"),
     }
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
@@ -149,6 +149,8 @@ def test_a_suite_scored_by_exact_match_with_sequence_level_kd(tmp_path):
         [v] = read_result(run_path(out, f"s2s__t5__{run}"))["variants"]
         assert v["metric_name"] == "exact match" and v["higher_is_better"] is True and 0.0 <= v["metric"] <= 1.0
         assert 1.0 < v["extra_metrics"]["perplexity"] < float("inf")
+        # decoding latency after the source at the profiling length (an encoder-decoder's source is not cut)
+        assert [(g["prompt_tokens"], g["new_tokens"]) for g in v["generation"].values()] == [(24, 3)]
     # one epoch over the teacher's outputs: as many rows as the train split; with the gold pairs too, twice as many
     seq, refs = (read_result(run_path(out, f"s2s__t5__{m}__s0"))["training"] for m in ("seq-kd", "seq-kd-refs"))
     assert (seq["samples"], refs["samples"]) == (48, 96)
