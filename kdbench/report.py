@@ -580,7 +580,7 @@ def write_plots(rows: list[Row], out_dir: Path) -> list[tuple[str, str]]:
                          None))
     written = []
     for figure, read, xlabel, x_format in plots:
-        name = f"{_slug(rows[0].task)}_{metric}_vs_{figure}.png"
+        name = f"{_slug(rows[0].task)}_{_slug(metric)}_vs_{figure}.png"
         title = f"{rows[0].task}: {metric} vs {figure} (Pareto front circled)"
         if plot_tradeoff(rows, read, xlabel, title, Path(out_dir) / name, x_format):
             written.append((f"{metric} vs {figure}", name))

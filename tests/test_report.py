@@ -317,6 +317,15 @@ def test_plots_are_written_and_linked(suite_dir):
         assert f"]({name})" in text
 
 
+def test_plot_names_are_slugs_of_the_metric_too(tmp_path):
+    runs = fake_runs()
+    for r in runs:
+        for v in r["variants"]:
+            v["metric_name"] = "exact match"
+    text = report.write_report(write_suite(tmp_path / "s", runs))
+    assert "](toy_exact-match_vs_latency.png)" in text and (tmp_path / "s" / "toy_exact-match_vs_size.png").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # compare()
 
