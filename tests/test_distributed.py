@@ -15,7 +15,7 @@ import yaml
 
 from kdbench import distributed
 from kdbench.errors import KdbenchError
-from tiny import BERT, FAST_PROFILING
+from tiny import tiny_suite_data
 
 gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                           reason="torch.distributed with gloo is not available")
@@ -167,25 +167,12 @@ LAUNCHER = textwrap.dedent('''
 
 
 def write_suite(path: Path, methods_: list[dict], compression: bool = True) -> Path:
-    data = {
-        "name": "ddp",
-        "device": "cpu",
-        "seeds": [0],
-        "tasks": [{"name": "sentiment", "task": "generated_sentiment",
-                   "params": {"train_size": 64, "transfer_size": 32, "eval_size": 32}}],
-        "pairs": [{"name": "pair",
-                   # one epoch of 64 rows at 16 per process: 2 steps on 2 processes (4 on one)
-                   "teacher": {"model": {**BERT, "hidden_size": 16, "intermediate_size": 32},
-                               "finetune": {"epochs": 1, "batch_size": 16}},
-                   "student": {"model": {**BERT, "hidden_size": 8, "intermediate_size": 16}}}],
-        "methods": methods_,
-        "compression": [{"name": "pruned", "steps": [{"compressor": "prune_unstructured", "params": {"amount": 0.5}}],
-                         "recover_steps": 2}] if compression else [],
-        "training": {"max_steps": 2, "batch_size": 16, "max_seq_length": 32},
-        "profiling": FAST_PROFILING,
-        "output_dir": str(path.parent / "results"),
-        "cache_dir": str(path.parent / "cache"),
-    }
+    data = tiny_suite_data(path.parent, path.parent / "cache", methods_, name="ddp")
+    # one epoch of 64 rows at 16 per process: 2 steps on 2 processes (4 on one)
+    data["pairs"][0]["teacher"]["finetune"] = {"epochs": 1, "batch_size": 16}
+    if compression:
+        data["compression"] = [{"name": "pruned", "recover_steps": 2,
+                                "steps": [{"compressor": "prune_unstructured", "params": {"amount": 0.5}}]}]
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

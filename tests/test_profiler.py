@@ -102,7 +102,9 @@ def test_generation_times_exactly_the_asked_new_tokens_per_call():
         return out
 
     lm.generate = generate
-    prompt = lambda bs: {"input_ids": torch.randint(1, 50, (bs, 8)), "attention_mask": torch.ones(bs, 8, dtype=int)}
+    def prompt(bs):
+        return {"input_ids": torch.randint(1, 50, (bs, 8)), "attention_mask": torch.ones(bs, 8, dtype=int)}
+
     out = measure_generation(lm, prompt, new_tokens=5, pad_token_id=0, batch_sizes=(1, 3), warmup=1,
                              min_repeats=2, max_repeats=2, time_budget_s=0.01)
     assert set(lengths) == {5} and len(lengths) == 2 * (1 + 2)  # warmup + timed calls, per batch size

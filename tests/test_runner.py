@@ -13,7 +13,7 @@ from kdbench.methods import LogitKD, methods
 from kdbench.results import read_result, run_path, write_result
 from kdbench.runner import keep_finished, run_suite
 from kdbench.suite import expand, load_suite
-from tiny import BERT, FAST_PROFILING
+from tiny import FAST_PROFILING, tiny_suite_data
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -42,23 +42,7 @@ def nan_method(monkeypatch):
 
 def tiny_suite(tmp_path: Path, cache_dir: Path, methods_: list[dict], **overrides):
     """A seconds-long suite, written as YAML and loaded the way a user's is."""
-    data = {
-        "name": "tiny",
-        "device": "cpu",
-        "seeds": [0],
-        "tasks": [{"name": "sentiment", "task": "generated_sentiment",
-                   "params": {"train_size": 64, "transfer_size": 32, "eval_size": 32}}],
-        "pairs": [{"name": "pair",
-                   "teacher": {"model": {**BERT, "hidden_size": 16, "intermediate_size": 32},
-                               "finetune": {"max_steps": 2, "batch_size": 16}},
-                   "student": {"model": {**BERT, "hidden_size": 8, "intermediate_size": 16}}}],
-        "methods": methods_,
-        "training": {"max_steps": 2, "batch_size": 16, "max_seq_length": 32},
-        "profiling": FAST_PROFILING,
-        "output_dir": str(tmp_path / "results"),
-        "cache_dir": str(cache_dir),
-        **overrides,
-    }
+    data = tiny_suite_data(tmp_path, cache_dir, methods_, **overrides)
     path = tmp_path / f"suite-{len(list(tmp_path.glob('suite-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return load_suite(path)

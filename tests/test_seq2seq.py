@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import T5ForConditionalGeneration
 
 from kdbench import heads, models, runner
 from kdbench.errors import KdbenchError
@@ -20,8 +20,9 @@ from kdbench.suite import InlineConfig, TrainingSettings, expand, load_suite
 from kdbench.tasks import load_task, tasks
 from kdbench.tasks.seq2seq import resolve_review, seq2seq_target
 from kdbench.trainer import Distiller, training_arguments
+from tiny import T5
+from tiny import tiny_t5 as t5
 
-T5 = {"model_type": "t5", "num_layers": 1, "num_heads": 2, "d_kv": 8, "relative_attention_num_buckets": 8}
 
 
 
@@ -36,12 +37,6 @@ def tok(data, tmp_path_factory):
     return models.train_tokenizer(heads.get("seq2seq").texts(data.train), 300, tmp_path_factory.mktemp("tok"))
 
 
-def t5(tok, seed=0, **fields):
-    config = T5Config(**{"vocab_size": len(tok), "d_model": 16, "d_ff": 32, "num_layers": 1, "num_heads": 2,
-                         "d_kv": 8, "relative_attention_num_buckets": 8, "decoder_start_token_id": tok.pad_token_id,
-                         **fields})
-    torch.manual_seed(seed)
-    return T5ForConditionalGeneration(config).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from kdbench.results import read_result, run_path
 from kdbench.runner import run_suite
 from kdbench.suite import load_suite
 from kdbench.tasks import load_task, tasks
-from tiny import FAST_PROFILING
+from tiny import FAST_PROFILING, T5
+from tiny import tiny_t5 as t5
 
-T5 = {"model_type": "t5", "num_layers": 1, "num_heads": 2, "d_kv": 8, "relative_attention_num_buckets": 8}
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +29,6 @@ def tok(data, tmp_path_factory):
     return models.train_tokenizer(heads.get("seq2seq").texts(data.train), 300, tmp_path_factory.mktemp("tok"))
 
 
-def t5(tok, seed=0):
-    config = T5Config(vocab_size=len(tok), d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
-                      relative_attention_num_buckets=8, decoder_start_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    return T5ForConditionalGeneration(config).eval()
 
 
 def greedy_by_hand(model, input_ids, start, eos, steps):
