@@ -63,6 +63,12 @@ class PairSpec(Strict):
     name: str
     teacher: ModelSpec
     student: ModelSpec
+    # The names of the suite's tasks this pair runs on (default: every task), e.g. a BERT pair for the classification
+    # tasks and a Llama pair for the language-modelling one. Which tasks it serves changes none of its runs.
+    tasks: list[str] | None = Field(None, min_length=1)
+
+    def runs_on(self, task_name: str) -> bool:
+        return self.tasks is None or task_name in self.tasks
 
     @model_validator(mode="after")
     def _student_not_finetuned(self):
@@ -214,6 +220,10 @@ def check_registry_names(suite: Suite) -> None:
             ref = getattr(p, role).model
             check(("pairs", i, role, "model"), check_model_ref, ref, f"pairs.{p.name}.{role}")
     task_names, method_names = [t.name for t in suite.tasks], [m.name for m in suite.methods]
+    for i, p in enumerate(suite.pairs):
+        for j, name in enumerate(p.tasks or []):
+            if name not in task_names:
+                raise _at(("pairs", i, "tasks", j), f"unknown task {name!r}; the suite's tasks: " + ", ".join(task_names))
     for i, group in enumerate(suite.multitask):
         for j, name in enumerate(group.tasks):
             if name not in task_names:
@@ -226,6 +236,12 @@ def check_registry_names(suite: Suite) -> None:
         if group.method not in method_names:
             raise _at(("multitask", i, "method"), f"unknown method {group.method!r}; the suite's methods: "
                       + (", ".join(method_names) or "none"))
+        for p in suite.pairs:  # a pair trains the group's student on all of the group's tasks, or on none
+            served = [name for name in group.tasks if p.runs_on(name)]
+            if served and len(served) < len(group.tasks):
+                missing = next(name for name in group.tasks if not p.runs_on(name))
+                raise _at(("multitask", i, "tasks"), f"pair {p.name!r} runs on {served[0]!r} but not on {missing!r}; "
+                          "a pair serves all of a multitask group's tasks or none")
     groups = [t for g in suite.multitask for t in g.tasks]
     shared = sorted({t for t in groups if groups.count(t) > 1})
     if shared:
@@ -325,8 +341,10 @@ class RunSpec(BaseModel):
 
     @property
     def spec_hash(self) -> str:
-        # `group` is left out when empty, so single-task runs keep the hashes they had before multitask existed
-        return spec_hash(self.model_dump(mode="json", exclude=set() if self.group else {"group"}))
+        # `group` is left out when empty, so single-task runs keep the hashes they had before multitask existed;
+        # so is the pair's task list, which decides whether a run exists, not what it does
+        exclude: dict = {"pair": {"tasks"}} if self.group else {"group": True, "pair": {"tasks"}}
+        return spec_hash(self.model_dump(mode="json", exclude=exclude))
 
 
 def spec_hash(obj: Any) -> str:
@@ -343,7 +361,7 @@ def expand(suite: Suite) -> list[RunSpec]:
     """
     runs, multitask = [], []
     for task in suite.tasks:
-        for pair in suite.pairs:
+        for pair in (p for p in suite.pairs if p.runs_on(task.name)):
             group = group_of(suite, task.name)
             # A grouped task's runs carry their group: its tokenizer, hence its teacher, is the group's.
             common = dict(suite=suite.name, task=task, pair=pair, training=suite.training, profiling=suite.profiling,

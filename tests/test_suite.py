@@ -125,6 +125,34 @@ def test_spec_hash_is_stable_and_follows_the_spec(tmp_path):
     assert same == [True, True, False, True, False]
 
 
+TWO_TASKS = SUITE.replace("""    params: {train_size: 20, transfer_size: 10, eval_size: 10}
+""", """    params: {train_size: 20, transfer_size: 10, eval_size: 10}
+  - name: reviews
+    task: generated_lm
+""")
+
+
+def test_a_pair_runs_on_the_tasks_it_names(tmp_path):
+    both = expand(load_suite(write(tmp_path, TWO_TASKS, "both.yaml")))
+    assert {r.task.name for r in both} == {"sentiment", "reviews"}
+    text = TWO_TASKS.replace("  - name: pair\n", "  - name: pair\n    tasks: [sentiment]\n")
+    one = expand(load_suite(write(tmp_path, text, "one.yaml")))
+    assert {r.task.name for r in one} == {"sentiment"}
+    # naming the tasks changes none of the runs that remain: their results and caches stay valid
+    assert [r.spec_hash for r in one] == [r.spec_hash for r in both if r.task.name == "sentiment"]
+    bad = TWO_TASKS.replace("  - name: pair\n", "  - name: pair\n    tasks: [sentiment, review]\n")
+    path = write(tmp_path, bad, "bad.yaml")
+    assert_one_line_error(path, "pairs[0].tasks[1]: unknown task 'review'; the suite's tasks: sentiment, reviews",
+                          f"line {line_of(bad, 'tasks: [sentiment, review]')}")
+
+
+def test_a_pair_serves_all_of_a_multitask_group_or_none(tmp_path):
+    text = TWO_TASKS.replace("  - name: pair\n", "  - name: pair\n    tasks: [sentiment]\n") + (
+        "multitask:\n  - {name: mt, tasks: [sentiment, reviews], method: kd}\n")
+    assert_one_line_error(write(tmp_path, text), "multitask[0].tasks: pair 'pair' runs on 'sentiment' but not on "
+                          "'reviews'; a pair serves all of a multitask group's tasks or none")
+
+
 @pytest.mark.parametrize("path", sorted(SUITES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_suite_validates(path):
     """`kdbench validate suites/*.yaml`: no network needed, even for suites that name hub models."""
