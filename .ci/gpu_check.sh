@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# One-call GPU check of the kd_loss kernel (about 6 minutes on an H100). Run from the repository root:
+# One-call GPU check: the kd_loss kernel, then the whole pipeline on CUDA (about 8 minutes on an H100). Run from
+# the repository root:
 #     bash .ci/gpu_check.sh            (through the device tool: results land in $OUT)
 # It needs torch, triton, pytest and pytest-benchmark, which the GPU image has; it does NOT install kdbench and
 # needs none of its heavy dependencies (pydantic, datasets, torchao): a shim package makes
 # `kdbench.kernels` (kernels/) and `kdbench.bench`, `kdbench.errors` (kdbench/) importable without running
-# kdbench/__init__.py. Optional wheels in .whl/ (e.g. liger-kernel, for the Liger column) are installed first.
+# kdbench/__init__.py. Wheels in .whl/ are installed first: liger-kernel (the Liger column), and pydantic,
+# pydantic-core, annotated-types, typing-inspection and torchao, which step 5 needs (the image has the rest). Fetch
+# them with the device README's `pip download` line and name `.whl` in `carry`; without them step 5 is skipped.
 # Steps, each under its own time limit, none stopping the next:
 #   1. environment report                      -> $OUT/env.txt
 #   2. pytest tests/test_kd_loss.py (GPU)       -> $OUT/test_kd_loss.log
 #   3. pytest tests/bench/test_bench_kd_loss.py, timed -> $OUT/bench_pytest.log, $OUT/bench.json
 #   4. kdbench.bench.bench_kernels()            -> $OUT/kernels/<gpu-slug>.md, $OUT/bench_kernels.log
+#   5. kdbench run suites/gpu-smoke.yaml        -> $OUT/suites/gpu-smoke/ (results, report), $OUT/gpu_smoke.log
+#      every CUDA path of the pipeline: CUDA-event latency, peak memory, NVML energy, the Triton kd_loss in the
+#      Distiller, hidden-state KD, int8/bf16/fp16 and structured pruning on CUDA, decoding latency
 # The last lines printed are a summary and the kernels table. Exit code: non-zero if the tests failed.
 # Local dry run of the non-GPU parts (kernel under the interpreter, small CPU shapes):
 #     PYTHON=/work/venv/bin/python OUT=/tmp/gpu_out KDBENCH_GPU_CHECK_BUDGET_S=200 bash .ci/gpu_check.sh
@@ -19,7 +25,7 @@ cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 OUT="${OUT:-$REPO/gpu_out}"
 PY="${PYTHON:-python3}"
-BUDGET="${KDBENCH_GPU_CHECK_BUDGET_S:-340}"   # seconds for all steps together
+BUDGET="${KDBENCH_GPU_CHECK_BUDGET_S:-460}"   # seconds for all steps together
 START=$SECONDS
 mkdir -p "$OUT/kernels"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -95,7 +101,7 @@ if "$PY" -c "import xdist" > /dev/null 2>&1 && "$PY" -c "import torch, sys; sys.
 fi
 
 # --- 2. kernel tests ---------------------------------------------------------------------------------------
-T=$(limit 170 150)
+T=$(limit 170 270)
 echo "gpu_check: pytest tests/test_kd_loss.py (limit ${T}s)"
 timeout -k 10 "$T" "$PY" -m pytest tests/test_kd_loss.py -p no:randomly -p no:cacheprovider -q -ra \
     "${CONFTEST_OPT[@]}" "${XDIST_OPT[@]}" > "$OUT/test_kd_loss.log" 2>&1
@@ -103,7 +109,7 @@ TEST_RC=$?
 tail -n 25 "$OUT/test_kd_loss.log"
 
 # --- 3. pytest-benchmark, timed --------------------------------------------------------------------------
-T=$(limit 60 90)
+T=$(limit 60 210)
 echo "gpu_check: pytest tests/bench/test_bench_kd_loss.py --benchmark-enable (limit ${T}s)"
 timeout -k 10 "$T" "$PY" -m pytest tests/bench/test_bench_kd_loss.py -p no:randomly -p no:cacheprovider -q -o addopts="-ra" \
     "${CONFTEST_OPT[@]}" --benchmark-enable --benchmark-max-time=0.5 --benchmark-json="$OUT/bench.json" \
@@ -112,7 +118,7 @@ BENCH_RC=$?
 tail -n 20 "$OUT/bench_pytest.log"
 
 # --- 4. the kernels table ----------------------------------------------------------------------------------
-T=$(limit 400 0)
+T=$(limit 400 120)
 echo "gpu_check: bench_kernels (limit ${T}s)"
 QUICK=0
 "$PY" -c "import torch, sys; sys.exit(torch.cuda.is_available())" && QUICK=1  # CPU dry run: quick shapes
@@ -126,12 +132,33 @@ print(bench_kernels(out_dir=Path(sys.argv[1]), quick=sys.argv[2] == "1"))
 EOF
 KERN_RC=$?
 
+# --- 5. the pipeline on CUDA: suites/gpu-smoke.yaml --------------------------------------------------------------
+SMOKE_RC=skipped
+if "$PY" -c "import pydantic, torchao, typer, rich, tabulate, torchmetrics" > /dev/null 2>&1; then
+    SUITE=suites/gpu-smoke.yaml
+    if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+        # CPU dry run: the same suite on the CPU, cut down
+        SUITE="$OUT/gpu-smoke-cpu.yaml"
+        sed -e 's/^device: cuda/device: cpu/' -e 's/, precision: bf16//' -e 's/train_size: [0-9]*/train_size: 400/' \
+            -e 's/transfer_size: [0-9]*/transfer_size: 400/' -e 's/eval_size: [0-9]*/eval_size: 100/' \
+            -e 's/epochs: 3/epochs: 1/g' suites/gpu-smoke.yaml > "$SUITE"
+    fi
+    T=$(limit 150 0)
+    echo "gpu_check: kdbench run $SUITE (limit ${T}s)"
+    timeout -k 10 "$T" "$PY" -m kdbench.cli run "$SUITE" --results-dir "$OUT/suites" > "$OUT/gpu_smoke.log" 2>&1
+    SMOKE_RC=$?
+    tail -n 30 "$OUT/gpu_smoke.log"
+else
+    echo "gpu_check: step 5 skipped: pydantic, torchao, typer, rich, tabulate or torchmetrics is missing (carry .whl)"
+fi
+
 # --- summary -----------------------------------------------------------------------------------------------
 {
     echo "gpu_check summary ($(( SECONDS - START ))s):"
     echo "  kernel tests:   rc=$TEST_RC   $(grep -E '(passed|failed|error)' "$OUT/test_kd_loss.log" | tail -n 1)"
     echo "  bench pytest:   rc=$BENCH_RC  $(grep -E '(passed|failed|error)' "$OUT/bench_pytest.log" | tail -n 1)"
     echo "  bench_kernels:  rc=$KERN_RC   (124 = ran out of time)"
+    echo "  gpu-smoke:      rc=$SMOKE_RC  (0 = every run ok; 1/2 = a run or variant failed, see its report)"
 } | tee "$OUT/summary.txt"
 if (( KERN_RC == 0 )); then
     cat "$OUT"/kernels/*.md
