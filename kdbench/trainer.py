@@ -14,6 +14,7 @@ autocast (one process: the student's forward alone).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import tempfile
 import time
@@ -29,6 +30,8 @@ from kdbench.errors import NonFiniteLossError
 from kdbench.heads import IGNORE, Head
 from kdbench.methods import DistillationConfig, LogitKD, Objective
 from kdbench.models import model_inputs
+
+log = logging.getLogger(__name__)
 
 
 class Distiller(Trainer):
@@ -352,4 +355,8 @@ def train(model, dataset, collator, settings, *, seed: int, device: str, teacher
         wall = time.perf_counter() - start
         steps = trainer.state.global_step
         world = args.world_size  # under torchrun each process takes its own batch of `batch_size` rows per step
+        if steps and settings.warmup_ratio > 0 and steps <= args.get_warmup_steps(steps):
+            # linear warmup starts at learning rate 0: a run no longer than its warmup barely moves the model
+            log.warning("%s: %d step(s), all of them warmup (warmup_ratio %s); the model barely trained: give it "
+                        "more data, epochs or steps", description, steps, settings.warmup_ratio)
     return TrainStats(wall_s=wall, steps=steps, samples=steps * settings.batch_size * world, world_size=world)

@@ -282,3 +282,23 @@ def test_a_few_steps_reduce_the_loss(make_distiller, with_teacher):
     assert after < 0.5 * before, (before, after)
     if teacher is not None:
         assert teacher.calls >= 30 and not teacher.training
+
+
+def test_a_run_no_longer_than_its_warmup_says_so(tmp_path, caplog):
+    """Linear warmup starts at learning rate 0: one step of warmup leaves the model as it was, and the log says so
+    (two steps do train: the second is past the warmup)."""
+    import logging
+
+    from kdbench import trainer as trainer_module
+    from kdbench.suite import TrainingSettings
+
+    for steps, warned in ((1, True), (2, False)):
+        model = tiny_bert(seed=0)
+        before = [p.detach().clone() for p in model.parameters()]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kdbench.trainer"):
+            trainer_module.train(model, dataset(), collate, TrainingSettings(max_steps=steps, batch_size=4),
+                                 seed=0, device="cpu", description="probe")
+        assert ("all of them warmup" in caplog.text) is warned
+        moved = any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+        assert moved is not warned
