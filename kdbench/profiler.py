@@ -45,7 +45,8 @@ MakeInputs = Callable[[int], dict[str, torch.Tensor]]
 
 PARAMS_METHOD = (
     "model.parameters() (tied weights once); quantized tensor subclasses count their logical elements (the float "
-    "shape they stand for) and their nonzeros after dequantize(); buffers are not parameters"
+    "shape they stand for) and their nonzeros after dequantize(), and so do the packed weights of torch.ao "
+    "dynamically quantized Linears; buffers are not parameters"
 )
 
 
@@ -88,9 +89,22 @@ def _is_subclass(t: torch.Tensor) -> bool:
     return type(t) is not torch.Tensor
 
 
+def packed_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """PyTorch's own dynamically quantized Linears (torch.ao, the int8 compressor's torch_dynamic backend): their
+    int8 weights are packed for the CPU kernels, held by the module but not as parameters."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    return [m for m in model.modules() if isinstance(m, DynamicLinear)]
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(total, nonzero) parameter elements; see PARAMS_METHOD for what is counted."""
     total = nonzero = 0
+    for m in packed_linears(model):  # their weights are no parameters: count the packed ones
+        for t in (m.weight().dequantize(), m.bias()):
+            if t is not None:
+                total += t.numel()
+                nonzero += int(torch.count_nonzero(t))
     for p in model.parameters():
         t = p.detach()
         total += t.numel()  # logical elements, also for torchao subclasses
@@ -126,6 +140,8 @@ def tensor_bytes(model: torch.nn.Module) -> int:
 
     for t in list(model.parameters()) + list(model.buffers()):
         add(t.detach())
+    for m in packed_linears(model):  # int8 weights (1 byte each) and float biases, packed outside the parameters
+        total += m.weight().numel() + sum(b.numel() * b.element_size() for b in [m.bias()] if b is not None)
     return total
 
 
@@ -136,7 +152,7 @@ def size_on_disk(model: torch.nn.Module) -> dict[str, Any]:
     torchao's quantized subclasses cannot be written to safetensors, so those models are measured as
     `torch.save(model.state_dict())` (zip + pickle; a few hundred bytes of overhead per tensor), and `format` says so.
     """
-    quantized = any(_is_subclass(p.detach()) for p in model.parameters())
+    quantized = any(_is_subclass(p.detach()) for p in model.parameters()) or bool(packed_linears(model))
     with tempfile.TemporaryDirectory(prefix="kdbench-size-") as d:
         fmt = "torch.save" if quantized else "safetensors"
         path = Path(d) / ("model.pt" if quantized else "model.safetensors")
@@ -148,7 +164,7 @@ def size_on_disk(model: torch.nn.Module) -> dict[str, Any]:
             save_model(model, str(path))
         n = path.stat().st_size
     how = "safetensors.torch.save_model file size" if fmt == "safetensors" else (
-        "torch.save(state_dict) file size (quantized tensor subclasses are not safetensors-serialisable)"
+        "torch.save(state_dict) file size (quantized weights are not safetensors-serialisable)"
     )
     return {"bytes": n, "mb": n / 2**20, "format": fmt, "method": how}
 

@@ -134,6 +134,35 @@ def test_int8_runs_on_cpu_and_shrinks(mode, batch, tmp_path):
     torch.testing.assert_close(logits(load_variant(tmp_path), batch), out)
 
 
+def test_int8_torch_dynamic_backend_on_cpu(batch, tmp_path):
+    """PyTorch's own dynamic int8 (packed weights, no parameters): the same outputs within int8 error, the same
+    logical parameter count, a smaller file, a round trip, and pruning after it refused."""
+    model = tiny_bert()
+    quant, info = apply_variant(model, [("int8", {"backend": "torch_dynamic"})], "cpu")
+    step = info["steps"][0]
+    assert (step["backend"], step["quantized_linear"], step["float_linear"]) == ("torch_dynamic", 14, [])
+    assert not any(type(m) is torch.nn.Linear for m in quant.modules())
+    ref, out = logits(model, batch), logits(quant, batch)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3 and not torch.equal(out, ref)
+    total, nonzero = count_parameters(quant)
+    assert total == count_parameters(model)[0]  # the packed int8 weights count as the Linears they replace
+    assert nonzero > 0.95 * total
+    size = size_on_disk(quant)
+    assert size["format"] == "torch.save" and size["bytes"] < 0.8 * size_on_disk(model)["bytes"]  # embeddings stay float
+    assert save_variant(quant, tmp_path)["format"] == "torch.save"
+    torch.testing.assert_close(logits(load_variant(tmp_path), batch), out)
+    with pytest.raises(KdbenchError, match=r"^prune_unstructured: the model's Linears are already quantized"):
+        apply_variant(quant, [("prune_unstructured", {})], "cpu")
+    with pytest.raises(KdbenchError, match=r"^int8 backend torch_dynamic not supported on cuda: its kernels run"):
+        compressors.get("int8")({"backend": "torch_dynamic"}).apply(tiny_bert(), device="cuda")
+    with pytest.raises(KdbenchError, match=r"has mode dynamic only, not weight_only$"):
+        apply_variant(model, [("int8", {"backend": "torch_dynamic", "mode": "weight_only"})], "cpu")
+    # auto: the CPU's fast kernels for dynamic int8, torchao for weight-only
+    assert apply_variant(model, [("int8", {"backend": "auto"})], "cpu")[1]["steps"][0]["backend"] == "torch_dynamic"
+    assert apply_variant(model, [("int8", {"backend": "auto", "mode": "weight_only"})], "cpu")[1]["steps"][0][
+        "backend"] == "torchao"
+
+
 def test_prune_then_int8_and_order_is_enforced(batch):
     model = tiny_bert()
     both, info = apply_variant(model, [("prune_structured", {}), ("int8", {})], "cpu")

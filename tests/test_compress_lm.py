@@ -221,6 +221,24 @@ def test_int8_quantizes_every_projection(arch, mode, batch, tmp_path):
     torch.testing.assert_close(logits(load_variant(tmp_path), batch), out)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_int8_torch_dynamic_on_causal_lms(arch, batch):
+    """PyTorch's dynamic int8 on GPT-2 (Conv1D made Linear first) and Llama: every projection packed, GPT-2's tied
+    lm_head left float with its embeddings."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    model = MODELS[arch]()
+    quant, info = apply_variant(model, [("int8", {"backend": "torch_dynamic"})], "cpu")
+    step = info["steps"][0]
+    expected = (8, 8, ["lm_head"]) if arch == "gpt2" else (0, 15, [])
+    assert (step["conv1d_to_linear"], step["quantized_linear"], step["float_linear"]) == expected
+    for block in blocks(quant):
+        for name in PROJECTIONS[arch]:
+            assert isinstance(block.get_submodule(name), DynamicLinear), name
+    ref, out = logits(model, batch), logits(quant, batch)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # fp16 / bf16
 
