@@ -145,10 +145,10 @@ def train_tokenizer(texts: list[str], vocab_size: int, save_dir: Path):
     return fast
 
 
-def save_atomically(obj, folder: Path) -> None:
-    """`obj.save_pretrained(folder)` through a temporary folder and a rename, so that no reader (a resumed suite,
-    another process of a data-parallel launch) sees half a save; if another process saved it first, its copy
-    stays."""
+def save_atomically(obj, folder: Path, extra_files: dict[str, str] | None = None) -> None:
+    """`obj.save_pretrained(folder)`, plus `extra_files` {name: text}, through a temporary folder and a rename, so
+    that no reader (a resumed suite, another process of a data-parallel launch) sees half a save; if another
+    process saved it first, its copy stays."""
     import os
     import shutil
     import tempfile
@@ -157,6 +157,8 @@ def save_atomically(obj, folder: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         obj.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         os.rename(tmp, folder)
     except OSError:
         if not folder.exists():

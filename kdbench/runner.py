@@ -21,6 +21,7 @@ training stats) and count every rank's samples.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 import traceback
@@ -181,6 +182,8 @@ class Context:
         if distributed.broadcast((folder / "config.json").exists()):  # rank 0's answer: all ranks go one way
             model = models.load_saved(folder, self.head(spec))
             log.info("teacher loaded from cache %s", folder)
+            if (folder / TEACHER_TRAINING).exists():  # the fine-tuning that made it, reported as such
+                stats = trainer.TrainStats(**json.loads((folder / TEACHER_TRAINING).read_text()))
         else:
             if tmodel.finetune is None and not models.is_pretrained(tmodel.model):
                 raise KdbenchError(f"pairs.{spec.pair.name}.teacher: an inline config needs `finetune:` settings")
@@ -191,7 +194,7 @@ class Context:
                 stats = trainer.train(model, self.encoded(spec, "train"), self.collator(spec), tmodel.finetune,
                                       seed=self.teacher_seed, device=self.device, progress=self.progress,
                                       description=f"fine-tune teacher {spec.pair.name}", head=self.head(spec))
-                distributed.on_main(lambda: save_teacher(model, folder))
+                distributed.on_main(lambda: save_teacher(model, folder, stats))
         model.to(self.device).eval()
         return model, stats
 
@@ -207,10 +210,17 @@ class Context:
         return distributed.on_main(read)  # rank 0 wrote it; every rank must take the same branch on it
 
 
-def save_teacher(model, folder: Path) -> None:
+TEACHER_TRAINING = "kdbench_training.json"  # a cached teacher's fine-tuning stats, beside its weights
+
+
+def save_teacher(model, folder: Path, stats) -> None:
+    from dataclasses import asdict
+
     from kdbench.models import save_atomically
 
-    save_atomically(model, folder)  # a half-written teacher is never reused
+    # a half-written teacher is never reused; its fine-tuning stats travel with it, so that a run that loads it
+    # still reports what made it
+    save_atomically(model, folder, {TEACHER_TRAINING: json.dumps(asdict(stats))})
 
 
 def for_task(spec: RunSpec, task) -> RunSpec:

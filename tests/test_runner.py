@@ -288,3 +288,13 @@ def test_results_are_rerun_when_the_data_changes_under_the_same_spec(tmp_path, c
     out = tmp_path / "results" / "tiny"
     keys = {read_result(p)["data_key"] for p in (out / "runs").glob("*.json")}
     assert len(keys) == 1 and None not in keys  # every run carries the key of the data it was made from
+
+
+def test_a_cached_teacher_reports_the_fine_tuning_that_made_it(tmp_path):
+    """A teacher loaded from the cache (another results folder, a re-run) still shows its fine-tuning's stats."""
+    cache = tmp_path / "cache"
+    first = run_suite(tiny_suite(tmp_path, cache, []), show_progress=False)
+    second = run_suite(tiny_suite(tmp_path, cache, [], output_dir=str(tmp_path / "elsewhere")), show_progress=False)
+    trained, loaded = (read_result(run_path(o.results_dir, "sentiment__pair__teacher")) for o in (first, second))
+    assert trained["training"]["steps"] == 2 and trained["training"]["wall_s"] > 0
+    assert loaded["training"] == trained["training"]
