@@ -54,6 +54,8 @@ def run(
     results_dir: Optional[Path] = typer.Option(None, "--results-dir", help="base folder (default: the suite's output_dir)"),
     rerun: bool = typer.Option(False, "--rerun", help="run again even if a result exists"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and whether each would run, then stop"),
+    only: Optional[List[str]] = typer.Option(None, "--only", help="run ids to run, as globs (repeatable), e.g. "
+                                             "'sst2__*' or '*__kd__s0'; the teachers they need come along"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Run a suite: teachers, students alone, each method, compressed variants; write results and tables.
@@ -66,6 +68,9 @@ def run(
         from kdbench.suite import expand, load_suite
 
         s = load_suite(suite)
+        from kdbench.runner import select_runs
+
+        chosen = select_runs(s, only) if only else None
         if dry_run:
             from kdbench.results import is_done, run_path
             from kdbench.runner import Context, results_dir_for
@@ -73,6 +78,8 @@ def run(
             out = results_dir_for(s, results_dir)
             ctx = Context(s, out, "cpu")  # loads the data (the data key), builds no model
             for spec in expand(s) if distributed.is_main() else []:
+                if chosen is not None and spec.run_id not in chosen:
+                    continue
                 done = not rerun and is_done(run_path(out, spec.run_id), spec.spec_hash, ctx.data_key(spec))
                 typer.echo(f"{'done' if done else 'run '}  {spec.run_id}")
             return
@@ -80,7 +87,7 @@ def run(
         from kdbench.results import read_results
         from kdbench.runner import run_suite
 
-        outcome = run_suite(s, results_dir, rerun=rerun)
+        outcome = run_suite(s, results_dir, rerun=rerun, only=chosen)
     except KdbenchError as e:
         _fail(e)
     if not distributed.is_main():  # every rank has the same outcome, hence the same exit code

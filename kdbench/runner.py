@@ -562,6 +562,22 @@ def agree(result: dict) -> dict:
     return {**result, **r, "error": f"rank {i}: {r['error']}", "variants": [], "failed_variants": []}
 
 
+def select_runs(suite: Suite, patterns: list[str]) -> list[str]:
+    """The run ids that match any of the glob `patterns` (`sst2__*`, `*__kd__s0`), plus the teacher runs they need
+    (their own, and their multitask group's), in the suite's order. No match is a user error."""
+    from fnmatch import fnmatchcase
+
+    specs = expand(suite)
+    chosen = [s for s in specs if any(fnmatchcase(s.run_id, p) for p in patterns)]
+    if not chosen:
+        raise KdbenchError(f"--only {' '.join(patterns)}: no run matches; run ids look like "
+                           f"{specs[0].run_id} (`kdbench run --dry-run` lists them)")
+    needed = {s.run_id for s in chosen}
+    for s in chosen:
+        needed |= {teacher_run_id(for_task(s, t)) for t in (s.group if s.kind == "multitask" else [s.task])}
+    return [s.run_id for s in specs if s.run_id in needed]
+
+
 def keep_finished(path: Path, result: dict) -> Path:
     """Where to write `result`: a failed re-run never overwrites a finished (ok) result; it goes to runs/failed/."""
     previous = read_result(path)

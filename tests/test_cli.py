@@ -132,6 +132,25 @@ def test_dry_run_lists_the_runs(smoke):
     assert smoke.dry_rerun.stdout.splitlines() == [f"run   {spec.run_id}" for spec in smoke.specs]
 
 
+def test_only_runs_the_matching_runs_and_the_teachers_they_need(tmp_path):
+    data = yaml.safe_load(SMOKE.read_text())
+    data.update(cache_dir=str(tmp_path / "cache"))
+    suite_file = tmp_path / "smoke.yaml"
+    suite_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    ids = [spec.run_id for spec in expand(load_suite(suite_file))]
+    student = next(i for i in ids if i.endswith("__student__s0"))
+    teacher = next(i for i in ids if i.endswith("__teacher"))
+    dry = kdbench("run", suite_file, "--results-dir", tmp_path, "--dry-run", "--only", "*__student__s*")
+    assert dry.exit_code == 0 and dry.stdout.splitlines() == [f"run   {teacher}", f"run   {student}"]
+    result = kdbench("run", suite_file, "--results-dir", tmp_path, "--only", "*__student__s*")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.stem for p in (tmp_path / "smoke" / "runs").glob("*.json")) == sorted([teacher, student])
+    none = kdbench("run", suite_file, "--results-dir", tmp_path, "--only", "sst2__*")
+    assert none.exit_code == 2
+    assert none.stderr.strip() == (f"error: --only sst2__*: no run matches; run ids look like {teacher} "
+                                   "(`kdbench run --dry-run` lists them)")
+
+
 def test_dry_run_before_any_run(tmp_path):
     result = kdbench("run", SMOKE, "--results-dir", tmp_path, "--dry-run")
     assert result.exit_code == 0

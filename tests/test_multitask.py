@@ -183,3 +183,12 @@ def test_a_trained_group_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
                                                   "sentiment__pair__mt-kd__s1"])
     [failed] = seeded.failed
     assert "the group was trained again" in failed.error
+
+
+def test_selecting_a_group_run_brings_every_teacher_of_its_group(tmp_path):
+    from kdbench.runner import select_runs
+
+    suite = load_suite(write(tmp_path, suite_data(tmp_path)))
+    assert select_runs(suite, ["sentiment__pair__mt-kd__s0"]) == [
+        "sentiment__pair__teacher", "topics__pair__teacher", "sentiment__pair__mt-kd__s0"]
+    assert select_runs(suite, ["sentiment__pair__kd__s0"]) == ["sentiment__pair__teacher", "sentiment__pair__kd__s0"]
