@@ -134,7 +134,9 @@ KERN_RC=$?
 
 # --- 5. the pipeline on CUDA: suites/gpu-smoke.yaml --------------------------------------------------------------
 SMOKE_RC=skipped
-if "$PY" -c "import pydantic, torchao, typer, rich, tabulate, torchmetrics" > /dev/null 2>&1; then
+# torchao is not required here: without it (or with one that does not import on this torch) the int8 variants
+# fail one by one, each with its reason in the report, and everything else still runs
+if "$PY" -c "import pydantic, typer, rich, tabulate, torchmetrics" > /dev/null 2>&1; then
     SUITE=suites/gpu-smoke.yaml
     if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
         # CPU dry run: the same suite on the CPU, cut down
@@ -149,7 +151,7 @@ if "$PY" -c "import pydantic, torchao, typer, rich, tabulate, torchmetrics" > /d
     SMOKE_RC=$?
     tail -n 30 "$OUT/gpu_smoke.log"
 else
-    echo "gpu_check: step 5 skipped: pydantic, torchao, typer, rich, tabulate or torchmetrics is missing (carry .whl)"
+    echo "gpu_check: step 5 skipped: pydantic, typer, rich, tabulate or torchmetrics is missing (carry .whl)"
 fi
 
 # --- summary -----------------------------------------------------------------------------------------------
