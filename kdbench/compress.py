@@ -113,7 +113,9 @@ def _refuse_quantized(model: torch.nn.Module, who: str) -> None:
                 f"{who}: weight {name} is already quantized ({type(p.detach()).__name__}); "
                 f"put pruning before int8 in the variant"
             )
-    if is_quantized_model(model):
+    from kdbench.profiler import packed_linears
+
+    if packed_linears(model):
         raise KdbenchError(f"{who}: the model's Linears are already quantized (torch.ao dynamic int8); "
                            "put pruning before int8 in the variant")
 

@@ -141,14 +141,14 @@ def train_tokenizer(texts: list[str], vocab_size: int, save_dir: Path):
     from kdbench import distributed
 
     if distributed.is_main():  # data parallel: every rank trains this same tokenizer; rank 0 alone caches it
-        save_atomically(fast, save_dir)
+        save_atomically(save_dir, lambda tmp: fast.save_pretrained(str(tmp)))
     return fast
 
 
-def save_atomically(obj, folder: Path, extra_files: dict[str, str] | None = None) -> None:
-    """`obj.save_pretrained(folder)`, plus `extra_files` {name: text}, through a temporary folder and a rename, so
-    that no reader (a resumed suite, another process of a data-parallel launch) sees half a save; if another
-    process saved it first, its copy stays."""
+def save_atomically(folder: Path, write) -> None:
+    """Make `folder` with `write(tmp)`, which fills a temporary folder beside it, then a rename, so that no reader
+    (a resumed suite, another process of a data-parallel launch) sees half a save; if another process saved it
+    first, its copy stays."""
     import os
     import shutil
     import tempfile
@@ -156,9 +156,7 @@ def save_atomically(obj, folder: Path, extra_files: dict[str, str] | None = None
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        obj.save_pretrained(str(tmp))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        write(tmp)
         os.rename(tmp, folder)
     except OSError:
         if not folder.exists():

@@ -24,7 +24,6 @@ YAML (the method's parameters come from the suite method it names):
 from __future__ import annotations
 
 import contextlib
-import json
 
 import torch
 
@@ -127,10 +126,10 @@ def train_group(spec, ctx):
 
     students = build_group(spec, ctx)
     folder = ctx.cache_dir / "multitask" / group_key(spec, ctx)
-    weights, stats_file = folder / "students.pt", folder / "training.json"
-    if distributed.broadcast(weights.exists() and stats_file.exists()):
+    weights = folder / WEIGHTS_FILE
+    if distributed.broadcast(weights.exists()):  # the folder appears whole (save_group): its stats too
         MultiTaskStudent(students).load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        stats = trainer.TrainStats(**json.loads(stats_file.read_text()))
+        stats = trainer.TrainStats.load(folder)
     else:
         stats = train_students(spec, ctx, students)
         distributed.on_main(lambda: save_group(students, stats, folder))
@@ -139,13 +138,17 @@ def train_group(spec, ctx):
     return students, stats
 
 
+WEIGHTS_FILE = "students.pt"
+
+
 def save_group(students: dict, stats, folder) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(MultiTaskStudent(students).state_dict(), tmp / "students.pt")
-    (tmp / "training.json").write_text(json.dumps({"wall_s": stats.wall_s, "steps": stats.steps,
-                                                   "samples": stats.samples, "world_size": stats.world_size}))
-    tmp.rename(folder)  # atomic: a half-written group is never reused
+    from kdbench.models import save_atomically
+
+    def write(tmp) -> None:
+        torch.save(MultiTaskStudent(students).state_dict(), tmp / WEIGHTS_FILE)
+        stats.save(tmp)
+
+    save_atomically(folder, write)  # a half-written group is never reused
 
 
 def build_group(spec, ctx) -> dict:

@@ -21,7 +21,6 @@ training stats) and count every rank's samples.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 import traceback
@@ -182,8 +181,7 @@ class Context:
         if distributed.broadcast((folder / "config.json").exists()):  # rank 0's answer: all ranks go one way
             model = models.load_saved(folder, self.head(spec))
             log.info("teacher loaded from cache %s", folder)
-            if (folder / TEACHER_TRAINING).exists():  # the fine-tuning that made it, reported as such
-                stats = trainer.TrainStats(**json.loads((folder / TEACHER_TRAINING).read_text()))
+            stats = trainer.TrainStats.load(folder)  # the fine-tuning that made it, reported as such
         else:
             if tmodel.finetune is None and not models.is_pretrained(tmodel.model):
                 raise KdbenchError(f"pairs.{spec.pair.name}.teacher: an inline config needs `finetune:` settings")
@@ -210,17 +208,14 @@ class Context:
         return distributed.on_main(read)  # rank 0 wrote it; every rank must take the same branch on it
 
 
-TEACHER_TRAINING = "kdbench_training.json"  # a cached teacher's fine-tuning stats, beside its weights
-
-
 def save_teacher(model, folder: Path, stats) -> None:
-    from dataclasses import asdict
-
     from kdbench.models import save_atomically
 
-    # a half-written teacher is never reused; its fine-tuning stats travel with it, so that a run that loads it
-    # still reports what made it
-    save_atomically(model, folder, {TEACHER_TRAINING: json.dumps(asdict(stats))})
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        stats.save(tmp)  # so that a run that loads the teacher still reports what made it
+
+    save_atomically(folder, write)  # a half-written teacher is never reused
 
 
 def for_task(spec: RunSpec, task) -> RunSpec:

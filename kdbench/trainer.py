@@ -14,11 +14,13 @@ autocast (one process: the student's forward alone).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -272,6 +274,9 @@ def cache_teacher_logits(teacher, rows: list[dict], collator, device: str, batch
     return out
 
 
+TRAINING_FILE = "kdbench_training.json"  # a cached model's training stats, beside its weights
+
+
 @dataclass
 class TrainStats:
     """`samples` counts every process's: steps x batch size per device x world size (the processes training
@@ -285,6 +290,16 @@ class TrainStats:
     @property
     def samples_per_s(self) -> float:
         return self.samples / self.wall_s if self.wall_s > 0 else math.nan
+
+    def save(self, folder) -> None:
+        """Write these stats into `folder` (a cached model's), as TRAINING_FILE."""
+        (Path(folder) / TRAINING_FILE).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, folder) -> TrainStats | None:
+        """The stats `save` wrote into `folder`; None if it holds none."""
+        path = Path(folder) / TRAINING_FILE
+        return cls(**json.loads(path.read_text())) if path.exists() else None
 
     def as_dict(self) -> dict:
         return {"wall_s": round(self.wall_s, 3), "steps": self.steps, "samples": self.samples,
