@@ -333,6 +333,9 @@ def _markdown(rows, dev_name: str, cuda: bool, quick: bool, has_liger: bool) -> 
         f"Loss: alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE, T = {TEMPERATURE}, alpha = {ALPHA}, batchmean, every "
         "row valid; forward and backward of the student logits (teacher frozen).",
         *(["Liger-Kernel is not installed here: no liger rows."] if cuda and not has_liger else []),
+        *([f"`{TILED_NAME}` is the same kernel with its large-V path forced to stream each row twice (online "
+           "softmax, then the gradient), which moves 5 N V elements; `kd_loss (triton)` is the default path, and "
+           "the last column says which path and tile shape autotuning chose."] if cuda else []),
         "Time: " + ("triton.testing.do_bench median (CUDA events, L2 flushed between runs)." if cuda else
                     "median of time.perf_counter over repeated runs."),
         "GB/s counts the minimal traffic, read student + teacher and write the gradient once (3 N V bytes in the "
