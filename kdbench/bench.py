@@ -27,7 +27,6 @@ GPU_SHAPES = [
 CPU_SHAPES = [(2048, 1000, "float32"), (128, 32000, "bfloat16"), (32, 128256, "bfloat16"), (32, 128256, "float32")]
 CPU_QUICK_SHAPES = [(256, 1000, "float32"), (16, 32000, "bfloat16")]
 
-TILED_NAME = "kd_loss (triton, tiled)"  # the two-pass large-V path, for comparison
 TEMPERATURE, ALPHA = 2.0, 0.5  # forward KL, every row valid: all implementations compute the same number
 SAMPLE_ROWS = 64  # gradient rows checked against float64 (first and last SAMPLE_ROWS // 2)
 
@@ -53,26 +52,6 @@ def _ours(s, t, labels):
     from kdbench.kernels import kd_loss
 
     return kd_loss(s, t, labels, temperature=TEMPERATURE, alpha=ALPHA)
-
-
-def _ours_on_path(path: str):
-    """kd_loss with its large-V path forced ("split" or "tiled"): both are timed on the same shapes."""
-
-    def fn(s, t, labels):
-        kmod = _kernel_module()
-        saved, kmod.LARGE_V_PATH = kmod.LARGE_V_PATH, path
-        try:
-            return _ours(s, t, labels)
-        finally:
-            kmod.LARGE_V_PATH = saved
-
-    return fn
-
-
-def _kernel_module():
-    import importlib
-
-    return importlib.import_module("kdbench.kernels.kd_loss")
 
 
 def _liger():
@@ -232,9 +211,8 @@ def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False)
     liger = _liger() if cuda else None
     if liger is not None:
         impls.append(("liger", liger))
-    if cuda:  # the two-pass path first: a run cut off by a time limit still has it to compare with
-        impls.append((TILED_NAME, _ours_on_path("tiled")))
-    impls.append(("kd_loss (triton)" if cuda else "kd_loss (reference)", _ours))
+    ours_name = "kd_loss (triton)" if cuda else "kd_loss (reference)"
+    impls.append((ours_name, _ours))
 
     out_dir = Path("results") / "kernels" if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -247,8 +225,6 @@ def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False)
         min_bytes = 3 * n * v * torch.empty((), dtype=dtype).element_size()  # read s, t; write grad
         g = torch.Generator(device=device).manual_seed(0)
         for name, fn in impls:
-            if name == TILED_NAME and v <= _kernel_module().MAX_FUSED_V:
-                continue  # whole rows: there is no large-V path to choose
             step = s = t = labels = s_run = loss = None
             cells = dict(shape=f"{n} x {v}", dtype=dtype_name, impl=name)
             try:
@@ -275,9 +251,6 @@ def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False)
                     mem=f"{_peak_extra_mb(step, s_run):.0f}" if cuda else "n/a",
                     err=f"{err:.1e}",
                 )
-                if cuda and name.startswith("kd_loss"):
-                    launch = _kernel_module().last_launch
-                    cells["path"] = f"{launch['path']}: {launch['config']}"
             except Exception as exc:  # one failing implementation (OOM, no compiler) must not sink the table
                 log.warning("kd_loss bench: %s failed on %d x %d %s: %s", name, n, v, dtype_name, exc)
                 msg = "OOM" if "out of memory" in str(exc).lower() else f"failed: {type(exc).__name__}"
@@ -317,7 +290,6 @@ def _markdown(rows, dev_name: str, cuda: bool, quick: bool, has_liger: bool) -> 
         ("frac", "of copy BW"),
         ("mem", "peak extra MiB"),
         ("err", "max rel err vs fp64"),
-        *([("path", "kd_loss path: tile shape (autotuned)")] if cuda else []),
     ]
     when = datetime.date.today().isoformat()
     lines = [f"# kd_loss forward + backward on {dev_name}", ""]
@@ -333,9 +305,6 @@ def _markdown(rows, dev_name: str, cuda: bool, quick: bool, has_liger: bool) -> 
         f"Loss: alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE, T = {TEMPERATURE}, alpha = {ALPHA}, batchmean, every "
         "row valid; forward and backward of the student logits (teacher frozen).",
         *(["Liger-Kernel is not installed here: no liger rows."] if cuda and not has_liger else []),
-        *([f"`{TILED_NAME}` is the same kernel with its large-V path forced to stream each row twice (online "
-           "softmax, then the gradient), which moves 5 N V elements; `kd_loss (triton)` is the default path, and "
-           "the last column says which path and tile shape autotuning chose."] if cuda else []),
         "Time: " + ("triton.testing.do_bench median (CUDA events, L2 flushed between runs)." if cuda else
                     "median of time.perf_counter over repeated runs."),
         "GB/s counts the minimal traffic, read student + teacher and write the gradient once (3 N V bytes in the "
@@ -345,7 +314,7 @@ def _markdown(rows, dev_name: str, cuda: bool, quick: bool, has_liger: bool) -> 
         f"max abs error over its max abs value, on {SAMPLE_ROWS} rows.",
         "",
         "| " + " | ".join(h for _, h in cols) + " |",
-        "|" + "|".join("---" if k in ("shape", "dtype", "impl", "path") else "---:" for k, _ in cols) + "|",
+        "|" + "|".join("---" if k in ("shape", "dtype", "impl") else "---:" for k, _ in cols) + "|",
     ]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(k, "")) for k, _ in cols) + " |")

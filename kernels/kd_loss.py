@@ -35,7 +35,6 @@ leading dims cannot be merged). Loads are cast to fp32 at once; all accumulation
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -45,8 +44,10 @@ import triton.language as tl
 
 from kdbench.kernels.reference import KD_LOSS_DOC, KdLossInputError, validate
 
-# Rows with next_pow2(V) <= MAX_FUSED_V are held whole by one program; tests lower it to reach the large-V paths.
+# Rows with next_pow2(V) <= MAX_FUSED_V take the single-read path; tests lower it to exercise the tiled path.
 MAX_FUSED_V = 8192
+# Tile width under the Triton interpreter (CPU), where autotuning is off.
+INTERPRET_BLOCK_V = 2048
 
 _FORWARD_KL, _REVERSE_KL, _JSD = 0, 1, 2
 _DIVERGENCE_CODE = {"forward_kl": _FORWARD_KL, "reverse_kl": _REVERSE_KL, "jsd": _JSD}
@@ -101,185 +102,7 @@ def _soft_grad(ls, lt, ps, pt, D, kl_sm, beta, log_beta, log_1m_beta, DIVERGENCE
 
 
 @triton.jit
-def _row_stats(z):
-    """Per-row max m (floored at _NEG_BIG), e = exp(z - m) and d = sum e, for a [ROWS, BLOCK] tile."""
-    m = tl.maximum(tl.max(z, 1), _NEG_BIG)
-    e = tl.exp(z - m[:, None])
-    return m, e, tl.sum(e, 1)
-
-
-@triton.jit
-def _merged(m_all, d_all):
-    """Merge per-chunk (max, sum of exp) pairs [ROWS, SPLIT_P2] into the row's max and sum."""
-    m = tl.max(m_all, 1)
-    return m, tl.sum(d_all * tl.exp(m_all - m[:, None]), 1)
-
-
-@triton.jit
-def _kd_loss_rows_kernel(
-    s_ptr, s_stride_r, s_stride_v,
-    t_ptr, t_stride_r, t_stride_v,
-    lab_ptr,  # (N,) int labels; unused when HAS_LABELS is False
-    grad_ptr,  # (N, V) contiguous, student dtype; unused when WRITE_GRAD is False
-    loss_ptr,  # (N,) fp32 unreduced row losses
-    scale_ptr,  # (1,) fp32 gradient scale: 1 / n_valid for batchmean, else 1
-    part_ptr,  # (N, PART_STRIDE, 8) fp32 per-chunk row statistics; SPLIT > 1 only
-    cnt_ptr,  # (N,) int32 per-row arrival counters, zero on entry; SPLIT > 1 and PHASE 2 only
-    N, V, PART_STRIDE, inv_T, T, alpha, beta, log_beta, log_1m_beta, ignore_index,
-    DIVERGENCE: tl.constexpr,
-    HAS_LABELS: tl.constexpr,
-    DO_SOFT: tl.constexpr,  # alpha != 0
-    DO_CE: tl.constexpr,  # alpha != 1 and labels given
-    SAME_T: tl.constexpr,  # T == 1: the CE softmax is the soft one
-    WRITE_GRAD: tl.constexpr,
-    ROWS: tl.constexpr,  # rows per program (SPLIT == 1)
-    BLOCK_V: tl.constexpr,  # columns per program: the whole row (SPLIT == 1) or one chunk of it
-    SPLIT: tl.constexpr,  # programs per row; consecutive program ids share a row
-    SPLIT_P2: tl.constexpr,  # next power of 2 >= SPLIT
-    PHASE: tl.constexpr,  # SPLIT > 1: 2 = one launch, a row's programs wait for each other; 0 then 1 = two launches
-):
-    """Each program holds its [ROWS, BLOCK_V] tile in registers and reads it from memory once.
-
-    SPLIT == 1: the tile is whole rows; exact (non-online) formulas.
-    SPLIT > 1 (one row, ROWS == 1): each of a row's SPLIT programs computes its chunk's (max, sum of exp) for
-    zs, zt and s and the chunk's share of D, publishes them, and waits on the row's arrival counter until all
-    SPLIT have; then every program merges the row's statistics and writes the gradient of its chunk from the
-    registers. This needs a row's programs resident together: they are consecutive program ids, and blocks are
-    dispatched in id order, so a waiting program's partners are already running or next in line (the launcher
-    bounds SPLIT). The interpreter runs programs one after another, so there a row is done in two launches,
-    PHASE 0 (publish) and PHASE 1 (reload the chunk, merge, finish), which share all the code but the wait.
-    """
-    tl.static_assert(SPLIT == 1 or ROWS == 1)
-    tl.static_assert(SPLIT == 1 or DIVERGENCE != 2)  # jsd needs finished log-sum-exps for D: the tiled kernel
-    pid = tl.program_id(0)
-    chunk = pid % SPLIT
-    group = pid // SPLIT
-    rows = group.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_in = rows < N
-    cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_in = cols < V
-    if HAS_LABELS:
-        lab = tl.load(lab_ptr + rows, mask=row_in, other=ignore_index).to(tl.int64)
-        valid = row_in & (lab != ignore_index)
-    else:
-        lab = tl.zeros([ROWS], tl.int64)
-        valid = row_in
-    # Ignored rows read nothing: every entry is -inf, and the results are replaced by zeros at the end.
-    mask = valid[:, None] & col_in[None, :]
-    s = tl.load(s_ptr + rows[:, None] * s_stride_r + cols[None, :] * s_stride_v, mask=mask,
-                other=float("-inf")).to(tl.float32)
-
-    # ---- this tile's statistics ----
-    zeros_r = tl.zeros([ROWS], tl.float32)
-    m_s, d_s, m_t, d_t, m_1, d_1, acc = zeros_r, zeros_r, zeros_r, zeros_r, zeros_r, zeros_r, zeros_r
-    zs, zt, e_s, e_t, e_1 = s, s, s, s, s  # placeholders for the terms switched off
-    if DO_SOFT:
-        t = tl.load(t_ptr + rows[:, None] * t_stride_r + cols[None, :] * t_stride_v, mask=mask,
-                    other=float("-inf")).to(tl.float32)
-        zs = s * inv_T
-        zt = t * inv_T
-        m_s, e_s, d_s = _row_stats(zs)
-        m_t, e_t, d_t = _row_stats(zt)
-        if SPLIT > 1:  # the chunk's share of D, relative to its own max (see the tiled kernel)
-            if DIVERGENCE == 0:
-                acc = tl.sum(_mass_times(e_t, zt - zs), 1)
-            else:
-                acc = tl.sum(_mass_times(e_s, zs - zt), 1)
-    if DO_CE and not (SAME_T and DO_SOFT):
-        m_1, e_1, d_1 = _row_stats(s)
-    m_s_row, d_s_row, m_t_row, d_t_row, m_1_row, d_1_row, acc_row = m_s, d_s, m_t, d_t, m_1, d_1, acc
-
-    if SPLIT > 1:
-        base = part_ptr + (rows * PART_STRIDE + chunk) * 8
-        if PHASE != 1:
-            tl.store(base + 0, m_s, mask=row_in)
-            tl.store(base + 1, d_s, mask=row_in)
-            tl.store(base + 2, m_t, mask=row_in)
-            tl.store(base + 3, d_t, mask=row_in)
-            tl.store(base + 4, m_1, mask=row_in)
-            tl.store(base + 5, d_1, mask=row_in)
-            tl.store(base + 6, acc, mask=row_in)
-        if PHASE == 2:
-            # Every thread's stores before one thread's release; then wait for the row's other programs.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr + group, 1, sem="acq_rel", scope="gpu") + 1
-            while arrived < SPLIT:
-                arrived = tl.atomic_add(cnt_ptr + group, 0, sem="acquire", scope="gpu")
-            tl.debug_barrier()
-        if PHASE != 0:
-            k = tl.arange(0, SPLIT_P2)
-            pk = part_ptr + (rows[:, None] * PART_STRIDE + k[None, :]) * 8
-            k_in = (k < SPLIT)[None, :] & row_in[:, None]
-            m_all = tl.load(pk + 0, mask=k_in, other=_NEG_BIG, volatile=True)
-            m_s_row, d_s_row = _merged(m_all, tl.load(pk + 1, mask=k_in, other=0.0, volatile=True))
-            m_all_t = tl.load(pk + 2, mask=k_in, other=_NEG_BIG, volatile=True)
-            m_t_row, d_t_row = _merged(m_all_t, tl.load(pk + 3, mask=k_in, other=0.0, volatile=True))
-            m_all_1 = tl.load(pk + 4, mask=k_in, other=_NEG_BIG, volatile=True)
-            m_1_row, d_1_row = _merged(m_all_1, tl.load(pk + 5, mask=k_in, other=0.0, volatile=True))
-            acc_all = tl.load(pk + 6, mask=k_in, other=0.0, volatile=True)
-            if DIVERGENCE == 0:
-                acc_row = tl.sum(acc_all * tl.exp(m_all_t - m_t_row[:, None]), 1)
-            else:
-                acc_row = tl.sum(acc_all * tl.exp(m_all - m_s_row[:, None]), 1)
-
-    if PHASE != 0:
-        scale = tl.load(scale_ptr)
-        row_loss = zeros_r
-        g = tl.zeros([ROWS, BLOCK_V], dtype=tl.float32)
-        ps = g
-        lse_s = m_s_row + tl.log(d_s_row)
-        if DO_SOFT:
-            lse_t = m_t_row + tl.log(d_t_row)
-            # this tile's probabilities from its exps: one exp per element and stream in the whole kernel
-            ps = e_s * tl.exp(m_s - lse_s)[:, None]
-            pt = e_t * tl.exp(m_t - lse_t)[:, None]
-            ls = zs - lse_s[:, None]
-            lt = zt - lse_t[:, None]
-            kl_sm = zeros_r
-            if SPLIT > 1:
-                if DIVERGENCE == 0:
-                    D = acc_row / d_t_row - lse_t + lse_s
-                else:
-                    D = acc_row / d_s_row - lse_s + lse_t
-            elif DIVERGENCE == 0:
-                D = tl.sum(_mass_times(pt, lt - ls), 1)
-            elif DIVERGENCE == 1:
-                D = tl.sum(_mass_times(ps, ls - lt), 1)
-            else:
-                lm = _log_mixture(lt, ls, log_beta, log_1m_beta)
-                kl_sm = tl.sum(_mass_times(ps, ls - lm), 1)
-                D = beta * tl.sum(_mass_times(pt, lt - lm), 1) + (1.0 - beta) * kl_sm
-            row_loss += alpha * T * T * D
-            if WRITE_GRAD:
-                if DIVERGENCE == 0:
-                    g += (alpha * T) * (ps - pt)
-                elif DIVERGENCE == 1:
-                    g += (alpha * T) * _mass_times(ps, ls - lt - D[:, None])
-                else:
-                    lm = _log_mixture(lt, ls, log_beta, log_1m_beta)
-                    g += (alpha * T * (1.0 - beta)) * _mass_times(ps, ls - lm - kl_sm[:, None])
-        if DO_CE:
-            if SAME_T and DO_SOFT:
-                lse_1 = lse_s
-                q = ps
-            else:
-                lse_1 = m_1_row + tl.log(d_1_row)
-                q = e_1 * tl.exp(m_1 - lse_1)[:, None]
-            in_range = valid & (lab >= 0) & (lab < V)
-            s_lab = tl.load(s_ptr + rows * s_stride_r + lab * s_stride_v, mask=in_range, other=0.0).to(tl.float32)
-            row_loss += (1.0 - alpha) * (lse_1 - s_lab)
-            if WRITE_GRAD:
-                g += (1.0 - alpha) * (q - tl.where(cols[None, :] == lab[:, None], 1.0, 0.0))
-        if WRITE_GRAD:
-            g = tl.where(valid[:, None], g * scale, 0.0)
-            tl.store(grad_ptr + rows[:, None] * V + cols[None, :], g.to(grad_ptr.dtype.element_ty),
-                     mask=row_in[:, None] & col_in[None, :])
-        first_chunk = (tl.zeros([ROWS], tl.int32) + chunk) == 0  # a [ROWS] mask: the interpreter rejects a scalar one
-        tl.store(loss_ptr + rows, tl.where(valid, row_loss, 0.0), mask=row_in & first_chunk)
-
-
-@triton.jit
-def _kd_loss_tiled_kernel(
+def _kd_loss_fwd_kernel(
     s_ptr, s_stride_r, s_stride_v,
     t_ptr, t_stride_r, t_stride_v,
     lab_ptr,  # (N,) int labels; unused when HAS_LABELS is False
@@ -293,9 +116,9 @@ def _kd_loss_tiled_kernel(
     DO_CE: tl.constexpr,  # alpha != 1 and labels given
     SAME_T: tl.constexpr,  # T == 1: the CE softmax is the soft one
     WRITE_GRAD: tl.constexpr,
+    SINGLE: tl.constexpr,  # BLOCK_V >= V: the whole row in registers
     BLOCK_V: tl.constexpr,
 ):
-    """One program per row, streaming it in tiles: online softmax, then a second pass for the gradient."""
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride_r
     t_row = t_ptr + row * t_stride_r
@@ -310,86 +133,139 @@ def _kd_loss_tiled_kernel(
     if valid:
         scale = tl.load(scale_ptr)
         row_loss = 0.0
-        # ---- pass 1: online softmax over tiles; for forward/reverse KL also a running sum for D ----
-        m_s = tl.full([], _NEG_BIG, tl.float32)
-        d_s = tl.zeros([], tl.float32)
-        m_t = tl.full([], _NEG_BIG, tl.float32)
-        d_t = tl.zeros([], tl.float32)
-        m_1 = tl.full([], _NEG_BIG, tl.float32)
-        d_1 = tl.zeros([], tl.float32)
-        acc = tl.zeros([], tl.float32)  # sum exp(z - m) (zt - zs) with z = zt (forward) or zs (reverse)
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
+        if SINGLE:
+            # ---- the whole row in registers: read once, exact (non-online) formulas ----
+            offs = tl.arange(0, BLOCK_V)
             mask = offs < V
             s = tl.load(s_row + offs * s_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+            g = tl.zeros([BLOCK_V], dtype=tl.float32)
+            ps = g
+            lse_s = 0.0
             if DO_SOFT:
                 t = tl.load(t_row + offs * t_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
                 zs = s * inv_T
                 zt = t * inv_T
-                m_s, d_s, r_s, e_s = _online_update(m_s, d_s, zs)
-                m_t, d_t, r_t, e_t = _online_update(m_t, d_t, zt)
+                m_s = tl.max(zs, 0)
+                e_s = tl.exp(zs - m_s)
+                d_s = tl.sum(e_s, 0)
+                lse_s = m_s + tl.log(d_s)
+                ls = zs - lse_s
+                ps = e_s / d_s
+                m_t = tl.max(zt, 0)
+                e_t = tl.exp(zt - m_t)
+                d_t = tl.sum(e_t, 0)
+                lt = zt - (m_t + tl.log(d_t))
+                pt = e_t / d_t
+                kl_sm = 0.0
                 if DIVERGENCE == 0:
-                    acc = acc * r_t + tl.sum(_mass_times(e_t, zt - zs), 0)
+                    D = tl.sum(_mass_times(pt, lt - ls), 0)
                 elif DIVERGENCE == 1:
-                    acc = acc * r_s + tl.sum(_mass_times(e_s, zs - zt), 0)
-            if DO_CE and not (SAME_T and DO_SOFT):
-                m_1, d_1, r_1, e_1 = _online_update(m_1, d_1, s)
-        lse_s = m_s + tl.log(d_s)
-        lse_t = m_t + tl.log(d_t)
-        lse_1 = m_1 + tl.log(d_1)
-        if SAME_T and DO_SOFT:
-            lse_1 = lse_s
-
-        kl_sm = 0.0
-        D = 0.0
-        if DO_SOFT:
-            if DIVERGENCE == 0:
-                D = acc / d_t - lse_t + lse_s
-            elif DIVERGENCE == 1:
-                D = acc / d_s - lse_s + lse_t
-            else:
-                # ---- jsd: an extra read pass, since log m needs the finished log-sum-exps ----
-                kl_tm = tl.zeros([], tl.float32)
-                kl_sm = tl.zeros([], tl.float32)
-                for start in range(0, V, BLOCK_V):
-                    offs = start + tl.arange(0, BLOCK_V)
-                    mask = offs < V
-                    s = tl.load(s_row + offs * s_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
-                    t = tl.load(t_row + offs * t_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
-                    ls = s * inv_T - lse_s
-                    lt = t * inv_T - lse_t
+                    D = tl.sum(_mass_times(ps, ls - lt), 0)
+                else:
                     lm = _log_mixture(lt, ls, log_beta, log_1m_beta)
-                    kl_tm += tl.sum(_mass_times(tl.exp(lt), lt - lm), 0)
-                    kl_sm += tl.sum(_mass_times(tl.exp(ls), ls - lm), 0)
-                D = beta * kl_tm + (1.0 - beta) * kl_sm
-            row_loss += alpha * T * T * D
-        if DO_CE:
-            in_range = (lab >= 0) & (lab < V)
-            s_lab = tl.load(s_row + lab * s_stride_v, mask=in_range, other=0.0).to(tl.float32)
-            row_loss += (1.0 - alpha) * (lse_1 - s_lab)
-
-        # ---- pass 2: the gradient, from the row statistics ----
-        if WRITE_GRAD:
+                    kl_sm = tl.sum(_mass_times(ps, ls - lm), 0)
+                    D = beta * tl.sum(_mass_times(pt, lt - lm), 0) + (1.0 - beta) * kl_sm
+                row_loss += alpha * T * T * D
+                if WRITE_GRAD:
+                    g += (alpha * T) * _soft_grad(ls, lt, ps, pt, D, kl_sm, beta, log_beta, log_1m_beta, DIVERGENCE)
+            if DO_CE:
+                if SAME_T and DO_SOFT:
+                    lse_1 = lse_s
+                    q = ps
+                else:
+                    m_1 = tl.max(s, 0)
+                    e_1 = tl.exp(s - m_1)
+                    d_1 = tl.sum(e_1, 0)
+                    lse_1 = m_1 + tl.log(d_1)
+                    q = e_1 / d_1
+                in_range = (lab >= 0) & (lab < V)
+                s_lab = tl.load(s_row + lab * s_stride_v, mask=in_range, other=0.0).to(tl.float32)
+                row_loss += (1.0 - alpha) * (lse_1 - s_lab)
+                if WRITE_GRAD:
+                    g += (1.0 - alpha) * (q - tl.where(offs == lab, 1.0, 0.0))
+            if WRITE_GRAD:
+                tl.store(g_row + offs, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+        else:
+            # ---- pass 1: online softmax over tiles; for forward/reverse KL also a running sum for D ----
+            m_s = tl.full([], _NEG_BIG, tl.float32)
+            d_s = tl.zeros([], tl.float32)
+            m_t = tl.full([], _NEG_BIG, tl.float32)
+            d_t = tl.zeros([], tl.float32)
+            m_1 = tl.full([], _NEG_BIG, tl.float32)
+            d_1 = tl.zeros([], tl.float32)
+            acc = tl.zeros([], tl.float32)  # sum exp(z - m) (zt - zs) with z = zt (forward) or zs (reverse)
             for start in range(0, V, BLOCK_V):
                 offs = start + tl.arange(0, BLOCK_V)
                 mask = offs < V
                 s = tl.load(s_row + offs * s_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
-                g = tl.zeros([BLOCK_V], dtype=tl.float32)
-                ps = g
                 if DO_SOFT:
                     t = tl.load(t_row + offs * t_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
-                    ls = s * inv_T - lse_s
-                    lt = t * inv_T - lse_t
-                    ps = tl.exp(ls)
-                    pt = tl.exp(lt)
-                    g += (alpha * T) * _soft_grad(ls, lt, ps, pt, D, kl_sm, beta, log_beta, log_1m_beta, DIVERGENCE)
-                if DO_CE:
-                    if SAME_T and DO_SOFT:
-                        q = ps
-                    else:
-                        q = tl.exp(s - lse_1)
-                    g += (1.0 - alpha) * (q - tl.where(offs == lab, 1.0, 0.0))
-                tl.store(g_row + offs, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+                    zs = s * inv_T
+                    zt = t * inv_T
+                    m_s, d_s, r_s, e_s = _online_update(m_s, d_s, zs)
+                    m_t, d_t, r_t, e_t = _online_update(m_t, d_t, zt)
+                    if DIVERGENCE == 0:
+                        acc = acc * r_t + tl.sum(_mass_times(e_t, zt - zs), 0)
+                    elif DIVERGENCE == 1:
+                        acc = acc * r_s + tl.sum(_mass_times(e_s, zs - zt), 0)
+                if DO_CE and not (SAME_T and DO_SOFT):
+                    m_1, d_1, r_1, e_1 = _online_update(m_1, d_1, s)
+            lse_s = m_s + tl.log(d_s)
+            lse_t = m_t + tl.log(d_t)
+            lse_1 = m_1 + tl.log(d_1)
+            if SAME_T and DO_SOFT:
+                lse_1 = lse_s
+
+            kl_sm = 0.0
+            D = 0.0
+            if DO_SOFT:
+                if DIVERGENCE == 0:
+                    D = acc / d_t - lse_t + lse_s
+                elif DIVERGENCE == 1:
+                    D = acc / d_s - lse_s + lse_t
+                else:
+                    # ---- jsd: an extra read pass, since log m needs the finished log-sum-exps ----
+                    kl_tm = tl.zeros([], tl.float32)
+                    kl_sm = tl.zeros([], tl.float32)
+                    for start in range(0, V, BLOCK_V):
+                        offs = start + tl.arange(0, BLOCK_V)
+                        mask = offs < V
+                        s = tl.load(s_row + offs * s_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+                        t = tl.load(t_row + offs * t_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+                        ls = s * inv_T - lse_s
+                        lt = t * inv_T - lse_t
+                        lm = _log_mixture(lt, ls, log_beta, log_1m_beta)
+                        kl_tm += tl.sum(_mass_times(tl.exp(lt), lt - lm), 0)
+                        kl_sm += tl.sum(_mass_times(tl.exp(ls), ls - lm), 0)
+                    D = beta * kl_tm + (1.0 - beta) * kl_sm
+                row_loss += alpha * T * T * D
+            if DO_CE:
+                in_range = (lab >= 0) & (lab < V)
+                s_lab = tl.load(s_row + lab * s_stride_v, mask=in_range, other=0.0).to(tl.float32)
+                row_loss += (1.0 - alpha) * (lse_1 - s_lab)
+
+            # ---- pass 2: the gradient, from the row statistics ----
+            if WRITE_GRAD:
+                for start in range(0, V, BLOCK_V):
+                    offs = start + tl.arange(0, BLOCK_V)
+                    mask = offs < V
+                    s = tl.load(s_row + offs * s_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+                    g = tl.zeros([BLOCK_V], dtype=tl.float32)
+                    ps = g
+                    if DO_SOFT:
+                        t = tl.load(t_row + offs * t_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+                        ls = s * inv_T - lse_s
+                        lt = t * inv_T - lse_t
+                        ps = tl.exp(ls)
+                        pt = tl.exp(lt)
+                        g += (alpha * T) * _soft_grad(ls, lt, ps, pt, D, kl_sm, beta, log_beta, log_1m_beta, DIVERGENCE)
+                    if DO_CE:
+                        if SAME_T and DO_SOFT:
+                            q = ps
+                        else:
+                            q = tl.exp(s - lse_1)
+                        g += (1.0 - alpha) * (q - tl.where(offs == lab, 1.0, 0.0))
+                    tl.store(g_row + offs, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
         tl.store(loss_ptr + row, row_loss)
     else:
         # An ignored row: read nothing, write zeros.
@@ -435,135 +311,20 @@ def _scale_rows_kernel(g_ptr, go_ptr, go_stride, n_cols, BLOCK: tl.constexpr):
     tl.store(g_ptr + row * n_cols + offs, (g * go).to(g_ptr.dtype.element_ty), mask=mask)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Paths and their tuning
-# ----------------------------------------------------------------------------------------------------------------
-# next_pow2(V) <= MAX_FUSED_V: whole rows in registers, ROWS rows per program (the rows kernel, SPLIT 1).
-# Larger V, forward/reverse KL: LARGE_V_PATH "split" spreads each row over SPLIT programs that wait for each other
-# (the rows kernel, SPLIT > 1): the logits are still read once. "tiled" streams each row twice (the tiled kernel);
-# it also takes jsd, and rows too long to split into MAX_SPLIT chunks.
-# On a GPU the tile shapes are autotuned (once per V, flags and dtypes); KDBENCH_KERNEL_TUNE=0 turns that off
-# (the tests do, to keep compiles down) and uses the defaults below. The interpreter never tunes.
-LARGE_V_PATH = "split"
-MAX_SPLIT = 64  # bounds the programs a row's first program waits for
-SPLIT_BLOCK_V = 4096  # chunk width of untuned split launches
-TILE_V = 4096  # tile width of untuned tiled launches
-_TUNE_KEY = ["V", "DIVERGENCE", "HAS_LABELS", "DO_SOFT", "DO_CE", "SAME_T", "WRITE_GRAD"]
-# What the last launch ran: path and tile shape (the benchmark table reports it).
-last_launch: dict = {}
-
-
-def _tuning() -> bool:
-    return not _interpreting() and os.environ.get("KDBENCH_KERNEL_TUNE", "1").strip() != "0"
-
-
-def _warps_for(elements: int, per_thread: int = 16) -> int:
-    """Warps so that each thread holds about per_thread elements: at 16 per row and stream the whole-row kernel
-    stayed near 120 registers with no spills on sm_90 (cuobjdump -res-usage; 4 warps at 8192 columns spill)."""
-    return max(4, min(16, elements // (32 * per_thread)))
-
-
-def _default_rows(block: int) -> int:
-    return max(1, min(16, 4096 // block))
-
-
-@functools.lru_cache(maxsize=None)
-def _rows_tuned(block: int):
-    """The whole-row kernel autotuned over rows per program and warps, for rows of `block` columns (None: nothing
-    to tune at this width)."""
-    configs = [
-        triton.Config({"ROWS": rows}, num_warps=warps)
-        for rows in (1, 2, 4, 8, 16)
-        for warps in (2, 4, 8, 16)
-        # 4 to 16 elements per thread; 16 warps cap a thread at 128 registers, and 8 rows of 1024 then spilled
-        if rows * block <= 16384 and 4 <= rows * block // (32 * warps) <= (8 if warps == 16 else 16)
-    ]
-    return triton.autotune(configs=configs, key=_TUNE_KEY)(_kd_loss_rows_kernel) if len(configs) > 1 else None
-
-
-@functools.lru_cache(maxsize=None)
-def _split_configs(v: int) -> tuple:
-    configs = []
-    for block, warps in ((2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32)):
-        split = triton.cdiv(v, block)
-        if 1 < split <= MAX_SPLIT:
-            configs.append(triton.Config(
-                {"BLOCK_V": block, "SPLIT": split, "SPLIT_P2": triton.next_power_of_2(split)}, num_warps=warps))
-    return tuple(configs)
-
-
-@functools.lru_cache(maxsize=None)
-def _split_tuned(v: int):
-    # The arrival counters must be zero before every timed run, and again before the real one.
-    return triton.autotune(configs=list(_split_configs(v)), key=_TUNE_KEY, reset_to_zero=["cnt_ptr"],
-                           restore_value=["cnt_ptr"])(_kd_loss_rows_kernel)
-
-
-_tiled_tuned = triton.autotune(
+# The tiled path autotunes tile width and warps (on a GPU only). The single-read path takes its warps from the row
+# width: 16 elements of each row per thread keeps it near 120 registers with no spills on sm_90 (checked with
+# cuobjdump -res-usage on the compiled kernel: 4 warps at 8192 columns spill).
+_fwd_tiled = triton.autotune(
     configs=[
-        triton.Config({"BLOCK_V": b}, num_warps=w, num_stages=st)
-        for b, w, st in ((2048, 8, 3), (4096, 8, 3), (4096, 16, 3), (8192, 16, 3), (8192, 32, 3))
+        triton.Config({"BLOCK_V": b}, num_warps=w)
+        for b, w in ((2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32))
     ],
-    key=_TUNE_KEY,
-)(_kd_loss_tiled_kernel)
+    key=["V", "DIVERGENCE", "DO_SOFT", "DO_CE", "WRITE_GRAD"],
+)(_kd_loss_fwd_kernel)
 
 
-def _config_text(cfg) -> str:
-    kw = cfg.kwargs
-    shape = f"{kw['SPLIT']}x{kw['BLOCK_V']}" if "SPLIT" in kw else f"{kw.get('ROWS', 1)} rows" if "ROWS" in kw \
-        else f"tile {kw['BLOCK_V']}"
-    return f"{shape}, {cfg.num_warps} warps" + (f", {cfg.num_stages} stages" if "SPLIT" not in kw and "ROWS" not in kw
-                                                 else "")
-
-
-def _launch_whole_rows(common, tail, n, block, meta):
-    tuned = _rows_tuned(block) if _tuning() else None
-    if tuned is not None:
-        tuned[lambda m: (triton.cdiv(n, m["ROWS"]),)](*common, *tail, BLOCK_V=block, SPLIT=1, SPLIT_P2=1, PHASE=2,
-                                                       **meta)
-        last_launch.update(path="whole rows", config=_config_text(tuned.best_config) + f", {block} columns")
-        return
-    rows = _default_rows(block)
-    warps = _warps_for(rows * block)
-    _kd_loss_rows_kernel[(triton.cdiv(n, rows),)](*common, *tail, ROWS=rows, BLOCK_V=block, SPLIT=1, SPLIT_P2=1,
-                                                  PHASE=2, num_warps=warps, **meta)
-    last_launch.update(path="whole rows", config=f"{rows} rows, {warps} warps, {block} columns")
-
-
-def _split_plan(v: int):
-    """(tuned kernel or None, chunk width, programs per row) for the split path, or None when it cannot take V."""
-    if _tuning():
-        return (_split_tuned(v), None, None) if _split_configs(v) else None
-    split = triton.cdiv(v, SPLIT_BLOCK_V)
-    return (None, SPLIT_BLOCK_V, split) if split <= MAX_SPLIT else None
-
-
-def _launch_split(plan, common, scalars, n, v, meta):
-    tuned, block, split = plan
-    dev = common[0].device
-    stride = max(c.kwargs["SPLIT_P2"] for c in _split_configs(v)) if tuned else triton.next_power_of_2(split)
-    part = torch.empty((n, stride, 8), dtype=torch.float32, device=dev)
-    cnt = torch.zeros(n, dtype=torch.int32, device=dev)
-    args = (*common, part, cnt, n, v, stride, *scalars)
-    if tuned is not None:
-        tuned[lambda m: (n * m["SPLIT"],)](*args, ROWS=1, PHASE=2, **meta)
-        last_launch.update(path="split rows", config=_config_text(tuned.best_config))
-        return
-    warps = _warps_for(block)
-    # The interpreter runs one program at a time, so a waiting program would never see its partners: two launches.
-    for phase in (0, 1) if _interpreting() else (2,):
-        _kd_loss_rows_kernel[(n * split,)](*args, ROWS=1, BLOCK_V=block, SPLIT=split, SPLIT_P2=stride, PHASE=phase,
-                                           num_warps=warps, **meta)
-    last_launch.update(path="split rows", config=f"{split}x{block}, {warps} warps")
-
-
-def _launch_tiled(common, scalars, n, v, meta):
-    if _tuning():
-        _tiled_tuned[(n,)](*common, v, *scalars, **meta)
-        last_launch.update(path="tiled, two passes", config=_config_text(_tiled_tuned.best_config))
-        return
-    _kd_loss_tiled_kernel[(n,)](*common, v, *scalars, BLOCK_V=TILE_V, num_warps=8, **meta)
-    last_launch.update(path="tiled, two passes", config=f"tile {TILE_V}, 8 warps")
+def _single_num_warps(block: int) -> int:
+    return max(4, min(16, block // 512))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -600,12 +361,13 @@ def kd_loss_forward(s, t, labels, opts, want_grad: bool):
     divergence = _DIVERGENCE_CODE[opts["divergence"]]
     has_labels = labels is not None
     beta_in = beta if divergence == _JSD else 0.5  # log(beta) is used by jsd only
-    common = (
+    args = (
         s, s.stride(0), s.stride(1),
         t, t.stride(0), t.stride(1),
         labels if has_labels else rows, grad if want_grad else rows, rows, scale,
+        v, 1.0 / T, T, alpha, beta_in, math.log(beta_in), math.log1p(-beta_in),
+        int(opts["ignore_index"]),
     )
-    scalars = (1.0 / T, T, alpha, beta_in, math.log(beta_in), math.log1p(-beta_in), int(opts["ignore_index"]))
     meta = dict(
         DIVERGENCE=divergence,
         HAS_LABELS=has_labels,
@@ -615,15 +377,14 @@ def kd_loss_forward(s, t, labels, opts, want_grad: bool):
         WRITE_GRAD=want_grad,
     )
     block = triton.next_power_of_2(v)
-    if block <= MAX_FUSED_V:
-        # part_ptr and cnt_ptr are unused with whole rows
-        _launch_whole_rows(common, (rows, rows, n, v, 1, *scalars), n, block, meta)
-        return rows, grad, scale
-    plan = _split_plan(v) if LARGE_V_PATH == "split" and divergence != _JSD else None
-    if plan is not None:
-        _launch_split(plan, common, scalars, n, v, meta)
+    single = block <= MAX_FUSED_V
+    grid = (n,)
+    if single:
+        _kd_loss_fwd_kernel[grid](*args, SINGLE=True, BLOCK_V=block, num_warps=_single_num_warps(block), **meta)
+    elif _interpreting():
+        _kd_loss_fwd_kernel[grid](*args, SINGLE=False, BLOCK_V=INTERPRET_BLOCK_V, **meta)
     else:
-        _launch_tiled(common, scalars, n, v, meta)
+        _fwd_tiled[grid](*args, SINGLE=False, **meta)
     return rows, grad, scale
 
 

@@ -12,9 +12,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# On a GPU, kd_loss autotunes its tile shapes per vocabulary size: a dozen compiles each. Tests use the fixed
-# defaults; tests/test_kd_loss.py::test_gpu_tuned_paths turns tuning back on.
-os.environ.setdefault("KDBENCH_KERNEL_TUNE", "0")
 
 # Tests never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
