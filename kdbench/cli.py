@@ -30,7 +30,7 @@ def _setup_logging(verbose: bool) -> None:
                         force=True)
     import torch  # noqa: F401  - torch configures its loggers on import; quieten them after that, not before
 
-    for noisy in ("transformers", "datasets", "torchao", "torch", "accelerate"):
+    for noisy in ("transformers", "datasets", "torchao", "torch", "accelerate", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import os
 

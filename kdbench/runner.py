@@ -305,6 +305,7 @@ def measure_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *,
     """profile_variant's measurements, in this process."""
     from kdbench import profiler
 
+    log.info("%s: measuring %s", spec.run_id, name)
     head = ctx.head(spec)
     metric = head.evaluate(model, ctx.encoded(spec, "eval"), ctx.collator(spec), ctx.device)
     extra = head.extra_metrics(model, ctx.encoded(spec, "eval"), ctx.collator(spec), ctx.device)
@@ -620,7 +621,10 @@ def run_suite(suite: Suite, results_dir: str | Path | None = None, *, rerun: boo
                     outcome.runs.append(RunOutcome(spec.run_id, "skipped"))
                 else:
                     progress.update(runs_task, description=f"suite {suite.name}: {spec.run_id}")
+                    # -v: one line per run and per profiled variant, for logs where no progress bar is drawn
+                    log.info("%s: running", spec.run_id)
                     result = agree(execute(spec, ctx))
+                    log.info("%s: %s in %.1f s", spec.run_id, result["status"], result.get("wall_s") or 0.0)
                     distributed.on_main(lambda p=path, r=result: write_result(keep_finished(p, r), r))
                     outcome.runs.append(RunOutcome(spec.run_id, result["status"], result["error"],
                                                    result["error_kind"], result.get("failed_variants", [])))

@@ -142,8 +142,13 @@ def test_only_runs_the_matching_runs_and_the_teachers_they_need(tmp_path):
     teacher = next(i for i in ids if i.endswith("__teacher"))
     dry = kdbench("run", suite_file, "--results-dir", tmp_path, "--dry-run", "--only", "*__student__s*")
     assert dry.exit_code == 0 and dry.stdout.splitlines() == [f"run   {teacher}", f"run   {student}"]
-    result = kdbench("run", suite_file, "--results-dir", tmp_path, "--only", "*__student__s*")
+    result = kdbench("run", suite_file, "--results-dir", tmp_path, "--only", "*__student__s*", "-v")
     assert result.exit_code == 0, result.output
+    # -v: a line per run and per measured variant, for logs where no progress bar is drawn
+    logged = " ".join(result.stderr.split())
+    for line in (f"{teacher}: running", f"{teacher}: measuring teacher", f"{student}: measuring student",
+                 f"{student}: ok in"):
+        assert line in logged, line
     assert sorted(p.stem for p in (tmp_path / "smoke" / "runs").glob("*.json")) == sorted([teacher, student])
     none = kdbench("run", suite_file, "--results-dir", tmp_path, "--only", "sst2__*")
     assert none.exit_code == 2
