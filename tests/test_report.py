@@ -360,6 +360,26 @@ def test_compare_two_folders(tmp_path):
     assert "; cpu (Fake CPU); torch 2.13.0, kdbench" in text.splitlines()[2]  # A's setup
     assert "; cpu (Fake CPU); torch 2.14.0, kdbench" in text.splitlines()[3]  # B's
     assert {r["variant"] for r in table} == {"teacher", "student alone", "kd", "kd + ps+int8"}
+    assert not any(k.startswith(("decode", "perplexity")) for k in kd)  # nothing recorded, no column
+
+
+def test_compare_shows_the_extra_metrics_and_decoding_both_sides_have(tmp_path):
+    a_runs = fake_runs()
+    for r in a_runs:
+        for v in r["variants"]:
+            v["extra_metrics"] = {"perplexity": 2.0, "rouge_l": 0.3}
+            v["generation"] = {"1": {"ms_per_token": 3.0}, "4": {"ms_per_token": 1.0}}
+    b_runs = copy.deepcopy(a_runs)
+    for r in b_runs:
+        for v in r["variants"]:
+            v["extra_metrics"] = {"perplexity": 2.5}  # no ROUGE-L in B
+            v["generation"] = {"1": {"ms_per_token": 1.5}}  # only batch 1 timed in B
+    table = tables(report.compare(write_suite(tmp_path / "a", a_runs), write_suite(tmp_path / "b", b_runs)))[0]
+    kd = row_of(table, variant="kd")
+    assert (kd["perplexity A"], kd["perplexity B"], kd["perplexity Δ"]) == ("2.000", "2.500", "+25.0%")
+    assert (kd["decode b1 ms/token A"], kd["decode b1 ms/token B"], kd["decode b1 ms/token Δ"]) == (
+        "3.00", "1.50", "-50.0%")
+    assert not any(k.startswith(("rouge_l", "decode b4")) for k in kd)  # on one side only
 
 
 def test_fmt_change_marks_noise():
