@@ -17,6 +17,12 @@ These messages go over a gloo group of their own (`control`), with a long timeou
 default 3 hours), because the other ranks wait there while rank 0 profiles; the Trainer's gradients go over the
 default group (gloo on the CPU, NCCL on CUDA, each rank on its own GPU: LOCAL_RANK).
 
+The ranks compare each run's outcome over a third gloo group with a short timeout (`gather(..., bounded=True)`,
+KDBENCH_DIST_AGREE_TIMEOUT_S, default 300 s): they reach that point together, unless a run failed on some ranks
+while the others are still inside a training collective, where they would wait for the default group's 30-minute
+timeout. Then the failed ranks give up after the short one (RanksOutOfStepError), and their exit makes torchrun
+stop the launch.
+
 Outside torchrun (WORLD_SIZE unset or 1) every helper is a no-op that runs in this process, and torch.distributed
 is not even imported.
 """
@@ -34,8 +40,10 @@ T = TypeVar("T")
 TIMEOUT_ENV = "KDBENCH_DIST_TIMEOUT_S"
 CONTROL_TIMEOUT_S = 3 * 3600  # rank 0 may profile for a long time while the others wait
 TRAINING_TIMEOUT_S = 1800  # the Trainer's own default (TrainingArguments.ddp_timeout)
+AGREE_TIMEOUT_ENV = "KDBENCH_DIST_AGREE_TIMEOUT_S"
+AGREE_TIMEOUT_S = 300  # ranks that are in step reach the end of a run within seconds of each other
 
-_state: dict[str, Any] = {"control": None, "owned": False, "backend": None, "solo": False}
+_state: dict[str, Any] = {"control": None, "agree": None, "owned": False, "backend": None, "solo": False}
 
 
 def launched() -> bool:
@@ -95,6 +103,8 @@ def setup(device: str) -> str:
     if _state["control"] is None:
         timeout = float(os.environ.get(TIMEOUT_ENV, CONTROL_TIMEOUT_S))
         _state["control"] = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        agree_s = float(os.environ.get(AGREE_TIMEOUT_ENV, AGREE_TIMEOUT_S))
+        _state["agree"] = dist.new_group(backend="gloo", timeout=timedelta(seconds=agree_s))
     return f"cuda:{local_rank()}" if cuda else device
 
 
@@ -108,7 +118,8 @@ def teardown() -> None:
         dist.destroy_process_group()  # the control group goes with it
     elif dist.is_initialized():
         dist.destroy_process_group(_state["control"])
-    _state.update(control=None, owned=False, backend=None)
+        dist.destroy_process_group(_state["agree"])
+    _state.update(control=None, agree=None, owned=False, backend=None)
 
 
 def describe() -> dict | None:
@@ -145,15 +156,27 @@ def broadcast(value: T) -> T:
     return box[0]
 
 
-def gather(value: T) -> list[T]:
-    """Every rank's `value`, in rank order, on every rank."""
+def gather(value: T, *, bounded: bool = False) -> list[T]:
+    """Every rank's `value`, in rank order, on every rank.
+
+    bounded: over the short-timeout group; a rank that is not there in time (it is stuck in another collective)
+    makes this raise RanksOutOfStepError instead of waiting."""
     if not active():
         return [value]
     import torch.distributed as dist
 
+    from kdbench.errors import RanksOutOfStepError
+
     _collective("gather")
     out: list = [None] * world_size()
-    dist.all_gather_object(out, value, group=_state["control"])
+    if not bounded:
+        dist.all_gather_object(out, value, group=_state["control"])
+        return out
+    try:
+        dist.all_gather_object(out, value, group=_state["agree"])
+    except RuntimeError as e:  # gloo's timeout, or a peer that has exited
+        raise RanksOutOfStepError(f"rank {rank()} waited in vain for the other ranks ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else 'no message'})") from e
     return out
 
 

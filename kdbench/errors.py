@@ -9,3 +9,10 @@ class KdbenchError(Exception):
 
 class NonFiniteLossError(KdbenchError):
     """Training produced a NaN or infinite loss; the run stops and is recorded as failed."""
+
+
+class RanksOutOfStepError(KdbenchError):
+    """Data parallel: a run failed on some ranks while the others were still inside a collective (training), so
+    they cannot agree on its outcome. The launch stops (exit code 1); results written before it stay."""
+
+    exit_code = 1

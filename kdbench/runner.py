@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kdbench import distributed
-from kdbench.errors import KdbenchError
+from kdbench.errors import KdbenchError, RanksOutOfStepError
 from kdbench.models import model_inputs
 from kdbench.results import device_info, is_done, read_result, run_path, versions, write_result
 from kdbench.suite import RunSpec, Suite, expand, group_of, spec_hash
@@ -550,7 +550,14 @@ def agree(result: dict) -> dict:
     if not distributed.active():
         return result
     keys = ("status", "error", "error_kind", "traceback")
-    ranks = distributed.gather({k: result.get(k) for k in keys})
+    try:
+        ranks = distributed.gather({k: result.get(k) for k in keys}, bounded=True)
+    except RanksOutOfStepError as e:
+        if result["status"] == "ok":
+            raise
+        # this rank failed and the others never came: they are in a collective that will not finish
+        raise RanksOutOfStepError(f"run {result['run_id']} failed on rank {distributed.rank()} while the other "
+                                  f"ranks were still in it ({result['error']}); stopping the launch") from e
     bad = next(((i, r) for i, r in enumerate(ranks) if r["status"] != "ok"), None)
     if bad is None or bad[0] == 0:
         return result
@@ -623,7 +630,13 @@ def run_suite(suite: Suite, results_dir: str | Path | None = None, *, rerun: boo
                     progress.update(runs_task, description=f"suite {suite.name}: {spec.run_id}")
                     # -v: one line per run and per profiled variant, for logs where no progress bar is drawn
                     log.info("%s: running", spec.run_id)
-                    result = agree(execute(spec, ctx))
+                    mine = execute(spec, ctx)
+                    try:
+                        result = agree(mine)
+                    except RanksOutOfStepError:
+                        if distributed.is_main():  # rank 0 writes; its own view of the failed run is kept
+                            write_result(keep_finished(path, mine), mine)
+                        raise
                     log.info("%s: %s in %.1f s", spec.run_id, result["status"], result.get("wall_s") or 0.0)
                     distributed.on_main(lambda p=path, r=result: write_result(keep_finished(p, r), r))
                     outcome.runs.append(RunOutcome(spec.run_id, result["status"], result["error"],

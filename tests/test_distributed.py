@@ -124,7 +124,8 @@ def test_two_ranks_agree_on_values_and_errors(tmp_path):
 # A whole suite under torchrun: 2 CPU processes (gloo)
 
 # Runs kdbench's CLI (what the `kdbench` console script runs), with test hooks: every training's resulting weights
-# are compared across ranks; `nan-rank1` diverges on rank 1 only; `boom` fails in rank 0's profiling only.
+# are compared across ranks; `nan-rank1` diverges on rank 1 only; `crash_rank1` raises in rank 1's loss only, with
+# rank 0 already in the gradient all-reduce; `boom` fails in rank 0's profiling only.
 LAUNCHER = textwrap.dedent('''
     import hashlib, json, sys
 
@@ -139,6 +140,14 @@ LAUNCHER = textwrap.dedent('''
             return loss * float("nan") if distributed.rank() == 1 else loss
 
     methods._entries["nan_rank1"] = NanOnRank1
+
+    class CrashOnRank1(LogitKD):
+        def loss(self, student_out, teacher_out, labels):
+            if distributed.rank() == 1:
+                raise RuntimeError("crash on rank 1")
+            return super().loss(student_out, teacher_out, labels)
+
+    methods._entries["crash_rank1"] = CrashOnRank1
 
     measure = runner.measure_variant
 
@@ -177,11 +186,11 @@ def write_suite(path: Path, methods_: list[dict], compression: bool = True) -> P
     return path
 
 
-def torchrun(tmp_path: Path, suite: Path) -> subprocess.CompletedProcess:
+def torchrun(tmp_path: Path, suite: Path, **env_extra: str) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node 2 launch.py run suite.yaml` in `tmp_path`."""
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     t0 = time.perf_counter()
@@ -259,6 +268,25 @@ def test_under_torchrun_a_failure_on_one_rank_fails_the_run_on_all_and_the_suite
     for ok in ("teacher", "student__s0", "after__s0"):
         assert runs[f"sentiment__pair__{ok}"]["status"] == "ok"
     assert done.stderr.count("error: run sentiment__pair__boom__s0 failed") == 1  # rank 0 reports for all
+
+
+@gloo
+@pytest.mark.slow
+def test_under_torchrun_an_error_on_one_rank_mid_training_stops_the_launch_soon(tmp_path):
+    """Rank 1 raises in its loss while rank 0 waits in the gradient all-reduce: the two cannot agree on the run.
+    Rank 1 gives up after the short agreement timeout (10 s here) instead of the 30-minute collective timeout, and
+    its exit stops the launch; the runs finished before stay written."""
+    suite = write_suite(tmp_path / "suite.yaml", [{"name": "crash", "method": "crash_rank1"},
+                                                  {"name": "after", "method": "logit"}], compression=False)
+    t0 = time.perf_counter()
+    done = torchrun(tmp_path, suite, KDBENCH_DIST_AGREE_TIMEOUT_S="10")
+    assert time.perf_counter() - t0 < 120  # without the bounded agreement: a hang until the subprocess timeout
+    assert done.returncode != 0
+    assert ("error: run sentiment__pair__crash__s0 failed on rank 1 while the other ranks were still in it "
+            "(RuntimeError: crash on rank 1); stopping the launch") in done.stderr
+    runs = results(tmp_path)
+    assert runs["sentiment__pair__teacher"]["status"] == runs["sentiment__pair__student__s0"]["status"] == "ok"
+    assert "sentiment__pair__after__s0" not in runs
 
 
 # Every objective's trainable parameters under DDP: the student's, a feature method's projections (used after the
