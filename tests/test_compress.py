@@ -168,8 +168,11 @@ def test_prune_then_int8_and_order_is_enforced(batch):
     both, info = apply_variant(model, [("prune_structured", {}), ("int8", {})], "cpu")
     assert [s["name"] for s in info["steps"]] == ["prune_structured", "int8"]
     assert logits(both, batch).shape == (3, 3)
-    with pytest.raises(KdbenchError, match="prune_structured: weight .* is already quantized"):
+    # the default int8 on a CPU (auto: PyTorch's dynamic int8), and torchao's tensor subclasses
+    with pytest.raises(KdbenchError, match="prune_structured: the model's Linears are already quantized"):
         apply_variant(model, [("int8", {}), ("prune_structured", {})], "cpu")
+    with pytest.raises(KdbenchError, match="prune_structured: weight .* is already quantized"):
+        apply_variant(model, [("int8", {"backend": "torchao"}), ("prune_structured", {})], "cpu")
 
 
 def test_bf16_halves_size(batch):

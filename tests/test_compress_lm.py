@@ -202,7 +202,7 @@ def assert_int8(weight, name):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_int8_quantizes_every_projection(arch, mode, batch, tmp_path):
     model = MODELS[arch]()
-    quant, info = apply_variant(model, [("int8", {"mode": mode})], "cpu")
+    quant, info = apply_variant(model, [("int8", {"mode": mode, "backend": "torchao"})], "cpu")  # its subclasses
     step = info["steps"][0]
     if arch == "gpt2":  # 8 Conv1D made Linear; the tied lm_head stays float with the embeddings it shares
         assert (step["conv1d_to_linear"], step["quantized_linear"], step["float_linear"]) == (8, 8, ["lm_head"])
