@@ -27,6 +27,7 @@ GPU_SHAPES = [
 CPU_SHAPES = [(2048, 1000, "float32"), (128, 32000, "bfloat16"), (32, 128256, "bfloat16"), (32, 128256, "float32")]
 CPU_QUICK_SHAPES = [(256, 1000, "float32"), (16, 32000, "bfloat16")]
 
+CE_FROM_SOFT_NAME = "kd_loss (triton, CE from T-softmax)"  # the candidate: kernels/kd_loss.py CE_FROM_SOFT
 TEMPERATURE, ALPHA = 2.0, 0.5  # forward KL, every row valid: all implementations compute the same number
 SAMPLE_ROWS = 64  # gradient rows checked against float64 (first and last SAMPLE_ROWS // 2)
 
@@ -52,6 +53,19 @@ def _ours(s, t, labels):
     from kdbench.kernels import kd_loss
 
     return kd_loss(s, t, labels, temperature=TEMPERATURE, alpha=ALPHA)
+
+
+def _ours_ce_from_soft(s, t, labels):
+    """kd_loss with CE_FROM_SOFT on (the CE softmax from the soft one's exps; T = 2 here): timed beside the default
+    in the same run, which decides whether it becomes the default."""
+    import importlib
+
+    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    saved, kmod.CE_FROM_SOFT = kmod.CE_FROM_SOFT, True
+    try:
+        return _ours(s, t, labels)
+    finally:
+        kmod.CE_FROM_SOFT = saved
 
 
 def _liger():
@@ -213,6 +227,8 @@ def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False)
         impls.append(("liger", liger))
     ours_name = "kd_loss (triton)" if cuda else "kd_loss (reference)"
     impls.append((ours_name, _ours))
+    if cuda:
+        impls.append((CE_FROM_SOFT_NAME, _ours_ce_from_soft))
 
     out_dir = Path("results") / "kernels" if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -305,6 +321,9 @@ def _markdown(rows, dev_name: str, cuda: bool, quick: bool, has_liger: bool) -> 
         f"Loss: alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE, T = {TEMPERATURE}, alpha = {ALPHA}, batchmean, every "
         "row valid; forward and backward of the student logits (teacher frozen).",
         *(["Liger-Kernel is not installed here: no liger rows."] if cuda and not has_liger else []),
+        *([f"`{CE_FROM_SOFT_NAME}` is the kernel with CE_FROM_SOFT on: at T = 2 the CE softmax is computed from "
+           "the soft softmax's exps, one exp per logit fewer in each pass; a candidate for the default."]
+          if cuda else []),
         "Time: " + ("triton.testing.do_bench median (CUDA events, L2 flushed between runs)." if cuda else
                     "median of time.perf_counter over repeated runs."),
         "GB/s counts the minimal traffic, read student + teacher and write the gradient once (3 N V bytes in the "

@@ -228,6 +228,59 @@ def test_tiled_path_extreme_alpha(tiled, alpha):
     check("triton", s, t, labels, temperature=2.0, alpha=alpha, reduction="sum")
 
 
+class LaunchSpy:
+    """Stands in for a kernel (plain or autotuned): records each launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("path", ["single", "tiled"])
+@pytest.mark.parametrize("T", [2.0, 4.0])
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
+def test_ce_from_the_soft_softmax_matches_float64(monkeypatch, dtype, path, T, div):
+    """CE_FROM_SOFT: at T = 2 or 4 the CE softmax comes from the soft one's exps (powers), on both paths."""
+    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    monkeypatch.setenv("KDBENCH_KERNEL", "triton")
+    monkeypatch.setattr(kmod, "CE_FROM_SOFT", True)
+    if path == "tiled":
+        monkeypatch.setattr(kmod, "MAX_FUSED_V", 64)
+        monkeypatch.setattr(kmod, "INTERPRET_BLOCK_V", 256)
+    spies = [LaunchSpy(kmod._kd_loss_fwd_kernel), LaunchSpy(kmod._fwd_tiled)]
+    monkeypatch.setattr(kmod, "_kd_loss_fwd_kernel", spies[0])
+    monkeypatch.setattr(kmod, "_fwd_tiled", spies[1])
+    s, t, labels = make_inputs(6, 700, dtype, scale=3.0 * max(1.0, T / 4), ignored=(2,))
+    t[:, ::9] = float("-inf")
+    if div != "forward_kl":  # a student mass where the teacher has none: reverse KL and JSD mask both
+        s[:, ::9] = float("-inf")
+        labels[labels % 9 == 0] = 1
+    check("triton", s, t, labels, temperature=T, alpha=0.7, divergence=div)
+    launches = spies[0].calls + spies[1].calls
+    assert [c["T_POW"] for c in launches] == [int(T)] and launches[0].get("SINGLE", True) == (path == "single")
+
+
+def test_ce_from_the_soft_softmax_is_off_by_default_and_only_for_t_2_or_4(monkeypatch):
+    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    monkeypatch.setenv("KDBENCH_KERNEL", "triton")
+    spy = LaunchSpy(kmod._kd_loss_fwd_kernel)
+    monkeypatch.setattr(kmod, "_kd_loss_fwd_kernel", spy)
+    s, t, labels = make_inputs(4, 100)
+    dev = device_for("triton")
+    kd_loss(s.to(dev), t.to(dev), labels.to(dev), temperature=2.0, alpha=0.7)
+    monkeypatch.setattr(kmod, "CE_FROM_SOFT", True)
+    for T, alpha in ((3.0, 0.7), (2.0, 1.0), (2.0, 0.0), (2.0, 0.5)):
+        kd_loss(s.to(dev), t.to(dev), labels.to(dev), temperature=T, alpha=alpha)
+    assert [c["T_POW"] for c in spy.calls] == [0, 0, 0, 0, 2]
+
+
 @pytest.mark.parametrize("T", [0.1, 100.0])
 def test_extreme_temperatures(impl, T):
     s, t, labels = make_inputs(8, 300, scale=3.0 * max(1.0, T / 4))
@@ -550,14 +603,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 fn = importlib.import_module("kdbench.kernels.kd_loss")._kd_loss_fwd_kernel
-variants = [  # dtype, divergence, single, has_labels, alpha
-    ("bf16", 0, True, True, 0.5), ("fp16", 1, False, True, 0.5), ("fp32", 2, False, False, 1.0),
-    ("bf16", 2, True, True, 0.0), ("fp32", 0, True, False, 0.0),
+variants = [  # dtype, divergence, single, has_labels, alpha, T_POW
+    ("bf16", 0, True, True, 0.5, 0), ("fp16", 1, False, True, 0.5, 0), ("fp32", 2, False, False, 1.0, 0),
+    ("bf16", 2, True, True, 0.0, 0), ("fp32", 0, True, False, 0.0, 0), ("bf16", 0, True, True, 0.5, 2),
+    ("bf16", 1, False, True, 0.5, 4),
 ]
-for dtype, divergence, single, has_labels, alpha in variants:
+for dtype, divergence, single, has_labels, alpha, t_pow in variants:
     consts = dict(
         s_stride_v=1, t_stride_v=1, DIVERGENCE=divergence, HAS_LABELS=has_labels, DO_SOFT=alpha != 0.0,
-        DO_CE=has_labels and alpha != 1.0, SAME_T=False, WRITE_GRAD=True, SINGLE=single,
+        DO_CE=has_labels and alpha != 1.0, SAME_T=False, T_POW=t_pow, WRITE_GRAD=True, SINGLE=single,
         BLOCK_V=8192 if single else 4096,
     )
     types = dict(
@@ -582,4 +636,4 @@ def test_kernel_compiles_for_sm90():
     if out.returncode != 0 and "ptxas" in out.stderr and "No such file" in out.stderr:
         pytest.skip("Triton's ptxas is missing here")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "compiled 5" in out.stdout
+    assert "compiled 7" in out.stdout
