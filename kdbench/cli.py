@@ -80,7 +80,8 @@ def run(
             for spec in expand(s) if distributed.is_main() else []:
                 if chosen is not None and spec.run_id not in chosen:
                     continue
-                done = not rerun and is_done(run_path(out, spec.run_id), spec.spec_hash, ctx.data_key(spec))
+                done = not rerun and is_done(run_path(out, spec.run_id), spec.spec_hash, ctx.data_key(spec),
+                                             world_size=distributed.world_size())
                 typer.echo(f"{'done' if done else 'run '}  {spec.run_id}")
             return
         from kdbench.report import task_tables

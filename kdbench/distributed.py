@@ -122,6 +122,12 @@ def teardown() -> None:
     _state.update(control=None, agree=None, owned=False, backend=None)
 
 
+def scope_key() -> list[str]:
+    """What a trained model depends on beyond its spec under data parallel: the process count (a step takes
+    batch_size rows from each process). Empty for one process, so single-process cache keys stay as they were."""
+    return [] if world_size() == 1 else [f"world_size={world_size()}"]
+
+
 def describe() -> dict | None:
     """What a result records about the launch: None for a single process."""
     if not active():

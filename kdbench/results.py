@@ -54,12 +54,14 @@ def read_results(results_dir: Path) -> list[dict]:
     return [r for r in (read_result(p) for p in runs) if r is not None]
 
 
-def is_done(path: Path, spec_hash: str, data_key: str | None) -> bool:
+def is_done(path: Path, spec_hash: str, data_key: str | None, *, world_size: int = 1) -> bool:
     """A run is skipped when its result exists, succeeded, and was made from the same spec and the same data (an
-    edited data file, or a generator changed between versions, re-runs it; so does unloadable data, which fails)."""
+    edited data file, or a generator changed between versions, re-runs it; so does unloadable data, which fails),
+    with as many data-parallel processes as now (each trains on its own share of a step's rows)."""
     r = read_result(path)
     return (bool(r) and r.get("status") == "ok" and r.get("spec_hash") == spec_hash
-            and data_key is not None and r.get("data_key") == data_key)
+            and data_key is not None and r.get("data_key") == data_key
+            and (r.get("distributed") or {}).get("world_size", 1) == world_size)
 
 
 def versions() -> dict[str, str | None]:

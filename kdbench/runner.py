@@ -165,7 +165,8 @@ class Context:
         t = spec.pair.teacher
         # the tokenizer key holds the data's fingerprint, and a multitask group's shared tokenizer is another one
         return spec_hash(["teacher", spec.task.model_dump(mode="json"), t.model_dump(mode="json"),
-                          spec.training.max_seq_length, self.teacher_seed, self.tokenizer_key(spec)])
+                          spec.training.max_seq_length, self.teacher_seed, self.tokenizer_key(spec),
+                          *distributed.scope_key()])
 
     def teacher(self, spec: RunSpec):
         """The task's teacher: loaded from the on-disk cache, or fine-tuned once and saved there."""
@@ -620,7 +621,8 @@ def run_suite(suite: Suite, results_dir: str | Path | None = None, *, rerun: boo
             # another rank is still deciding must not make that rank skip a run the others execute
             pending = distributed.on_main(lambda: {
                 s.run_id for s in specs
-                if rerun or not is_done(run_path(out, s.run_id), s.spec_hash, ctx.data_key(s))})
+                if rerun or not is_done(run_path(out, s.run_id), s.spec_hash, ctx.data_key(s),
+                                        world_size=distributed.world_size())})
             runs_task = progress.add_task(f"suite {suite.name}", total=len(specs))
             for spec in specs:
                 path = run_path(out, spec.run_id)

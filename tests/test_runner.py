@@ -10,7 +10,7 @@ import yaml
 from kdbench import models, runner
 from kdbench.errors import KdbenchError
 from kdbench.methods import LogitKD, methods
-from kdbench.results import read_result, run_path, write_result
+from kdbench.results import is_done, read_result, run_path, write_result
 from kdbench.runner import keep_finished, run_suite
 from kdbench.suite import expand, load_suite
 from tiny import FAST_PROFILING, tiny_suite_data
@@ -288,6 +288,26 @@ def test_results_are_rerun_when_the_data_changes_under_the_same_spec(tmp_path, c
     out = tmp_path / "results" / "tiny"
     keys = {read_result(p)["data_key"] for p in (out / "runs").glob("*.json")}
     assert len(keys) == 1 and None not in keys  # every run carries the key of the data it was made from
+
+
+def test_results_and_teachers_are_not_reused_across_process_counts(tmp_path, cache_dir, monkeypatch):
+    """Under data parallel a step takes batch_size rows from each process: a result or a cached teacher trained
+    with another process count is not the same experiment. One process keeps the keys it always had."""
+    suite = tiny_suite(tmp_path, cache_dir, [KD])
+    spec = expand(suite)[0]
+    one = runner.Context(suite, tmp_path / "results", "cpu").teacher_key(spec)
+    outcome = run_suite(suite, show_progress=False)
+    path = run_path(outcome.results_dir, spec.run_id)
+    assert is_done(path, spec.spec_hash, read_result(path)["data_key"])
+    assert not is_done(path, spec.spec_hash, read_result(path)["data_key"], world_size=2)
+    record = read_result(path)
+    write_result(path, {**record, "distributed": {"world_size": 2, "backend": "gloo"}})
+    assert is_done(path, spec.spec_hash, record["data_key"], world_size=2)
+    assert not is_done(path, spec.spec_hash, record["data_key"])
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; the key needs no process group
+    two = runner.Context(suite, tmp_path / "results", "cpu").teacher_key(spec)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert two != one == runner.Context(suite, tmp_path / "results", "cpu").teacher_key(spec)
 
 
 def test_a_cached_teacher_reports_the_fine_tuning_that_made_it(tmp_path):
