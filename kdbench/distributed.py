@@ -10,7 +10,8 @@ trains with DDP across them; everything around training follows three rules, whi
   exception, to every rank, so all ranks leave a failed step the same way and none waits for a collective that the
   others skipped;
 - what every rank needs is built by every rank, identically (the tokenizer is trained deterministically, the
-  teacher fine-tuned by all ranks together); rank 0 alone saves it, through a rename (models.save_atomically), so
+  teacher fine-tuned by all ranks together; a frozen teacher's logits and decoded targets are computed a share
+  per rank and exchanged, `map_sharded`); rank 0 alone saves it, through a rename (models.save_atomically), so
   that a rank that finds it on disk loads a whole copy.
 
 These messages go over a gloo group of their own (`control`), with a long timeout (KDBENCH_DIST_TIMEOUT_S,
@@ -184,6 +185,21 @@ def gather(value: T, *, bounded: bool = False) -> list[T]:
         raise RanksOutOfStepError(f"rank {rank()} waited in vain for the other ranks ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else 'no message'})") from e
     return out
+
+
+def map_sharded(fn: Callable[[list], list], items: list, chunk: int) -> list:
+    """fn over `items`, one chunk of `chunk` items at a time, with the chunks shared out among the ranks (rank r
+    takes chunks r, r + N, ...); every rank returns the whole result, in order. The chunks are those a single
+    process would use, so the result is the same as one process's (batch padding included). Outside torchrun,
+    fn per chunk here. For a frozen teacher's work before training: its logits, or sequence-level KD's decoding."""
+    chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
+    if not active():
+        return [x for part in chunks for x in fn(part)]
+    mine = {k: fn(chunks[k]) for k in range(rank(), len(chunks), world_size())}
+    done: dict = {}
+    for part in gather(mine):
+        done.update(part)
+    return [x for k in range(len(chunks)) for x in done[k]]
 
 
 def _portable(error: BaseException) -> BaseException:

@@ -411,8 +411,10 @@ def distiller(spec: RunSpec, ctx: Context, objective):
     kd_rows = distillation_rows(spec, ctx, objective)
     if head.caches_teacher_logits and not (objective.needs_hidden_states or objective.needs_attentions):
         # Logits of a frozen teacher in eval mode do not change between epochs, seeds or methods: compute once.
-        kd_rows = ctx.memo(("teacher_logits", spec.task.name, spec.pair.name),
-                           lambda: trainer.cache_teacher_logits(teacher, kd_rows, ctx.collator(spec), ctx.device))
+        # Under data parallel each rank computes a share (distributed.map_sharded).
+        kd_rows = ctx.memo(("teacher_logits", spec.task.name, spec.pair.name), lambda: distributed.map_sharded(
+            lambda part: trainer.cache_teacher_logits(teacher, part, ctx.collator(spec), ctx.device), kd_rows,
+            chunk=trainer.TEACHER_LOGITS_BATCH))
 
     def distill(model, description, max_steps=None):
         return trainer.train(model, kd_rows, ctx.collator(spec), spec.training, seed=spec.seed, device=ctx.device,
@@ -441,9 +443,10 @@ def teacher_decoded_rows(spec: RunSpec, ctx: Context, params, rows: list[dict]) 
     teacher, _ = ctx.teacher(spec)
     max_len = spec.training.max_seq_length
     settings = (params.num_beams, params.max_new_tokens or max_len)
-    decoded = ctx.memo(("teacher_targets", spec.task.name, spec.pair.name, settings), lambda: head.teacher_targets(
-        teacher, rows, ctx.tokenizer(spec), ctx.device, max_len=max_len, num_beams=settings[0],
-        max_new_tokens=settings[1]))
+    decoded = ctx.memo(("teacher_targets", spec.task.name, spec.pair.name, settings), lambda: distributed.map_sharded(
+        lambda part: head.teacher_targets(teacher, part, ctx.tokenizer(spec), ctx.device, max_len=max_len,
+                                          num_beams=settings[0], max_new_tokens=settings[1]),
+        rows, chunk=head.GENERATE_BATCH))  # under data parallel, a share per rank
     return rows + decoded if params.keep_references else decoded
 
 

@@ -260,7 +260,11 @@ def _remove_new_forward_hooks(before: list) -> None:
             delattr(module, _HOOKED_FLAG)
 
 
-def cache_teacher_logits(teacher, rows: list[dict], collator, device: str, batch_size: int = 256) -> list[dict]:
+TEACHER_LOGITS_BATCH = 256
+
+
+def cache_teacher_logits(teacher, rows: list[dict], collator, device: str,
+                         batch_size: int = TEACHER_LOGITS_BATCH) -> list[dict]:
     """Rows with the frozen teacher's logits attached as `teacher_logits` (one inference pass over the data)."""
     teacher.eval()
     out = []

@@ -89,6 +89,9 @@ def _helpers_on_two_ranks(rank: int, port: int, out_dir: str) -> None:
     seen["broadcast"] = distributed.broadcast(f"from rank {rank}")
     seen["gather"] = distributed.gather(rank * 10)
     seen["on_main"] = distributed.on_main(lambda: {"ran on": distributed.rank()})
+    # chunks of 2 shared out: [0, 1] and [4, 5] on rank 0, [2, 3] and [6] on rank 1; the whole result on both
+    seen["map_sharded"] = distributed.map_sharded(lambda xs: [x * 10 + distributed.rank() for x in xs],
+                                                  list(range(7)), chunk=2)
     try:  # rank 0's error reaches every rank, with its class
         distributed.on_main(lambda: (_ for _ in ()).throw(KdbenchError("profiling failed")))
     except KdbenchError as e:
@@ -114,6 +117,7 @@ def test_two_ranks_agree_on_values_and_errors(tmp_path):
     assert r0["broadcast"] == r1["broadcast"] == "from rank 0"
     assert r0["gather"] == r1["gather"] == [0, 10]
     assert r0["on_main"] == r1["on_main"] == {"ran on": 0}
+    assert r0["map_sharded"] == r1["map_sharded"] == [0, 10, 21, 31, 40, 50, 61]
     assert r0["error"] == r1["error"] == "KdbenchError: profiling failed"
     assert "inside on_main" in r0["nested"] and r0["nested"] == r1["nested"]
     assert r0["after"] == r1["after"] == "in step"

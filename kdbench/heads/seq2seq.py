@@ -42,6 +42,7 @@ class Seq2Seq(Perplexity):
     kind = "seq2seq"
     auto_class = "AutoModelForSeq2SeqLM"
     generates = True
+    GENERATE_BATCH = 64  # rows per generate() call
 
     def __init__(self, metric: Seq2SeqMetric = "perplexity", num_beams: int = 1, max_new_tokens: int | None = None):
         if metric not in METRIC_NAMES:
@@ -90,7 +91,7 @@ class Seq2Seq(Perplexity):
         return [target_row(r, out, tokenizer, max_len) for r, out in zip(rows, outputs)]
 
     def generate(self, model, rows, tokenizer, device, *, num_beams: int = 1, max_new_tokens: int | None = None,
-                 batch_size: int = 64) -> list[list[int]]:
+                 batch_size: int = GENERATE_BATCH) -> list[list[int]]:
         """Each row's decoded target tokens (greedy, or beam search), the start token dropped and cut before the
         first end-of-sequence token. `max_new_tokens` defaults to the longest label of `rows`."""
         import torch
