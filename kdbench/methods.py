@@ -540,6 +540,7 @@ class ProgressiveParams(DistillationConfig):
 
     feature_weight: float = Field(1.0, gt=0)
     layer_map: dict[int, int] | None = None  # student layer (1..Ls) -> teacher layer (1..Lt); None: uniform
+    decoder_layer_map: dict[int, int] | None = None  # encoder-decoders: the decoder's own map (None: layer_map's)
     final_fraction: float = Field(0.5, gt=0, le=1)  # of the steps, for the final logit stage; the rest: layer stages
 
 
@@ -598,25 +599,57 @@ def transformer_blocks(model, method: str = "progressive"):
     return pick[0]
 
 
-def layer_parameters(model, exclude=()) -> tuple[list, list[list], list]:
-    """The model's parameters as (input side, [block 1, ..., block L], output side), leaving out those in `exclude`.
+def stack_blocks(model, method: str = "progressive") -> dict:
+    """{stack: ModuleList of its transformer blocks}, input side first: {"": blocks} for a one-stack model (see
+    `transformer_blocks`); {"encoder": ..., "decoder": ...} for an encoder-decoder, each the one outermost
+    ModuleList of the stack's layer count under the stack's module (T5: encoder.block, decoder.block)."""
+    import torch
 
-    Input side: the parameters registered before the blocks (the embeddings, and ELECTRA's embedding projection);
-    output side: those after them (pooler, final norm, classifier). HF models register their modules in the order of
-    the forward pass. A tied weight counts once, where it is first registered.
+    if not is_encoder_decoder(model):
+        return {"": transformer_blocks(model, method)[1]}
+    out = {}
+    for stack, n in layer_stacks(model).items():
+        found = [(name, m) for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.ModuleList) and len(m) == n and name.startswith(f"{stack}.")]
+        found = [(name, m) for name, m in found if not any(name.startswith(f"{other}.") for other, _ in found)]
+        if n < 1 or len(found) != 1:
+            model_type = getattr(model.config, "model_type", type(model).__name__)
+            seen = f"found {len(found)}: {', '.join(name for name, _ in found)}" if found else "found none"
+            raise KdbenchError(f"method {method!r}: cannot find the {stack} blocks of the {model_type!r} student "
+                               f"(one ModuleList of its {n} {stack} layers; {seen})")
+        out[stack] = found[0][1]
+    return out
+
+
+def stack_parameters(model, exclude=()) -> tuple[list, dict[str, list[list]], list]:
+    """The model's parameters as (input side, {stack: [block 1, ..., block L]}, the rest), leaving out those in
+    `exclude`.
+
+    Input side: the parameters registered before the first block (the embeddings, ELECTRA's embedding projection,
+    T5's shared embeddings); the rest: everything after it that is in no block (pooler, final norms, classifier,
+    an encoder's final norm between its blocks and the decoder's). HF models register their modules in the order
+    of the forward pass. A tied weight counts once, where it is first registered.
     """
-    _, blocks = transformer_blocks(model)
-    block_of = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
+    stacks = stack_blocks(model)
+    block_of = {id(p): (stack, i) for stack, blocks in stacks.items() for i, block in enumerate(blocks)
+                for p in block.parameters()}
     skip = {id(p) for p in exclude}
-    before, per_block, after = [], [[] for _ in blocks], []
+    before, per_stack, rest = [], {stack: [[] for _ in blocks] for stack, blocks in stacks.items()}, []
     for p in model.parameters():
         if id(p) in skip:
             continue
         if id(p) in block_of:
-            per_block[block_of[id(p)]].append(p)
+            stack, i = block_of[id(p)]
+            per_stack[stack][i].append(p)
         else:
-            (after if any(per_block) else before).append(p)
-    return before, per_block, after
+            (rest if any(any(b) for b in per_stack.values()) else before).append(p)
+    return before, per_stack, rest
+
+
+def layer_parameters(model, exclude=()) -> tuple[list, list[list], list]:
+    """`stack_parameters` of a one-stack model: (input side, [block 1, ..., block L], output side)."""
+    before, per_stack, after = stack_parameters(model, exclude)
+    return before, per_stack[""], after
 
 
 @methods.register("progressive")
@@ -646,8 +679,13 @@ class ProgressiveKD(HiddenStateKD):
     student's parameters; the Trainer's AdamW skips parameters without a gradient (no update, no weight decay, no
     momentum). Every parameter is trainable at the start of training (the optimizer is built from the trainable
     ones) and again at its end (compression and recovery train the student further). The blocks are found by
-    `transformer_blocks` (BERT, RoBERTa, DistilBERT, ELECTRA, GPT-2, Llama-style); other models fail at setup,
-    and so do encoder-decoder pairs (T5: two stacks, which `hidden` and `attention` map but stages do not walk).
+    `stack_blocks` (BERT, RoBERTa, DistilBERT, ELECTRA, GPT-2, Llama-style, T5); other models fail at setup.
+
+    Encoder-decoder pairs (T5): the stages walk the encoder's mapped layers, then the decoder's (`layer_map` for
+    both stacks, `decoder_layer_map` for the decoder's own, as in `hidden`). A decoder stage matches decoder hidden
+    states on the target positions and trains decoder blocks only: the encoder below it is frozen, and so are the
+    shared embeddings, which train with the first encoder stage. The encoder's final norm, the decoder's and the LM
+    head train in the final stage.
     A recovery after pruning runs the same schedule over its own steps; under K + 1 steps it is logit KD alone.
 
     YAML:
@@ -669,40 +707,50 @@ class ProgressiveKD(HiddenStateKD):
         self.stage: int | None = None  # the layer stage in progress (1..K), or None: the final logit stage
 
     def setup(self, student, teacher) -> None:
-        if is_encoder_decoder(student) or is_encoder_decoder(teacher):
-            raise KdbenchError(f"method {self.method!r}: encoder-decoder models (T5) have two layer stacks and its "
-                               "stages walk one; use the hidden, attention or logit method")
         super().setup(student, teacher)
-        transformer_blocks(student, self.method)  # fail here, before training, on a model whose blocks are unknown
+        stack_blocks(student, self.method)  # fail here, before training, on a model whose blocks are unknown
         self.stage = None
+
+    @property
+    def stage_pairs(self) -> list[tuple[str, int, int]]:
+        """(stack, student layer, teacher layer) of each layer stage: the mapped layers of each stack in turn, an
+        encoder's before its decoder's."""
+        return [(stack, s, t) for stack, pairs in (self.layer_maps or {}).items() for s, t in pairs.items()]
 
     def schedule(self, max_steps: int) -> list[int]:
         """Steps per stage for a run of `max_steps`: K layer stages, then the final one."""
-        return progressive_schedule(max_steps, len(self.layer_map), self.params.final_fraction)
+        return progressive_schedule(max_steps, len(self.stage_pairs), self.params.final_fraction)
 
     def stage_parameters(self, model) -> list[list]:
         """The student's trainable parameters in each stage: K layer stages, then the final one (all of them).
         The objective's own modules (the projections, attached to the student while training) are left out."""
         exclude = list(self.modules.parameters()) if self.modules is not None else []
-        before, per_block, after = layer_parameters(model, exclude)
-        stages, below = [], 0
-        for k, s in enumerate(self.layer_map, start=1):
-            stages.append((before if k == 1 else []) + [p for block in per_block[below:s] for p in block])
-            below = s
-        return stages + [before + [p for block in per_block for p in block] + after]
+        before, per_stack, rest = stack_parameters(model, exclude)
+        stages = []
+        for stack, pairs in self.layer_maps.items():
+            below = 0
+            for s in pairs:
+                blocks = [p for block in per_stack[stack][below:s] for p in block]
+                stages.append((before if not stages else []) + blocks)
+                below = s
+        every_block = [p for per_block in per_stack.values() for block in per_block for p in block]
+        return stages + [before + every_block + rest]
 
     def callbacks(self) -> list:
         return [_progressive_callback_class()(self)]
 
-    def loss(self, student_out, teacher_out, labels, attention_mask=None):
+    def loss(self, student_out, teacher_out, labels, attention_mask=None, decoder_attention_mask=None):
         if self.stage is None:
             return self.logit_kd(student_out, teacher_out, labels)
         from kdbench.kernels import kd_loss
 
         p = self.params
         self.check_hidden_states(student_out, teacher_out)
-        s, t = list(self.layer_map.items())[self.stage - 1]
-        fs, ft = self.features(student_out.hidden_states, teacher_out.hidden_states, attention_mask, pairs={s: t})
+        stack, s, t = self.stage_pairs[self.stage - 1]
+        fs, ft = self.features(stack_output(student_out, "hidden_states", stack),
+                               stack_output(teacher_out, "hidden_states", stack),
+                               self.stack_masks(attention_mask, decoder_attention_mask)[stack], pairs={s: t},
+                               stack=stack)
         # alpha = 0 and no labels: the logit terms are exactly 0, so the loss is this stage's feature MSE alone.
         return kd_loss(student_out.logits.detach(), teacher_out.logits, None, temperature=p.temperature, alpha=0.0,
                        divergence=p.divergence, beta=p.beta, student_features=fs, teacher_features=ft,

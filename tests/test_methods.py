@@ -45,6 +45,7 @@ from kdbench.methods import (
     methods,
     progressive_schedule,
     progressive_stage,
+    stack_blocks,
     transformer_blocks,
     uniform_layer_map,
 )
@@ -393,7 +394,7 @@ def test_ls_methods_lists_both_with_descriptions_and_params():
     [i] = [i for i, line in enumerate(lines) if line.split()[:1] == ["progressive"]]
     assert lines[i].split(None, 1)[1] == "Progressive layer-by-layer transfer (MobileBERT), then logit KD of the " \
                                          "whole student."
-    assert lines[i + 1].split()[-3:] == ["feature_weight,", "layer_map,", "final_fraction"]
+    assert lines[i + 1].split()[-4:] == ["feature_weight,", "layer_map,", "decoder_layer_map,", "final_fraction"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -517,14 +518,11 @@ def test_transformer_blocks_are_found_in_encoders_and_decoders(make, blocks, bef
 def test_progressive_fails_at_setup_naming_a_model_whose_blocks_it_cannot_find():
     t5 = T5Model(T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
                           decoder_start_token_id=0))
-    objective = ProgressiveKD(ProgressiveParams(layer_map={1: 1, 2: 2}))
-    with pytest.raises(KdbenchError, match=r"^method 'progressive': encoder-decoder models \(T5\) have two layer "
-                                           r"stacks and its stages walk one; use the hidden, attention or logit "
-                                           r"method$"):
-        objective.setup(t5, t5)
+    # one stack's finder sees T5's two; the stacks' finder takes each under its own stack
     with pytest.raises(KdbenchError, match=r"cannot find the transformer blocks of the 't5' student \(one ModuleList "
                                            r"of its 2 layers; found 2: encoder.block, decoder.block\)$"):
         transformer_blocks(t5)
+    assert {k: v is getattr(t5, k).block for k, v in stack_blocks(t5).items()} == {"encoder": True, "decoder": True}
 
     class Mystery(torch.nn.Module):
         def __init__(self):
@@ -534,6 +532,11 @@ def test_progressive_fails_at_setup_naming_a_model_whose_blocks_it_cannot_find()
 
     with pytest.raises(KdbenchError, match=r"the 'mystery' student \(one ModuleList of its 2 layers; found none\)$"):
         transformer_blocks(Mystery())
+    seq2seq = Mystery()
+    seq2seq.config.is_encoder_decoder = True
+    with pytest.raises(KdbenchError, match=r"^method 'progressive': cannot find the encoder blocks of the 'mystery' "
+                                           r"student \(one ModuleList of its 2 encoder layers; found none\)$"):
+        stack_blocks(seq2seq)
 
 
 def test_progressive_loss_is_one_pairs_mse_in_a_layer_stage_and_logit_kd_in_the_final_stage():

@@ -3,6 +3,7 @@
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -335,8 +336,8 @@ def test_layer_methods_map_each_t5_stack_to_the_teachers_stack_of_the_same_kind(
     ("attention", {"decoder_layer_map": {1: 3}}, ("params.decoder_layer_map: teacher index 3 is out of range "
                                                   "(the teacher's decoder has 2 layers: layers 1..2)")),
     ("hidden", {"decoder_layer_map": {}}, "params.decoder_layer_map is empty; leave it out for the uniform map"),
-    ("progressive", {}, ("encoder-decoder models (T5) have two layer stacks and its stages walk one; use the "
-                         "hidden, attention or logit method")),
+    ("progressive", {"decoder_layer_map": {2: 1}}, ("params.decoder_layer_map: student index 2 is out of range "
+                                                    "(the student's decoder has 1 layer: layers 1..1)")),
 ])
 def test_a_bad_t5_layer_map_fails_at_setup_in_one_line_naming_the_stack(tok, method, params, message):
     from kdbench.methods import make_objective
@@ -502,16 +503,68 @@ def test_attention_on_t5_matches_encoder_decoder_and_cross_maps_at_real_entries(
     assert torch.equal(fs, ft) and len(objective.outputs()) == 3
 
 
-def test_a_seq2seq_suite_distills_with_hidden_and_attention(tmp_path):
+def test_progressive_on_t5_walks_the_encoder_then_the_decoder(tok):
+    """Stages: each mapped encoder layer, then each mapped decoder layer, then logit KD. A decoder stage trains
+    decoder blocks alone and matches decoder hidden states on the target positions."""
+    import torch.nn.functional as F
+
+    from kdbench.methods import make_objective
+
+    student, teacher = t5_pair(tok)  # encoder 2 -> 4, decoder 1 -> 2
+    objective = make_objective("progressive", {"feature_weight": 0.5})
+    objective.setup(student, teacher)
+    assert objective.stage_pairs == [("encoder", 1, 2), ("encoder", 2, 4), ("decoder", 1, 2)]
+    assert objective.schedule(8) == [2, 1, 1, 4]
+    def part(name):  # "encoder.block.1.layer.0..." -> "encoder.1"; "encoder.final_layer_norm.weight" -> "encoder"
+        bits = name.split(".")
+        return f"{bits[0]}.{bits[2]}" if bits[1:2] == ["block"] else bits[0]
+
+    stages = objective.stage_parameters(student)
+    names = [{part(n) for n, p in student.named_parameters() if any(p is q for q in group)} for group in stages]
+    assert names[:3] == [{"shared", "encoder.0"}, {"encoder.1"}, {"decoder.0"}]
+    # the final stage trains everything, the final norms (and an untied LM head) only there
+    assert {id(p) for p in stages[3]} == {id(p) for p in student.parameters()}
+    assert {"encoder", "decoder"} <= names[3] and not {"encoder", "decoder"} & set().union(*names[:3])
+    sparse = make_objective("progressive", {"layer_map": {2: 4}, "decoder_layer_map": {1: 1}})
+    sparse.setup(student, teacher)
+    assert sparse.stage_pairs == [("encoder", 2, 4), ("decoder", 1, 1)]
+
+    g = torch.Generator().manual_seed(0)
+
+    def outputs(width, enc, dec):
+        return SimpleNamespace(logits=torch.randn(2, 3, 50, generator=g),
+                               encoder_hidden_states=[torch.randn(2, 4, width, generator=g) for _ in range(enc + 1)],
+                               decoder_hidden_states=[torch.randn(2, 3, width, generator=g) for _ in range(dec + 1)])
+
+    s, t = outputs(16, 2, 1), outputs(32, 4, 2)
+    source_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    target_mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    labels = torch.tensor([[3, 4, 1], [5, -100, -100]])
+    with torch.no_grad():
+        for stage, (stack, si, ti, mask) in enumerate([("encoder", 1, 2, source_mask), ("decoder", 1, 2, target_mask)],
+                                                      start=1):
+            objective.stage = 1 if stack == "encoder" else 3
+            lin = objective.modules[f"{stack}_{si}"]
+            hs, ht = getattr(s, f"{stack}_hidden_states")[si], getattr(t, f"{stack}_hidden_states")[ti]
+            expected = 0.5 * F.mse_loss(lin(hs[mask.bool()]), ht[mask.bool()]).item()
+            got = objective.loss(s, t, labels, attention_mask=source_mask, decoder_attention_mask=target_mask)
+            assert got.item() == pytest.approx(expected, rel=1e-6), (stage, stack)
+        objective.stage = None
+        assert objective.loss(s, t, labels, attention_mask=source_mask, decoder_attention_mask=target_mask).item() > 0
+
+
+def test_a_seq2seq_suite_distills_with_hidden_attention_and_progressive(tmp_path):
     methods = [{"name": "fitnets", "method": "hidden", "params": {"temperature": 2.0}},
-               {"name": "at", "method": "attention", "params": {"temperature": 2.0}}]
+               {"name": "at", "method": "attention", "params": {"temperature": 2.0}},
+               {"name": "prog", "method": "progressive", "params": {"temperature": 2.0}}]
     teacher = {**T5, "num_layers": 2, "num_heads": 4, "d_model": 16, "d_ff": 32}  # 2 + 2 layers, 4 heads
     outcome = run_suite(tiny_suite(tmp_path, methods, teacher=teacher), show_progress=False)
     assert {r.run_id.split("__", 2)[2]: r.status for r in outcome.runs} == {
-        "teacher": "ok", "student__s0": "ok", "fitnets__s0": "ok", "at__s0": "ok"}, [r.error for r in outcome.runs]
+        "teacher": "ok", "student__s0": "ok", "fitnets__s0": "ok", "at__s0": "ok", "prog__s0": "ok"}, [
+        r.error for r in outcome.runs]
     out = outcome.results_dir
     student = read_result(run_path(out, "s2s__t5__student__s0"))["variants"][0]
-    for name in ("fitnets", "at"):
+    for name in ("fitnets", "at", "prog"):
         variants = read_result(run_path(out, f"s2s__t5__{name}__s0"))["variants"]
         assert [v["name"] for v in variants] == ["distilled", "int8"]
         assert 1.0 < variants[0]["metric"] < float("inf")
