@@ -27,7 +27,6 @@ GPU_SHAPES = [
 CPU_SHAPES = [(2048, 1000, "float32"), (128, 32000, "bfloat16"), (32, 128256, "bfloat16"), (32, 128256, "float32")]
 CPU_QUICK_SHAPES = [(256, 1000, "float32"), (16, 32000, "bfloat16")]
 
-CE_FROM_SOFT_NAME = "kd_loss (triton, CE from T-softmax)"  # the candidate: kernels/kd_loss.py CE_FROM_SOFT
 TEMPERATURE, ALPHA = 2.0, 0.5  # forward KL, every row valid: all implementations compute the same number
 SAMPLE_ROWS = 64  # gradient rows checked against float64 (first and last SAMPLE_ROWS // 2)
 
@@ -55,17 +54,31 @@ def _ours(s, t, labels):
     return kd_loss(s, t, labels, temperature=TEMPERATURE, alpha=ALPHA)
 
 
-def _ours_ce_from_soft(s, t, labels):
-    """kd_loss with CE_FROM_SOFT on (the CE softmax from the soft one's exps; T = 2 here): timed beside the default
-    in the same run, which decides whether it becomes the default."""
+def _ours_with(**settings):
+    """kd_loss with some of kernels/kd_loss.py's module settings changed for the call: a candidate timed beside the
+    default in the same run, which decides whether it becomes the default."""
     import importlib
 
-    kmod = importlib.import_module("kdbench.kernels.kd_loss")
-    saved, kmod.CE_FROM_SOFT = kmod.CE_FROM_SOFT, True
-    try:
-        return _ours(s, t, labels)
-    finally:
-        kmod.CE_FROM_SOFT = saved
+    def fn(s, t, labels):
+        kmod = importlib.import_module("kdbench.kernels.kd_loss")
+        saved = {k: getattr(kmod, k) for k in settings}
+        for k, v in settings.items():
+            setattr(kmod, k, v)
+        try:
+            return _ours(s, t, labels)
+        finally:
+            for k, v in saved.items():
+                setattr(kmod, k, v)
+
+    return fn
+
+
+# The candidates: (row name, kernel settings, whether it applies to a vocabulary of V).
+CANDIDATES = [
+    ("kd_loss (triton, CE from T-softmax)", {"CE_FROM_SOFT": True}, lambda v: True),
+    ("kd_loss (triton, whole rows at 1 warp)", {"SINGLE_WARPS": 1}, lambda v: v <= 8192),
+    ("kd_loss (triton, whole rows at 2 warps)", {"SINGLE_WARPS": 2}, lambda v: v <= 8192),
+]
 
 
 def _liger():
@@ -227,8 +240,10 @@ def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False)
         impls.append(("liger", liger))
     ours_name = "kd_loss (triton)" if cuda else "kd_loss (reference)"
     impls.append((ours_name, _ours))
+    applies = {}
     if cuda:
-        impls.append((CE_FROM_SOFT_NAME, _ours_ce_from_soft))
+        for name, settings, applies[name] in CANDIDATES:
+            impls.append((name, _ours_with(**settings)))
 
     out_dir = Path("results") / "kernels" if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -241,6 +256,8 @@ def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False)
         min_bytes = 3 * n * v * torch.empty((), dtype=dtype).element_size()  # read s, t; write grad
         g = torch.Generator(device=device).manual_seed(0)
         for name, fn in impls:
+            if name in applies and not applies[name](v):
+                continue
             step = s = t = labels = s_run = loss = None
             cells = dict(shape=f"{n} x {v}", dtype=dtype_name, impl=name)
             try:
@@ -321,9 +338,10 @@ def _markdown(rows, dev_name: str, cuda: bool, quick: bool, has_liger: bool) -> 
         f"Loss: alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE, T = {TEMPERATURE}, alpha = {ALPHA}, batchmean, every "
         "row valid; forward and backward of the student logits (teacher frozen).",
         *(["Liger-Kernel is not installed here: no liger rows."] if cuda and not has_liger else []),
-        *([f"`{CE_FROM_SOFT_NAME}` is the kernel with CE_FROM_SOFT on: at T = 2 the CE softmax is computed from "
-           "the soft softmax's exps, one exp per logit fewer in each pass; a candidate for the default."]
-          if cuda else []),
+        *(["Candidates for the default, timed in the same run (kernels/TUNING.md): `CE from T-softmax` computes the "
+           "CE softmax from the soft one's exps (T = 2 here), one exp per logit fewer in each pass; `whole rows at 1 "
+           "warp` / `2 warps` run a row that fits in registers with fewer warps than the default's 4 (at V = 1000), "
+           "so that its reductions need fewer barriers."] if cuda else []),
         "Time: " + ("triton.testing.do_bench median (CUDA events, L2 flushed between runs)." if cuda else
                     "median of time.perf_counter over repeated runs."),
         "GB/s counts the minimal traffic, read student + teacher and write the gradient once (3 N V bytes in the "

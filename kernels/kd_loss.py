@@ -350,8 +350,12 @@ _fwd_tiled = triton.autotune(
 )(_kd_loss_fwd_kernel)
 
 
+# None: warps from the row width (below). A number: that many for every whole-row launch (a benchmark candidate).
+SINGLE_WARPS: int | None = None
+
+
 def _single_num_warps(block: int) -> int:
-    return max(4, min(16, block // 512))
+    return SINGLE_WARPS or max(4, min(16, block // 512))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -77,3 +77,18 @@ def test_bench_kernels_writes_a_table(tmp_path):
     assert name.read_text() == table
     assert "| 64 x 500 | float32 | eager |" in table
     assert "kd_loss (" in table and "failed" not in table and "OOM" not in table
+
+
+def test_a_candidate_changes_the_kernel_settings_for_its_call_only(monkeypatch):
+    """The table's candidate rows run kd_loss with kernels/kd_loss.py settings changed, and put them back."""
+    import importlib
+
+    from kdbench import bench
+
+    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    seen = []
+    monkeypatch.setattr(bench, "_ours", lambda s, t, labels: seen.append((kmod.CE_FROM_SOFT, kmod.SINGLE_WARPS)))
+    bench._ours_with(CE_FROM_SOFT=True, SINGLE_WARPS=2)(None, None, None)
+    assert seen == [(True, 2)] and (kmod.CE_FROM_SOFT, kmod.SINGLE_WARPS) == (False, None)
+    assert [name for name, _, applies in bench.CANDIDATES if applies(128256)] == [
+        "kd_loss (triton, CE from T-softmax)"]
