@@ -639,7 +639,9 @@ def run_suite(suite: Suite, results_dir: str | Path | None = None, *, rerun: boo
                     try:
                         result = agree(mine)
                     except RanksOutOfStepError:
-                        if distributed.is_main():  # rank 0 writes; its own view of the failed run is kept
+                        # rank 0 writes, and keeps its own view of a run that failed on it; a run it saw succeed
+                        # while another rank failed is not recorded as a success
+                        if distributed.is_main() and mine["status"] != "ok":
                             write_result(keep_finished(path, mine), mine)
                         raise
                     log.info("%s: %s in %.1f s", spec.run_id, result["status"], result.get("wall_s") or 0.0)
