@@ -54,13 +54,19 @@ def _ours(s, t, labels):
     return kd_loss(s, t, labels, temperature=TEMPERATURE, alpha=ALPHA)
 
 
+def _kernel_module():
+    """kernels/kd_loss.py itself (kdbench.kernels.kd_loss, as an attribute, is the dispatcher function)."""
+    import importlib
+
+    return importlib.import_module("kdbench.kernels.kd_loss")
+
+
 def _ours_with(**settings):
     """kd_loss with some of kernels/kd_loss.py's module settings changed for the call: a candidate timed beside the
     default in the same run, which decides whether it becomes the default."""
-    import importlib
 
     def fn(s, t, labels):
-        kmod = importlib.import_module("kdbench.kernels.kd_loss")
+        kmod = _kernel_module()
         saved = {k: getattr(kmod, k) for k in settings}
         for k, v in settings.items():
             setattr(kmod, k, v)
@@ -73,11 +79,14 @@ def _ours_with(**settings):
     return fn
 
 
-# The candidates: (row name, kernel settings, whether it applies to a vocabulary of V).
+# Candidates for the default (kernels/TUNING.md): (row name, kernel settings, whole rows only, what it changes).
+# A whole-rows setting (SINGLE_WARPS) means nothing where V > MAX_FUSED_V, so it gets no row there.
 CANDIDATES = [
-    ("kd_loss (triton, CE from T-softmax)", {"CE_FROM_SOFT": True}, lambda v: True),
-    ("kd_loss (triton, whole rows at 1 warp)", {"SINGLE_WARPS": 1}, lambda v: v <= 8192),
-    ("kd_loss (triton, whole rows at 2 warps)", {"SINGLE_WARPS": 2}, lambda v: v <= 8192),
+    ("kd_loss (triton, CE from T-softmax)", {"CE_FROM_SOFT": True}, False,
+     "the CE softmax from the soft one's exps (T = 2 here), one exp per logit fewer in each pass"),
+    ("kd_loss (triton, whole rows at 1 warp)", {"SINGLE_WARPS": 1}, True,
+     "a row that fits in registers at 1 warp instead of 4 (at V = 1000): its reductions need no barrier"),
+    ("kd_loss (triton, whole rows at 2 warps)", {"SINGLE_WARPS": 2}, True, "the same at 2 warps"),
 ]
 
 
@@ -240,10 +249,12 @@ def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False)
         impls.append(("liger", liger))
     ours_name = "kd_loss (triton)" if cuda else "kd_loss (reference)"
     impls.append((ours_name, _ours))
-    applies = {}
+    whole_rows_only = set()
     if cuda:
-        for name, settings, applies[name] in CANDIDATES:
+        for name, settings, whole_rows, _ in CANDIDATES:
             impls.append((name, _ours_with(**settings)))
+            if whole_rows:
+                whole_rows_only.add(name)
 
     out_dir = Path("results") / "kernels" if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -256,7 +267,7 @@ def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False)
         min_bytes = 3 * n * v * torch.empty((), dtype=dtype).element_size()  # read s, t; write grad
         g = torch.Generator(device=device).manual_seed(0)
         for name, fn in impls:
-            if name in applies and not applies[name](v):
+            if name in whole_rows_only and v > _kernel_module().MAX_FUSED_V:
                 continue
             step = s = t = labels = s_run = loss = None
             cells = dict(shape=f"{n} x {v}", dtype=dtype_name, impl=name)
@@ -338,10 +349,8 @@ def _markdown(rows, dev_name: str, cuda: bool, quick: bool, has_liger: bool) -> 
         f"Loss: alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE, T = {TEMPERATURE}, alpha = {ALPHA}, batchmean, every "
         "row valid; forward and backward of the student logits (teacher frozen).",
         *(["Liger-Kernel is not installed here: no liger rows."] if cuda and not has_liger else []),
-        *(["Candidates for the default, timed in the same run (kernels/TUNING.md): `CE from T-softmax` computes the "
-           "CE softmax from the soft one's exps (T = 2 here), one exp per logit fewer in each pass; `whole rows at 1 "
-           "warp` / `2 warps` run a row that fits in registers with fewer warps than the default's 4 (at V = 1000), "
-           "so that its reductions need fewer barriers."] if cuda else []),
+        *(["Candidates for the default, timed in the same run (kernels/TUNING.md): "
+           + "; ".join(f"`{name}`: {what}" for name, _, _, what in CANDIDATES) + "."] if cuda else []),
         "Time: " + ("triton.testing.do_bench median (CUDA events, L2 flushed between runs)." if cuda else
                     "median of time.perf_counter over repeated runs."),
         "GB/s counts the minimal traffic, read student + teacher and write the gradient once (3 N V bytes in the "

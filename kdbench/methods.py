@@ -646,12 +646,6 @@ def stack_parameters(model, exclude=()) -> tuple[list, dict[str, list[list]], li
     return before, per_stack, rest
 
 
-def layer_parameters(model, exclude=()) -> tuple[list, list[list], list]:
-    """`stack_parameters` of a one-stack model: (input side, [block 1, ..., block L], output side)."""
-    before, per_stack, after = stack_parameters(model, exclude)
-    return before, per_stack[""], after
-
-
 @methods.register("progressive")
 class ProgressiveKD(HiddenStateKD):
     """Progressive layer-by-layer transfer (MobileBERT), then logit KD of the whole student.

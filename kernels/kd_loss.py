@@ -399,14 +399,15 @@ def kd_loss_forward(s, t, labels, opts, want_grad: bool):
         v, 1.0 / T, T, alpha, beta_in, math.log(beta_in), math.log1p(-beta_in),
         int(opts["ignore_index"]),
     )
+    do_soft, do_ce = alpha != 0.0, alpha != 1.0 and has_labels
     meta = dict(
         DIVERGENCE=divergence,
         HAS_LABELS=has_labels,
-        DO_SOFT=alpha != 0.0,
-        DO_CE=alpha != 1.0 and has_labels,
+        DO_SOFT=do_soft,
+        DO_CE=do_ce,
         SAME_T=T == 1.0,
         # T = 2 or 4 (where 1/T is exact), with both terms on: the CE softmax from the soft one's exps
-        T_POW=int(T) if CE_FROM_SOFT and T in (2.0, 4.0) and alpha not in (0.0, 1.0) and has_labels else 0,
+        T_POW=int(T) if CE_FROM_SOFT and T in (2.0, 4.0) and do_soft and do_ce else 0,
         WRITE_GRAD=want_grad,
     )
     block = triton.next_power_of_2(v)

@@ -40,12 +40,12 @@ from kdbench.methods import (
     LogitKD,
     ProgressiveKD,
     ProgressiveParams,
-    layer_parameters,
     make_objective,
     methods,
     progressive_schedule,
     progressive_stage,
     stack_blocks,
+    stack_parameters,
     transformer_blocks,
     uniform_layer_map,
 )
@@ -509,7 +509,8 @@ def test_transformer_blocks_are_found_in_encoders_and_decoders(make, blocks, bef
     model = make()
     name, found = transformer_blocks(model)
     assert name == blocks and len(found) == 2
-    first, per_block, last = layer_parameters(model)
+    first, per_stack, last = stack_parameters(model)
+    per_block = per_stack[""]
     assert under(names_of(model, first), before) and under(names_of(model, last), after)
     assert [under(names_of(model, p), {f"{blocks}.{i}"}) for i, p in enumerate(per_block)] == [True, True]
     assert len(first) + sum(map(len, per_block)) + len(last) == len(list(model.parameters()))

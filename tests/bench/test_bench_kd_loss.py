@@ -90,5 +90,5 @@ def test_a_candidate_changes_the_kernel_settings_for_its_call_only(monkeypatch):
     monkeypatch.setattr(bench, "_ours", lambda s, t, labels: seen.append((kmod.CE_FROM_SOFT, kmod.SINGLE_WARPS)))
     bench._ours_with(CE_FROM_SOFT=True, SINGLE_WARPS=2)(None, None, None)
     assert seen == [(True, 2)] and (kmod.CE_FROM_SOFT, kmod.SINGLE_WARPS) == (False, None)
-    assert [name for name, _, applies in bench.CANDIDATES if applies(128256)] == [
+    assert [name for name, _, whole_rows_only, _ in bench.CANDIDATES if not whole_rows_only] == [
         "kd_loss (triton, CE from T-softmax)"]
