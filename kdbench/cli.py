@@ -72,16 +72,14 @@ def run(
 
         chosen = select_runs(s, only) if only else None
         if dry_run:
-            from kdbench.results import is_done, run_path
-            from kdbench.runner import Context, results_dir_for
+            from kdbench.runner import Context, finished, results_dir_for
 
             out = results_dir_for(s, results_dir)
             ctx = Context(s, out, "cpu")  # loads the data (the data key), builds no model
             for spec in expand(s) if distributed.is_main() else []:
                 if chosen is not None and spec.run_id not in chosen:
                     continue
-                done = not rerun and is_done(run_path(out, spec.run_id), spec.spec_hash, ctx.data_key(spec),
-                                             world_size=distributed.world_size())
+                done = not rerun and finished(out, spec, ctx)
                 typer.echo(f"{'done' if done else 'run '}  {spec.run_id}")
             return
         from kdbench.report import task_tables

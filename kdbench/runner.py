@@ -548,6 +548,12 @@ def execute(spec: RunSpec, ctx: Context) -> dict:
                 "traceback": traceback.format_exc(), "wall_s": round(time.perf_counter() - t0, 3), "variants": []}
 
 
+def finished(out: Path, spec: RunSpec, ctx: Context) -> bool:
+    """Whether `spec` has a result in `out` that a resumed suite keeps: same spec, same data, same process count."""
+    return is_done(run_path(out, spec.run_id), spec.spec_hash, ctx.data_key(spec),
+                   world_size=distributed.world_size())
+
+
 def agree(result: dict) -> dict:
     """Data parallel: rank 0's result, failed if any rank's run failed (with the first such rank's error), the same
     on every rank. Also the barrier that keeps the ranks in step between runs."""
@@ -624,8 +630,7 @@ def run_suite(suite: Suite, results_dir: str | Path | None = None, *, rerun: boo
             # another rank is still deciding must not make that rank skip a run the others execute
             pending = distributed.on_main(lambda: {
                 s.run_id for s in specs
-                if rerun or not is_done(run_path(out, s.run_id), s.spec_hash, ctx.data_key(s),
-                                        world_size=distributed.world_size())})
+                if rerun or not finished(out, s, ctx)})
             runs_task = progress.add_task(f"suite {suite.name}", total=len(specs))
             for spec in specs:
                 path = run_path(out, spec.run_id)
