@@ -12,6 +12,8 @@ import logging
 import re
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -79,14 +81,38 @@ def _ours_with(**settings):
     return fn
 
 
-# Candidates for the default (kernels/TUNING.md): (row name, kernel settings, whole rows only, what it changes).
-# A whole-rows setting (SINGLE_WARPS) means nothing where V > MAX_FUSED_V, so it gets no row there.
+def _whole_rows(v: int) -> bool:
+    return v <= _kernel_module().MAX_FUSED_V  # (a power of 2) the kernel's single-read path
+
+
+def _changes_row_alignment(v: int) -> bool:
+    return v % 16 != 0  # Triton already knows rows of a multiple of 16 are aligned
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A setting of kernels/kd_loss.py timed as its own row beside the default (kernels/TUNING.md); the same run
+    decides whether it becomes the default. `applies(V)`: the shapes where it changes the kernel at all."""
+
+    name: str
+    settings: dict
+    what: str
+    applies: Callable[[int], bool] = lambda v: True
+
+
 CANDIDATES = [
-    ("kd_loss (triton, CE from T-softmax)", {"CE_FROM_SOFT": True}, False,
-     "the CE softmax from the soft one's exps (T = 2 here), one exp per logit fewer in each pass"),
-    ("kd_loss (triton, whole rows at 1 warp)", {"SINGLE_WARPS": 1}, True,
-     "a row that fits in registers at 1 warp instead of 4 (at V = 1000): its reductions need no barrier"),
-    ("kd_loss (triton, whole rows at 2 warps)", {"SINGLE_WARPS": 2}, True, "the same at 2 warps"),
+    Candidate("kd_loss (triton, CE from T-softmax)", {"CE_FROM_SOFT": True},
+              "the CE softmax from the soft one's exps (T = 2 here), one exp per logit fewer in each pass"),
+    Candidate("kd_loss (triton, whole rows at 1 warp)", {"SINGLE_WARPS": 1},
+              "a row that fits in registers at 1 warp instead of 4 (at V = 1000): its reductions need no barrier",
+              _whole_rows),
+    Candidate("kd_loss (triton, whole rows at 2 warps)", {"SINGLE_WARPS": 2}, "the same at 2 warps", _whole_rows),
+    Candidate("kd_loss (triton, L2 order)", {"L2_ORDER": True},
+              "pass 2 walks the tiles from the row's end (those pass 1 read last, still in L2), with L2 eviction "
+              "hints", lambda v: not _whole_rows(v)),
+    Candidate("kd_loss (triton, row-align hints)", {"ROW_ALIGN_HINTS": True},
+              "the compiler told that rows start 16-byte aligned where V allows: vector loads and stores at V = 1000",
+              _changes_row_alignment),
 ]
 
 
@@ -249,12 +275,11 @@ def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False)
         impls.append(("liger", liger))
     ours_name = "kd_loss (triton)" if cuda else "kd_loss (reference)"
     impls.append((ours_name, _ours))
-    whole_rows_only = set()
+    applies = {}  # candidate row name -> the shapes it is timed on
     if cuda:
-        for name, settings, whole_rows, _ in CANDIDATES:
-            impls.append((name, _ours_with(**settings)))
-            if whole_rows:
-                whole_rows_only.add(name)
+        for cand in CANDIDATES:
+            impls.append((cand.name, _ours_with(**cand.settings)))
+            applies[cand.name] = cand.applies
 
     out_dir = Path("results") / "kernels" if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +292,7 @@ def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False)
         min_bytes = 3 * n * v * torch.empty((), dtype=dtype).element_size()  # read s, t; write grad
         g = torch.Generator(device=device).manual_seed(0)
         for name, fn in impls:
-            if name in whole_rows_only and v > _kernel_module().MAX_FUSED_V:
+            if name in applies and not applies[name](v):
                 continue
             step = s = t = labels = s_run = loss = None
             cells = dict(shape=f"{n} x {v}", dtype=dtype_name, impl=name)
@@ -350,7 +375,7 @@ def _markdown(rows, dev_name: str, cuda: bool, quick: bool, has_liger: bool) -> 
         "row valid; forward and backward of the student logits (teacher frozen).",
         *(["Liger-Kernel is not installed here: no liger rows."] if cuda and not has_liger else []),
         *(["Candidates for the default, timed in the same run (kernels/TUNING.md): "
-           + "; ".join(f"`{name}`: {what}" for name, _, _, what in CANDIDATES) + "."] if cuda else []),
+           + "; ".join(f"`{c.name}`: {c.what}" for c in CANDIDATES) + "."] if cuda else []),
         "Time: " + ("triton.testing.do_bench median (CUDA events, L2 flushed between runs)." if cuda else
                     "median of time.perf_counter over repeated runs."),
         "GB/s counts the minimal traffic, read student + teacher and write the gradient once (3 N V bytes in the "

@@ -48,6 +48,14 @@ from kdbench.kernels.reference import KD_LOSS_DOC, KdLossInputError, validate
 # exp per logit in each pass and the tiled path's running max of s. Off until timed against the default on a GPU
 # (kdbench bench kernels has a row for it); the tests cover both.
 CE_FROM_SOFT = False
+# Tiled path: each read pass walks the row's tiles the other way from the pass before (pass 2 starts at the tiles
+# pass 1 read last, the likeliest still in L2), with L2 hints: an earlier pass's loads are kept (evict_last), the
+# last pass's loads and the gradient stores go first (evict_first). Off until timed against the default on a GPU.
+L2_ORDER = False
+# Tell the compiler how many elements every row start (and V) is a multiple of, up to one 16-byte vector. Triton
+# learns that itself only for integers divisible by 16, so rows of V = 1000 (or BERT's 30522) are read and written
+# one element per instruction; with the hint, 16 bytes per instruction where the strides allow. Off until timed.
+ROW_ALIGN_HINTS = False
 # Rows with next_pow2(V) <= MAX_FUSED_V take the single-read path; tests lower it to exercise the tiled path.
 MAX_FUSED_V = 8192
 # Tile width under the Triton interpreter (CPU), where autotuning is off.
@@ -80,6 +88,29 @@ def _ipow(x, N: tl.constexpr):
     for _ in tl.static_range(N - 1):
         y = y * x
     return y
+
+
+@triton.jit
+def _load_tile(row_ptr, offs, stride, mask, KEEP: tl.constexpr, DROP: tl.constexpr):
+    """One tile of a row as fp32 (-inf past the row's end), with an L2 eviction hint: KEEP (evict_last) for a pass
+    that is read again, DROP (evict_first) for the last one; neither is the hardware default."""
+    if KEEP:
+        x = tl.load(row_ptr + offs * stride, mask=mask, other=float("-inf"), eviction_policy="evict_last")
+    elif DROP:
+        x = tl.load(row_ptr + offs * stride, mask=mask, other=float("-inf"), eviction_policy="evict_first")
+    else:
+        x = tl.load(row_ptr + offs * stride, mask=mask, other=float("-inf"))
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _tile_offsets(start, last_start, BACKWARD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Offsets of the tile at loop position `start`: from the row's end when BACKWARD (the loop itself is always
+    `range(0, V, BLOCK_V)`; last_start is the last tile's start)."""
+    if BACKWARD:
+        return (last_start - start) + tl.arange(0, BLOCK_V)
+    else:
+        return start + tl.arange(0, BLOCK_V)
 
 
 @triton.jit
@@ -131,8 +162,16 @@ def _kd_loss_fwd_kernel(
     T_POW: tl.constexpr,  # 0, or T itself (2 or 4) when the CE softmax is derived from the soft one (see below)
     WRITE_GRAD: tl.constexpr,
     SINGLE: tl.constexpr,  # BLOCK_V >= V: the whole row in registers
+    L2: tl.constexpr,  # tiled path: alternate the passes' directions, with L2 hints (L2_ORDER above)
+    ROW_MULT: tl.constexpr,  # 1, or a power of 2 that divides both row strides and V (ROW_ALIGN_HINTS above)
     BLOCK_V: tl.constexpr,
 ):
+    if ROW_MULT > 1:
+        # (x // m) * m is x here (the launcher checked), and is what the compiler's alignment analysis can read:
+        # tl.multiple_of does not take on a scalar argument.
+        s_stride_r = s_stride_r // ROW_MULT * ROW_MULT
+        t_stride_r = t_stride_r // ROW_MULT * ROW_MULT
+        V = V // ROW_MULT * ROW_MULT  # the gradient's row stride, and the end of the row masks
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride_r
     t_row = t_ptr + row * t_stride_r
@@ -213,12 +252,15 @@ def _kd_loss_fwd_kernel(
             m_1 = tl.full([], _NEG_BIG, tl.float32)
             d_1 = tl.zeros([], tl.float32)
             acc = tl.zeros([], tl.float32)  # sum exp(z - m) (zt - zs) with z = zt (forward) or zs (reverse)
+            last_start = (V - 1) // BLOCK_V * BLOCK_V
+            # With L2: pass 1 forward, kept in L2; the jsd pass backward, kept; pass 2 the other way, dropped.
+            JSD_PASS: tl.constexpr = DO_SOFT and DIVERGENCE == 2
             for start in range(0, V, BLOCK_V):
                 offs = start + tl.arange(0, BLOCK_V)
                 mask = offs < V
-                s = tl.load(s_row + offs * s_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+                s = _load_tile(s_row, offs, s_stride_v, mask, L2 and WRITE_GRAD, False)
                 if DO_SOFT:
-                    t = tl.load(t_row + offs * t_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+                    t = _load_tile(t_row, offs, t_stride_v, mask, L2 and WRITE_GRAD, False)
                     zs = s * inv_T
                     zt = t * inv_T
                     m_s, d_s, r_s, e_s = _online_update(m_s, d_s, zs)
@@ -253,10 +295,10 @@ def _kd_loss_fwd_kernel(
                     kl_tm = tl.zeros([], tl.float32)
                     kl_sm = tl.zeros([], tl.float32)
                     for start in range(0, V, BLOCK_V):
-                        offs = start + tl.arange(0, BLOCK_V)
+                        offs = _tile_offsets(start, last_start, L2, BLOCK_V)
                         mask = offs < V
-                        s = tl.load(s_row + offs * s_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
-                        t = tl.load(t_row + offs * t_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+                        s = _load_tile(s_row, offs, s_stride_v, mask, L2 and WRITE_GRAD, L2 and not WRITE_GRAD)
+                        t = _load_tile(t_row, offs, t_stride_v, mask, L2 and WRITE_GRAD, L2 and not WRITE_GRAD)
                         ls = s * inv_T - lse_s
                         lt = t * inv_T - lse_t
                         lm = _log_mixture(lt, ls, log_beta, log_1m_beta)
@@ -272,13 +314,13 @@ def _kd_loss_fwd_kernel(
             # ---- pass 2: the gradient, from the row statistics ----
             if WRITE_GRAD:
                 for start in range(0, V, BLOCK_V):
-                    offs = start + tl.arange(0, BLOCK_V)
+                    offs = _tile_offsets(start, last_start, L2 and not JSD_PASS, BLOCK_V)
                     mask = offs < V
-                    s = tl.load(s_row + offs * s_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+                    s = _load_tile(s_row, offs, s_stride_v, mask, False, L2)
                     g = tl.zeros([BLOCK_V], dtype=tl.float32)
                     ps = g
                     if DO_SOFT:
-                        t = tl.load(t_row + offs * t_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+                        t = _load_tile(t_row, offs, t_stride_v, mask, False, L2)
                         ls = s * inv_T - lse_s
                         lt = t * inv_T - lse_t
                         ps = tl.exp(ls)
@@ -292,7 +334,11 @@ def _kd_loss_fwd_kernel(
                         else:
                             q = tl.exp(s - lse_1)
                         g += (1.0 - alpha) * (q - tl.where(offs == lab, 1.0, 0.0))
-                    tl.store(g_row + offs, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+                    g = (g * scale).to(grad_ptr.dtype.element_ty)
+                    if L2:
+                        tl.store(g_row + offs, g, mask=mask, eviction_policy="evict_first")
+                    else:
+                        tl.store(g_row + offs, g, mask=mask)
         tl.store(loss_ptr + row, row_loss)
     else:
         # An ignored row: read nothing, write zeros.
@@ -346,7 +392,8 @@ _fwd_tiled = triton.autotune(
         triton.Config({"BLOCK_V": b}, num_warps=w)
         for b, w in ((2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32))
     ],
-    key=["V", "DIVERGENCE", "DO_SOFT", "DO_CE", "WRITE_GRAD"],
+    # the candidates' settings are in the key, so each is tuned on its own
+    key=["V", "DIVERGENCE", "DO_SOFT", "DO_CE", "WRITE_GRAD", "T_POW", "L2", "ROW_MULT"],
 )(_kd_loss_fwd_kernel)
 
 
@@ -361,6 +408,17 @@ def _single_num_warps(block: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _row_multiple(s: torch.Tensor, t: torch.Tensor) -> int:
+    """The ROW_MULT hint: the largest power of 2, at most one 16-byte vector of elements, dividing V and both row
+    strides (1 with ROW_ALIGN_HINTS off, or for a strided last dimension, which is read element by element)."""
+    if not ROW_ALIGN_HINTS or s.stride(1) != 1 or t.stride(1) != 1:
+        return 1
+    mult = 16 // min(s.element_size(), t.element_size())
+    while mult > 1 and any(x % mult for x in (s.shape[1], s.stride(0), t.stride(0))):
+        mult //= 2
+    return mult
 
 
 def _check_supported(x: torch.Tensor, what: str) -> None:
@@ -409,16 +467,18 @@ def kd_loss_forward(s, t, labels, opts, want_grad: bool):
         # T = 2 or 4 (where 1/T is exact), with both terms on: the CE softmax from the soft one's exps
         T_POW=int(T) if CE_FROM_SOFT and T in (2.0, 4.0) and do_soft and do_ce else 0,
         WRITE_GRAD=want_grad,
+        ROW_MULT=_row_multiple(s, t),
     )
     block = triton.next_power_of_2(v)
     single = block <= MAX_FUSED_V
     grid = (n,)
     if single:
-        _kd_loss_fwd_kernel[grid](*args, SINGLE=True, BLOCK_V=block, num_warps=_single_num_warps(block), **meta)
+        _kd_loss_fwd_kernel[grid](*args, SINGLE=True, L2=False, BLOCK_V=block, num_warps=_single_num_warps(block),
+                                  **meta)
     elif _interpreting():
-        _kd_loss_fwd_kernel[grid](*args, SINGLE=False, BLOCK_V=INTERPRET_BLOCK_V, **meta)
+        _kd_loss_fwd_kernel[grid](*args, SINGLE=False, L2=L2_ORDER, BLOCK_V=INTERPRET_BLOCK_V, **meta)
     else:
-        _fwd_tiled[grid](*args, SINGLE=False, **meta)
+        _fwd_tiled[grid](*args, SINGLE=False, L2=L2_ORDER, **meta)
     return rows, grad, scale
 
 

@@ -280,6 +280,50 @@ def test_whole_rows_at_fewer_warps_match_float64(monkeypatch, warps):
     assert [c["num_warps"] for c in spy.calls] == [warps]
 
 
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
+def test_l2_order_and_row_alignment_hints_match_float64(monkeypatch, div, grad):
+    """L2_ORDER (the tiled passes alternate direction, with L2 eviction hints) and ROW_ALIGN_HINTS (benchmark
+    candidates): every tile still read, in the other order, on rows whose ends are not tile-aligned."""
+    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    monkeypatch.setenv("KDBENCH_KERNEL", "triton")
+    monkeypatch.setattr(kmod, "L2_ORDER", True)
+    monkeypatch.setattr(kmod, "ROW_ALIGN_HINTS", True)
+    monkeypatch.setattr(kmod, "MAX_FUSED_V", 64)
+    monkeypatch.setattr(kmod, "INTERPRET_BLOCK_V", 256)
+    spy = LaunchSpy(kmod._kd_loss_fwd_kernel)
+    monkeypatch.setattr(kmod, "_kd_loss_fwd_kernel", spy)
+    s, t, labels = make_inputs(5, 1000, scale=4.0, ignored=(1,))  # 4 tiles of 256, the last one 232 wide
+    t[:, ::7] = float("-inf")
+    if div != "forward_kl":
+        s[:, ::7] = float("-inf")
+        labels[labels % 7 == 0] = 3
+    if grad:
+        check("triton", s, t, labels, temperature=2.0, alpha=0.6, divergence=div)
+    else:
+        dev = device_for("triton")  # no gradient: the jsd pass is the last one, so it drops what it reads
+        got = kd_loss(s.to(dev), t.to(dev), labels.to(dev), temperature=2.0, alpha=0.6, divergence=div,
+                      reduction="none")
+        want = oracle(s.double(), t.double(), labels, temperature=2.0, alpha=0.6, divergence=div, reduction="none")
+        assert_close_rel(got, want, LOSS_RTOL[F32], "loss")
+    assert [(c["L2"], c["ROW_MULT"], c["WRITE_GRAD"]) for c in spy.calls] == [(True, 4, grad)]
+
+
+def test_the_row_multiple_hint_is_what_divides_every_row_start(monkeypatch):
+    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    f32, b16 = torch.zeros(3, 1000), torch.zeros(3, 1000, dtype=BF16)
+    assert kmod._row_multiple(f32, f32) == 1  # off by default
+    monkeypatch.setattr(kmod, "ROW_ALIGN_HINTS", True)
+    assert kmod._row_multiple(f32, f32) == 4  # one 16-byte vector of fp32
+    assert kmod._row_multiple(b16, b16) == 8
+    assert kmod._row_multiple(b16, f32) == 8  # the narrower dtype's vector; 8 divides all three integers
+    wide = torch.zeros(3, 1004, dtype=BF16)
+    assert kmod._row_multiple(b16, wide[:, :1000]) == 4  # a teacher sliced from 1004 columns: stride 1004
+    assert kmod._row_multiple(torch.zeros(3, 30522, dtype=BF16), torch.zeros(3, 30522, dtype=BF16)) == 2
+    assert kmod._row_multiple(torch.zeros(3, 50257), torch.zeros(3, 50257)) == 1
+    assert kmod._row_multiple(f32, torch.zeros(1000, 3).t()) == 1  # a strided last dimension
+
+
 def test_ce_from_the_soft_softmax_is_off_by_default_and_only_for_t_2_or_4(monkeypatch):
     kmod = importlib.import_module("kdbench.kernels.kd_loss")
     monkeypatch.setenv("KDBENCH_KERNEL", "triton")
@@ -616,16 +660,18 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 fn = importlib.import_module("kdbench.kernels.kd_loss")._kd_loss_fwd_kernel
-variants = [  # dtype, divergence, single, has_labels, alpha, T_POW
-    ("bf16", 0, True, True, 0.5, 0), ("fp16", 1, False, True, 0.5, 0), ("fp32", 2, False, False, 1.0, 0),
-    ("bf16", 2, True, True, 0.0, 0), ("fp32", 0, True, False, 0.0, 0), ("bf16", 0, True, True, 0.5, 2),
-    ("bf16", 1, False, True, 0.5, 4),
+variants = [  # dtype, divergence, single, has_labels, alpha, T_POW, L2, ROW_MULT
+    ("bf16", 0, True, True, 0.5, 0, False, 1), ("fp16", 1, False, True, 0.5, 0, False, 1),
+    ("fp32", 2, False, False, 1.0, 0, False, 1), ("bf16", 2, True, True, 0.0, 0, False, 1),
+    ("fp32", 0, True, False, 0.0, 0, False, 1), ("bf16", 0, True, True, 0.5, 2, False, 1),
+    ("bf16", 1, False, True, 0.5, 4, False, 1), ("bf16", 0, False, True, 0.5, 0, True, 8),
+    ("fp32", 2, False, True, 0.5, 0, True, 2), ("fp32", 0, True, True, 0.5, 0, False, 4),
 ]
-for dtype, divergence, single, has_labels, alpha, t_pow in variants:
+for dtype, divergence, single, has_labels, alpha, t_pow, l2, row_mult in variants:
     consts = dict(
         s_stride_v=1, t_stride_v=1, DIVERGENCE=divergence, HAS_LABELS=has_labels, DO_SOFT=alpha != 0.0,
-        DO_CE=has_labels and alpha != 1.0, SAME_T=False, T_POW=t_pow, WRITE_GRAD=True, SINGLE=single,
-        BLOCK_V=8192 if single else 4096,
+        DO_CE=has_labels and alpha != 1.0, SAME_T=False, T_POW=t_pow, WRITE_GRAD=True, SINGLE=single, L2=l2,
+        ROW_MULT=row_mult, BLOCK_V=8192 if single else 4096,
     )
     types = dict(
         s_ptr=f"*{dtype}", t_ptr=f"*{dtype}", lab_ptr="*i64", grad_ptr=f"*{dtype}", loss_ptr="*fp32",
@@ -649,4 +695,4 @@ def test_kernel_compiles_for_sm90():
     if out.returncode != 0 and "ptxas" in out.stderr and "No such file" in out.stderr:
         pytest.skip("Triton's ptxas is missing here")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "compiled 7" in out.stdout
+    assert "compiled 10" in out.stdout

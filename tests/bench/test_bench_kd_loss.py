@@ -90,5 +90,16 @@ def test_a_candidate_changes_the_kernel_settings_for_its_call_only(monkeypatch):
     monkeypatch.setattr(bench, "_ours", lambda s, t, labels: seen.append((kmod.CE_FROM_SOFT, kmod.SINGLE_WARPS)))
     bench._ours_with(CE_FROM_SOFT=True, SINGLE_WARPS=2)(None, None, None)
     assert seen == [(True, 2)] and (kmod.CE_FROM_SOFT, kmod.SINGLE_WARPS) == (False, None)
-    assert [name for name, _, whole_rows_only, _ in bench.CANDIDATES if not whole_rows_only] == [
-        "kd_loss (triton, CE from T-softmax)"]
+
+
+def test_each_candidate_is_timed_only_on_the_shapes_it_changes():
+    from kdbench import bench
+
+    timed = {c.name: [v for v in (1000, 8192, 8193, 32000, 50257, 128256) if c.applies(v)] for c in bench.CANDIDATES}
+    assert timed == {
+        "kd_loss (triton, CE from T-softmax)": [1000, 8192, 8193, 32000, 50257, 128256],
+        "kd_loss (triton, whole rows at 1 warp)": [1000, 8192],
+        "kd_loss (triton, whole rows at 2 warps)": [1000, 8192],
+        "kd_loss (triton, L2 order)": [8193, 32000, 50257, 128256],
+        "kd_loss (triton, row-align hints)": [1000, 8193, 50257],
+    }
