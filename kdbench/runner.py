@@ -308,8 +308,7 @@ def measure_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *,
 
     log.info("%s: measuring %s", spec.run_id, name)
     head = ctx.head(spec)
-    metric = head.evaluate(model, ctx.encoded(spec, "eval"), ctx.collator(spec), ctx.device)
-    extra = head.extra_metrics(model, ctx.encoded(spec, "eval"), ctx.collator(spec), ctx.device)
+    metric, extra = head.measure(model, ctx.encoded(spec, "eval"), ctx.collator(spec), ctx.device)
     total, nonzero = profiler.count_parameters(model)
     latency, paired = measure_latency(model, spec, ctx, teacher)
     speedup = {bs: r["speedup"] for bs, r in paired.items()} if teacher is not None else {
@@ -438,14 +437,20 @@ def teacher_decoded_rows(spec: RunSpec, ctx: Context, params, rows: list[dict]) 
     decoded once per task, pair and decoding setting."""
     head = ctx.head(spec)
     if not hasattr(head, "teacher_targets"):
-        raise KdbenchError(f"method {spec.method.name!r}: sequence-level KD needs a seq2seq task; task "
+        raise KdbenchError(f"method {spec.method.name!r}: sequence-level KD needs a seq2seq or causal LM task; task "
                            f"{spec.task.name!r} has a {head.kind} head")
+    options = {}  # what only one kind of head takes
+    if params.prompt_length is not None:
+        if head.kind != "causal_lm":
+            raise KdbenchError(f"method {spec.method.name!r}: prompt_length is for causal LM tasks; task "
+                               f"{spec.task.name!r} has a {head.kind} head")
+        options["prompt_length"] = params.prompt_length
     teacher, _ = ctx.teacher(spec)
     max_len = spec.training.max_seq_length
-    settings = (params.num_beams, params.max_new_tokens or max_len)
+    settings = (params.num_beams, params.max_new_tokens or max_len, params.prompt_length)
     decoded = ctx.memo(("teacher_targets", spec.task.name, spec.pair.name, settings), lambda: distributed.map_sharded(
         lambda part: head.teacher_targets(teacher, part, ctx.tokenizer(spec), ctx.device, max_len=max_len,
-                                          num_beams=settings[0], max_new_tokens=settings[1]),
+                                          num_beams=settings[0], max_new_tokens=settings[1], **options),
         rows, chunk=head.GENERATE_BATCH))  # under data parallel, a share per rank
     return rows + decoded if params.keep_references else decoded
 

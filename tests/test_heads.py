@@ -1,5 +1,6 @@
 """Heads: encoding, loss alignment and metrics per task kind, checked against transformers' own losses."""
 
+import copy
 import math
 
 import pytest
@@ -48,6 +49,65 @@ def test_causal_lm_packs_texts_into_full_blocks(tok):
     one = head.encode([{"text": TEXTS[0]}], tok, 512)  # shorter than a block: one short block
     assert len(one) == 1 and one[0]["input_ids"] == per_text[0]
     assert head.encode([], tok, 16) == []
+
+
+def test_causal_lm_records_next_token_accuracy_from_the_same_pass(tok, lm):
+    head = heads.get("causal_lm")
+    rows = head.encode([{"text": t} for t in TEXTS], tok, 16)
+    batch = head.collator(tok)(rows)
+    with torch.no_grad():
+        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    hits = [int(logits[b, i].argmax()) == int(batch["input_ids"][b, i + 1])
+            for b in range(len(rows)) for i in range(15)]
+    perplexity, extra = head.measure(lm, rows, head.collator(tok), "cpu")
+    assert perplexity == pytest.approx(head.evaluate(lm, rows, head.collator(tok), "cpu"))
+    assert extra == {"token accuracy": pytest.approx(sum(hits) / len(hits))}
+    oracle = torch.nn.Module()  # a model whose top logit at position i is always token i + 1
+    oracle.forward = lambda input_ids, **kw: type("Out", (), {
+        "logits": torch.nn.functional.one_hot(input_ids.roll(-1, 1), len(tok)).float()})()
+    assert head.measure(oracle, rows, head.collator(tok), "cpu")[1] == {"token accuracy": 1.0}
+
+
+def greedy_continuation(model, prompt: list[int], new: int, eos: int) -> list[int]:
+    """The oracle: argmax decoding by hand, one full forward pass per token, through the first eos."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(new):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] == eos:
+                break
+    return ids[len(prompt):]
+
+
+def test_causal_lm_sequence_level_kd_rows_are_the_teachers_continuations(tok, lm):
+    head = heads.get("causal_lm")
+    rows = head.encode([{"text": t} for t in TEXTS], tok, 16)[:5]
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    for prompt_length, max_new, want_prompt, want_new in ((6, None, 6, 10), (None, 3, 8, 3)):
+        relabelled = head.teacher_targets(lm, rows, tok, "cpu", max_len=16, max_new_tokens=max_new,
+                                          prompt_length=prompt_length)
+        assert len(relabelled) == len(rows)
+        for row, new in zip(rows, relabelled):
+            prompt = row["input_ids"][:want_prompt]
+            continuation = greedy_continuation(lm, prompt, want_new, eos)
+            assert new["input_ids"] == prompt + continuation and len(new["input_ids"]) <= 16
+            assert new["labels"] == [IGNORE] * want_prompt + continuation
+            assert new["attention_mask"] == [1] * len(new["input_ids"])
+    # a teacher that often says eos: each continuation ends after its first eos, wherever the batch's others end
+    talkative = copy.deepcopy(lm)
+    with torch.no_grad():
+        talkative.lm_head.weight[eos] = talkative.lm_head.weight[46] * 2  # eos wherever token 46 would win
+    relabelled = head.teacher_targets(talkative, rows, tok, "cpu", max_len=16, prompt_length=6)
+    ends = [r["input_ids"][6:] for r in relabelled]
+    assert ends == [greedy_continuation(talkative, r["input_ids"][:6], 10, eos) for r in rows]
+    assert any(e[-1] == eos and len(e) < 10 for e in ends) and any(len(e) == 10 and eos not in e for e in ends)
+    # prompts of two lengths (a short last block) are batched apart: no padding inside a prompt
+    short = [rows[0], {**rows[1], "input_ids": rows[1]["input_ids"][:4]}]
+    [a, b] = head.teacher_targets(lm, short, tok, "cpu", max_len=16, prompt_length=6)
+    assert b["input_ids"][:3] == rows[1]["input_ids"][:3] and b["labels"][:3] == [IGNORE] * 3
+    assert b["input_ids"][3:] == greedy_continuation(lm, rows[1]["input_ids"][:3], 10, eos)
+    with pytest.raises(KdbenchError, match="^prompt_length 16 leaves no room to continue within max_seq_length 16$"):
+        head.teacher_targets(lm, rows, tok, "cpu", max_len=16, prompt_length=16)
 
 
 def test_causal_lm_appends_eos_when_the_tokenizer_does_not(tok):
@@ -162,6 +222,19 @@ def test_masked_lm_loss_and_perplexity_match_transformers(tok, mlm):
     with torch.no_grad():
         loss = mlm(**{k: fixed[k] for k in ("input_ids", "attention_mask", "labels")}).loss
     assert head.evaluate(mlm, rows, collate, "cpu", batch_size=5) == pytest.approx(math.exp(loss.item()), rel=1e-5)
+
+
+def test_masked_lm_token_accuracy_counts_the_fixed_masked_tokens_only(tok, mlm):
+    head = heads.get("masked_lm")
+    rows = masked_rows(tok)
+    collate = head.collator(tok)
+    fixed = collate.pad([collate.fixed(r, head.eval_seed + i) for i, r in enumerate(rows)])
+    with torch.no_grad():
+        logits = mlm(input_ids=fixed["input_ids"], attention_mask=fixed["attention_mask"]).logits
+    chosen = fixed["labels"] != IGNORE
+    want = (logits.argmax(-1)[chosen] == fixed["labels"][chosen]).float().mean().item()
+    _, extra = head.measure(mlm, rows, collate, "cpu")
+    assert extra == {"token accuracy": pytest.approx(want)} and 0 < chosen.sum() < chosen.numel() / 2
 
 
 def test_masked_lm_eval_mask_is_fixed_whatever_the_rng_and_batch_size(tok, mlm):

@@ -78,9 +78,12 @@ def test_generation_metrics_score_the_decoded_outputs_against_the_references(dat
         oracle = head.__class__(metric=metric)
         oracle.generate = lambda *a, **k: [reference_ids(r["labels"], tok) for r in rows]
         assert oracle.evaluate(model, rows, collator, "cpu") == 1.0
-        perplexity = heads.get("seq2seq").evaluate(model, rows, collator, "cpu")
-        assert head.extra_metrics(model, rows, collator, "cpu") == {"perplexity": pytest.approx(perplexity)}
-    assert heads.get("seq2seq").extra_metrics(model, rows, collator, "cpu") == {}
+        perplexity, extra = heads.get("seq2seq").measure(model, rows, collator, "cpu")
+        assert perplexity == pytest.approx(heads.get("seq2seq").evaluate(model, rows, collator, "cpu"))
+        assert set(extra) == {"token accuracy"}
+        assert head.measure(model, rows, collator, "cpu") == (
+            pytest.approx(head.evaluate(model, rows, collator, "cpu")),
+            {"perplexity": pytest.approx(perplexity), "token accuracy": pytest.approx(extra["token accuracy"])})
 
 
 def test_seq2seq_tasks_take_the_scoring_settings():
@@ -162,9 +165,17 @@ def test_sequence_level_kd_refuses_a_task_without_decoding_in_one_line(tmp_path)
                        student={**BERT, "hidden_size": 8, "intermediate_size": 16})
     outcome = run_suite(suite, show_progress=False)
     [failed] = outcome.failed
-    assert failed.error == ("method 'seq-kd': sequence-level KD needs a seq2seq task; task 's2s' has a "
+    assert failed.error == ("method 'seq-kd': sequence-level KD needs a seq2seq or causal LM task; task 's2s' has a "
                             "classification head") and failed.error_kind == "input"
     assert outcome.exit_code == 2
+
+
+def test_a_prompt_length_on_a_seq2seq_task_is_refused_in_one_line(tmp_path):
+    suite = tiny_suite(tmp_path, {}, [{"name": "seq-kd", "method": "sequence", "params": {"prompt_length": 4}}])
+    outcome = run_suite(suite, show_progress=False)
+    [failed] = outcome.failed
+    assert failed.error == ("method 'seq-kd': prompt_length is for causal LM tasks; task 's2s' has a seq2seq "
+                            "head") and failed.error_kind == "input"
 
 
 def test_a_pretrained_model_with_another_decoder_start_is_refused_in_one_line(tok, tmp_path):

@@ -69,10 +69,15 @@ class Head:
 
     def evaluate(self, model, rows: list[dict], collator, device: str, batch_size: int = 64) -> float:
         """The task metric of `model` on tokenized `rows`."""
+        return self.finish(self.forward_pass(model, rows, collator, device, batch_size))
+
+    def forward_pass(self, model, rows: list[dict], collator, device: str, batch_size: int = 64):
+        """The metric state (`new_state`, `update`) after one inference pass of `model` over `rows`."""
         import torch
 
         from kdbench.models import model_inputs
 
+        rows, collator = self.eval_inputs(rows, collator)
         model.eval()
         state = self.new_state()
         with torch.inference_mode():
@@ -81,15 +86,20 @@ class Head:
                 labels = batch.pop("labels")
                 inputs = model_inputs({k: v.to(device) for k, v in batch.items()}, model)
                 self.update(state, self.logits(model(**inputs)).float().cpu(), labels)
-        return self.finish(state)
+        return state
+
+    def eval_inputs(self, rows: list[dict], collator):
+        """(rows, collator) as the metric reads them (default: as given; a masked LM fixes its masks here)."""
+        return rows, collator
+
+    def measure(self, model, rows: list[dict], collator, device: str) -> tuple[float, dict[str, float]]:
+        """(the task metric, the metrics recorded next to it) of `model` on `rows`: what a profiled variant
+        records. Default: the task metric alone."""
+        return self.evaluate(model, rows, collator, device), {}
 
     def check_model(self, ref, tokenizer, who: str) -> None:
         """Refuse, in one line naming `who`, a model (an inline config or a pretrained name) that this head cannot
         serve with `tokenizer` (default: any will do)."""
-
-    def extra_metrics(self, model, rows: list[dict], collator, device: str) -> dict[str, float]:
-        """Metrics recorded next to the task metric (default: none)."""
-        return {}
 
     def retention(self, metric: float, teacher_metric: float | None) -> float | None:
         if not teacher_metric or metric is None:

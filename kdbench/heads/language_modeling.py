@@ -26,13 +26,15 @@ def pack(rows, tokenizer, max_len: int) -> list[list[int]]:
 
 
 class Perplexity(Head):
-    """exp of the mean negative log-likelihood over every aligned position whose label is not IGNORE."""
+    """exp of the mean negative log-likelihood over every aligned position whose label is not IGNORE; recorded
+    next to it, from the same pass, the token accuracy: the share of those positions whose top logit is the
+    label (next-token accuracy for a causal LM, masked-token accuracy for a masked one)."""
 
     metric_name = "perplexity"
     higher_is_better = False
 
     def new_state(self):
-        return {"nll": 0.0, "tokens": 0}
+        return {"nll": 0.0, "tokens": 0, "correct": 0}
 
     def update(self, state, logits, labels):
         import torch.nn.functional as F
@@ -41,9 +43,15 @@ class Perplexity(Head):
         state["nll"] += float(F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
                                               reduction="sum"))
         state["tokens"] += int((y != IGNORE).sum())
+        state["correct"] += int(((s.argmax(-1) == y) & (y != IGNORE)).sum())
 
     def finish(self, state) -> float:
         return math.exp(state["nll"] / state["tokens"]) if state["tokens"] else math.nan
+
+    def measure(self, model, rows, collator, device):
+        state = self.forward_pass(model, rows, collator, device)
+        accuracy = state["correct"] / state["tokens"] if state["tokens"] else math.nan
+        return self.finish(state), {"token accuracy": accuracy}
 
 
 @heads.register("causal_lm")
@@ -72,6 +80,54 @@ class CausalLM(Perplexity):
 
     def align(self, logits, labels):
         return logits[..., :-1, :], labels[..., 1:]
+
+    GENERATE_BATCH = 64  # blocks per generate() call
+
+    def teacher_targets(self, teacher, rows, tokenizer, device, *, max_len: int, num_beams: int = 1,
+                        max_new_tokens: int | None = None, prompt_length: int | None = None) -> list[dict]:
+        """Sequence-level KD for a causal LM: each block's first `prompt_length` tokens (default: half of
+        `max_len`) continued by `teacher`, greedy or by beam search, for up to `max_new_tokens` tokens and never
+        past `max_len` in all, and cut after the first end-of-sequence token (the end of a document). The new
+        row's labels are the continuation only (the prompt's are IGNORE): the student learns to continue as
+        the teacher does."""
+        from kdbench.errors import KdbenchError
+
+        prompt_length = prompt_length or max_len // 2
+        if prompt_length >= max_len:
+            raise KdbenchError(f"prompt_length {prompt_length} leaves no room to continue within max_seq_length "
+                               f"{max_len}")
+        new = min(max_new_tokens or max_len, max_len - prompt_length)
+        prompts = [list(r["input_ids"][: min(prompt_length, len(r["input_ids"]) - 1)]) for r in rows]
+        continuations = self.generate(teacher, prompts, tokenizer, device, num_beams=num_beams, max_new_tokens=new)
+        return [{"input_ids": p + c, "attention_mask": [1] * (len(p) + len(c)), "labels": [IGNORE] * len(p) + c}
+                for p, c in zip(prompts, continuations)]
+
+    def generate(self, model, prompts: list[list[int]], tokenizer, device, *, num_beams: int = 1,
+                 max_new_tokens: int, batch_size: int = GENERATE_BATCH) -> list[list[int]]:
+        """Each prompt's continuation by `model` (greedy, or beam search), cut after its first end-of-sequence
+        token. Prompts go in batches of one length, so none is padded (packed blocks all have one length)."""
+        import torch
+
+        from kdbench.heads.seq2seq import end_token_id
+
+        eos = end_token_id(tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        by_length: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_length.setdefault(len(p), []).append(i)
+        out: list[list[int]] = [[] for _ in prompts]
+        model.eval()
+        with torch.inference_mode():
+            for length, members in by_length.items():
+                for j in range(0, len(members), batch_size):
+                    chunk = members[j : j + batch_size]
+                    ids = torch.tensor([prompts[i] for i in chunk], device=device)
+                    generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                               max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                               do_sample=False, eos_token_id=eos, pad_token_id=pad)
+                    for i, seq in zip(chunk, generated[:, length:].tolist()):
+                        out[i] = seq[: seq.index(eos) + 1] if eos in seq else seq
+        return out
 
 
 @heads.register("masked_lm")
@@ -105,9 +161,8 @@ class MaskedLM(Perplexity):
     def collator(self, tokenizer):
         return MaskingCollator(tokenizer, self.probability)
 
-    def evaluate(self, model, rows, collator, device, batch_size=64):
-        masked = [collator.fixed(r, self.eval_seed + i) for i, r in enumerate(rows)]
-        return super().evaluate(model, masked, collator.pad, device, batch_size)
+    def eval_inputs(self, rows, collator):
+        return [collator.fixed(r, self.eval_seed + i) for i, r in enumerate(rows)], collator.pad
 
 
 class MaskingCollator:

@@ -36,7 +36,7 @@ class Seq2Seq(Perplexity):
     The generation metrics decode with `num_beams` (1: greedy) up to `max_new_tokens` new tokens (default: the
     longest reference of the split), and compare against the reference as the model was trained on it: the
     target's tokens decoded back to text (so truncated at max_seq_length, and passed through the same tokenizer as
-    the output). Whatever the metric, a variant also records its target perplexity (`extra_metrics`).
+    the output). Whatever the metric, a variant also records its target perplexity and token accuracy (`measure`).
     """
 
     kind = "seq2seq"
@@ -77,11 +77,13 @@ class Seq2Seq(Perplexity):
                                             skip_special_tokens=True)
         return score_generations(self.metric, hypotheses, references)
 
-    def extra_metrics(self, model, rows, collator, device) -> dict[str, float]:
-        """Target perplexity next to a generation metric: the teacher-forced view of the same model."""
+    def measure(self, model, rows, collator, device):
+        """Next to a generation metric, the teacher-forced view of the same model: target perplexity and token
+        accuracy, from one pass."""
+        perplexity, extra = super().measure(model, rows, collator, device)
         if self.metric == "perplexity":
-            return {}
-        return {"perplexity": super().evaluate(model, rows, collator, device)}
+            return perplexity, extra
+        return self.evaluate(model, rows, collator, device), {"perplexity": perplexity, **extra}
 
     def teacher_targets(self, teacher, rows, tokenizer, device, *, max_len: int, num_beams: int = 1,
                         max_new_tokens: int | None = None) -> list[dict]:
