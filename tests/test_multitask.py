@@ -152,8 +152,8 @@ def test_a_multitask_group_distils_on_what_its_method_trains_on(tmp_path):
     outcome = run_suite(load_suite(write(tmp_path, data)), show_progress=False, only=[
         "sentiment__pair__teacher", "topics__pair__teacher", "sentiment__pair__mt-seq__s0"])
     [failed] = outcome.failed
-    assert failed.error == ("method 'mt-seq': sequence-level KD needs a seq2seq or causal LM task; task 'sentiment' has a "
-                            "classification head")
+    assert failed.error == ("method 'mt-seq': sequence-level KD needs a seq2seq or causal LM task; task 'sentiment' "
+                            "has a classification head")
 
 
 def test_a_trained_group_is_cached_on_disk_and_reused(tmp_path, monkeypatch):
