@@ -610,7 +610,8 @@ def transformer_blocks(model, method: str = "progressive"):
 def stack_blocks(model, method: str = "progressive") -> dict:
     """{stack: ModuleList of its transformer blocks}, input side first: {"": blocks} for a one-stack model (see
     `transformer_blocks`); {"encoder": ..., "decoder": ...} for an encoder-decoder, each the one outermost
-    ModuleList of the stack's layer count under the stack's module (T5: encoder.block, decoder.block)."""
+    ModuleList of the stack's layer count under the stack's module (T5: encoder.block, decoder.block; BART:
+    model.encoder.layers, model.decoder.layers)."""
     import torch
 
     if not is_encoder_decoder(model):
@@ -618,7 +619,7 @@ def stack_blocks(model, method: str = "progressive") -> dict:
     out = {}
     for stack, n in layer_stacks(model).items():
         found = [(name, m) for name, m in model.named_modules()
-                 if isinstance(m, torch.nn.ModuleList) and len(m) == n and name.startswith(f"{stack}.")]
+                 if isinstance(m, torch.nn.ModuleList) and len(m) == n and stack in name.split(".")[:-1]]
         found = [(name, m) for name, m in found if not any(name.startswith(f"{other}.") for other, _ in found)]
         if n < 1 or len(found) != 1:
             model_type = getattr(model.config, "model_type", type(model).__name__)

@@ -95,6 +95,19 @@ def load_config(ref: str):
     return _from_pretrained(AutoConfig, ref)
 
 
+def decoder_start_token_id(ref, tokenizer) -> int:
+    """The token an encoder-decoder model starts its decoder with: its config's `decoder_start_token_id` (a
+    pretrained model's, or one an inline config names), else the tokenizer's pad token (T5's convention, which
+    build_model gives inline configs)."""
+    if is_pretrained(ref):
+        start = getattr(load_config(ref), "decoder_start_token_id", None)
+    else:
+        start = (ref.model_extra or {}).get("decoder_start_token_id")
+    if start is not None:
+        return int(start)
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def load_tokenizer(ref: str):
     from transformers import AutoTokenizer
 

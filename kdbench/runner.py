@@ -132,11 +132,16 @@ class Context:
             texts = [x for s in scope for x in self.head(s).texts(self.task_data(s).train)]  # a head knows its texts
             tok = pair_tokenizer(spec.pair.teacher.model, spec.pair.student.model, texts, self.cache_dir,
                                  self.tokenizer_key(spec))
-            for role in ("teacher", "student"):  # before any training: what the head assumes of the models
-                self.head(spec).check_model(getattr(spec.pair, role).model, tok, f"{role} of pair {spec.pair.name!r}")
+            self.pair_options(spec, tok)  # before any training: what the head needs of the models, or a refusal
             return tok
 
         return self.memo(("tokenizer", self.tokenizer_key(spec), spec.pair.name), build)
+
+    def pair_options(self, spec: RunSpec, tokenizer=None) -> dict:
+        """The head's settings for this pair's models (kdbench.heads.Head.pair_options): `encode`'s and
+        `collator`'s keywords."""
+        return self.memo(("pair_options", spec.task.name, spec.pair.name), lambda: self.head(spec).pair_options(
+            spec.pair.teacher.model, spec.pair.student.model, tokenizer or self.tokenizer(spec), spec.pair.name))
 
     def head(self, spec: RunSpec):
         """The task's head (kdbench.heads): model class, encoding, loss alignment, metric."""
@@ -151,7 +156,7 @@ class Context:
         def build():
             tok = self.tokenizer(spec)
             rows = getattr(self.task_data(spec), split)
-            return self.head(spec).encode(rows, tok, spec.training.max_seq_length)
+            return self.head(spec).encode(rows, tok, spec.training.max_seq_length, **self.pair_options(spec))
 
         return self.memo(("encoded", spec.task.name, spec.pair.name, split), build)
 
@@ -199,7 +204,7 @@ class Context:
 
     def collator(self, spec: RunSpec):
         return self.memo(("collator", spec.task.name, spec.pair.name),
-                         lambda: self.head(spec).collator(self.tokenizer(spec)))
+                         lambda: self.head(spec).collator(self.tokenizer(spec), **self.pair_options(spec)))
 
     def teacher_metric(self, spec: RunSpec) -> float | None:
         def read():
@@ -439,7 +444,7 @@ def teacher_decoded_rows(spec: RunSpec, ctx: Context, params, rows: list[dict]) 
     if not hasattr(head, "teacher_targets"):
         raise KdbenchError(f"method {spec.method.name!r}: sequence-level KD needs a seq2seq or causal LM task; task "
                            f"{spec.task.name!r} has a {head.kind} head")
-    options = {}  # what only one kind of head takes
+    options = dict(ctx.pair_options(spec))  # a seq2seq pair's decoder start and target prefix
     if params.prompt_length is not None:
         if head.kind != "causal_lm":
             raise KdbenchError(f"method {spec.method.name!r}: prompt_length is for causal LM tasks; task "

@@ -4,7 +4,6 @@ targets), from the head up to a tiny suite."""
 import pytest
 import torch
 import yaml
-from transformers import T5Config, T5ForConditionalGeneration
 
 from kdbench import heads, models
 from kdbench.errors import KdbenchError
@@ -14,7 +13,7 @@ from kdbench.results import read_result, run_path
 from kdbench.runner import run_suite
 from kdbench.suite import load_suite
 from kdbench.tasks import load_task, tasks
-from tiny import FAST_PROFILING, T5
+from tiny import FAST_PROFILING, T5, save_tiny_bart
 from tiny import tiny_t5 as t5
 
 
@@ -178,25 +177,87 @@ def test_a_prompt_length_on_a_seq2seq_task_is_refused_in_one_line(tmp_path):
                             "head") and failed.error_kind == "input"
 
 
-def test_a_pretrained_model_with_another_decoder_start_is_refused_in_one_line(tok, tmp_path):
-    """The rows' decoder inputs start with the pad token (T5). A BART-style model starts with another token: the
-    head says so before anything trains, naming the model."""
+@pytest.fixture(scope="module")
+def barts(data, tmp_path_factory):
+    """Two local BART-style folders sharing one tokenizer: a 16-wide teacher and an 8-wide student."""
+    folder = tmp_path_factory.mktemp("bart")
+    texts = heads.get("seq2seq").texts(data.train)
+    return (str(save_tiny_bart(folder / "teacher", texts, d_model=16, seed=0)),
+            str(save_tiny_bart(folder / "student", texts, d_model=8, seed=1)))
+
+
+def test_a_bart_pair_trains_on_the_targets_barts_own_recipe_builds(data, barts):
+    """BART starts its decoder with </s> and its targets with <s>: the rows are what BART's tokenizer and its own
+    shift_tokens_right make of a target, and the model's loss on them is the loss it computes from labels alone."""
+    from transformers import BartForConditionalGeneration
+    from transformers.models.bart.modeling_bart import shift_tokens_right
+
+    teacher, student = barts
+    btok = models.load_tokenizer(teacher)
     head = heads.get("seq2seq")
-    for name, start in (("t5-style", tok.pad_token_id), ("bart-style", tok.sep_token_id)):
-        config = T5Config(vocab_size=len(tok), d_model=8, d_ff=16, num_layers=1, num_heads=2, d_kv=4,
-                          decoder_start_token_id=start)
-        T5ForConditionalGeneration(config).save_pretrained(str(tmp_path / name))
-    head.check_model(str(tmp_path / "t5-style"), tok, "teacher of pair 'p'")
-    head.check_model({"model_type": "t5"}, tok, "student of pair 'p'")  # inline: given the pad token when built
+    options = head.pair_options(teacher, student, btok, "p")
+    assert options == {"decoder_start": 2, "target_prefix": [btok.bos_token_id]} and btok.bos_token_id == 0
+    rows = head.encode(data.train[:6], btok, 32, **options)
+    for row, raw in zip(rows, data.train[:6]):
+        assert row["labels"] == btok(raw["target"])["input_ids"]  # <s> target </s>
+        assert row["decoder_input_ids"] == shift_tokens_right(torch.tensor([row["labels"]]), 1, 2)[0].tolist()
+    model = BartForConditionalGeneration.from_pretrained(teacher).eval()
+    batch = head.collator(btok, **options)(rows)
+    with torch.no_grad():
+        ours = model(**batch).loss
+        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       labels=batch["labels"]).loss
+    torch.testing.assert_close(ours, theirs)
+    # decoding drops the start token and the <s> that generation forces; sequence-level KD puts <s> back
+    outputs = head.generate(model, rows, btok, "cpu", max_new_tokens=6, **options)
+    enc = btok.pad([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows], return_tensors="pt")
+    raw = model.generate(**enc, max_new_tokens=6, do_sample=False, num_beams=1).tolist()
+    assert all(r[:2] == [2, 0] for r in raw)
+    assert outputs == [r[2:r.index(2, 1)] if 2 in r[1:] else r[2:] for r in raw]
+    relabelled = head.teacher_targets(model, rows, btok, "cpu", max_len=32, max_new_tokens=6, **options)
+    for new, out in zip(relabelled, outputs):
+        assert new["labels"] == [0, *out, 2] and new["decoder_input_ids"] == [2, 0, *out]
+
+
+def test_progressive_finds_barts_encoder_and_decoder_layers(barts):
+    from transformers import BartForConditionalGeneration
+
+    from kdbench.methods import stack_blocks
+
+    model = BartForConditionalGeneration.from_pretrained(barts[1])
+    stacks = stack_blocks(model)
+    assert stacks["encoder"] is model.model.encoder.layers and stacks["decoder"] is model.model.decoder.layers
+
+
+def test_a_pair_whose_decoder_starts_differ_is_refused_in_one_line(data, barts, tmp_path):
+    teacher, _ = barts
+    odd = str(save_tiny_bart(tmp_path / "odd", heads.get("seq2seq").texts(data.train), d_model=8, decoder_start=1))
+    message = ("pair 't5': the teacher starts its decoder with token 2, the student with 1; they are given the same "
+               "decoder inputs, so the two must agree")
     with pytest.raises(KdbenchError) as info:
-        head.check_model(str(tmp_path / "bart-style"), tok, "teacher of pair 'p'")
-    assert str(info.value) == (f"teacher of pair 'p': '{tmp_path / 'bart-style'}' starts its decoder with token "
-                               f"{tok.sep_token_id}, not the pad token {tok.pad_token_id}; kdbench's seq2seq head "
-                               "supports T5-style models only")
+        heads.get("seq2seq").pair_options(teacher, odd, models.load_tokenizer(teacher), "t5")
+    assert str(info.value) == message
     # and the runner asks before it trains anything
-    tok.save_pretrained(str(tmp_path / "bart-style"))
-    outcome = run_suite(tiny_suite(tmp_path, {}, [], teacher=str(tmp_path / "bart-style")), show_progress=False)
-    teacher, student = outcome.failed
-    assert teacher.error.startswith("teacher of pair 't5': ") and teacher.error.endswith("T5-style models only")
-    assert student.error == "teacher run s2s__t5__teacher did not succeed; its students cannot run"
-    assert outcome.exit_code == 2
+    outcome = run_suite(tiny_suite(tmp_path, {}, [], teacher=teacher, student=odd), show_progress=False)
+    teacher_run, student_run = outcome.failed
+    assert teacher_run.error == message and teacher_run.error_kind == "input"
+    assert student_run.error == "teacher run s2s__t5__teacher did not succeed; its students cannot run"
+
+
+def test_a_bart_pair_runs_a_suite_with_generation_metrics_and_sequence_level_kd(barts, tmp_path):
+    teacher, student = barts
+    suite = tiny_suite(tmp_path, {"metric": "exact_match", "max_new_tokens": 8},
+                       [{"name": "kd", "method": "logit", "params": {"temperature": 2.0}},
+                        {"name": "seq-kd", "method": "sequence", "params": {"max_new_tokens": 8}},
+                        {"name": "prog", "method": "progressive"}],
+                       teacher=teacher, student=student)
+    outcome = run_suite(suite, show_progress=False)
+    assert {r.run_id.split("__", 2)[2]: r.status for r in outcome.runs} == {
+        "teacher": "ok", "student__s0": "ok", "kd__s0": "ok", "seq-kd__s0": "ok", "prog__s0": "ok"}, [
+        r.error for r in outcome.runs]
+    for run in ("teacher", "kd__s0", "seq-kd__s0"):
+        [v] = read_result(run_path(outcome.results_dir, f"s2s__t5__{run}"))["variants"]
+        assert v["metric_name"] == "exact match" and 0.0 <= v["metric"] <= 1.0
+        assert 1.0 < v["extra_metrics"]["perplexity"] < float("inf") and v["generation"]
+
+

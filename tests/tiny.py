@@ -40,3 +40,33 @@ def tiny_t5(tok, seed: int = 0, **fields):
                          **fields})
     torch.manual_seed(seed)
     return T5ForConditionalGeneration(config).eval()
+
+
+def save_tiny_bart(folder: Path, texts: list[str], *, d_model: int = 16, seed: int = 0,
+                   decoder_start: int = 2) -> Path:
+    """A BART-style model folder, as from_pretrained reads one: a byte-level BPE tokenizer trained on `texts`
+    that wraps a text as <s> ... </s> (ids: <s> 0, <pad> 1, </s> 2, as BART's), and a BartForConditionalGeneration
+    of `d_model` wide that starts its decoder with </s> and whose generation forces <s> first (bart-large's
+    config)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
+                                  unk_token="<unk>", mask_token="<mask>")
+    config = BartConfig(vocab_size=len(tok), d_model=d_model, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * d_model,
+                        decoder_ffn_dim=2 * d_model, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+                        eos_token_id=2, decoder_start_token_id=decoder_start)
+    torch.manual_seed(seed)
+    model = BartForConditionalGeneration(config)
+    model.generation_config.forced_bos_token_id = 0  # transformers 5 keeps it in the generation config only
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder

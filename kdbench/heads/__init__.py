@@ -97,9 +97,11 @@ class Head:
         records. Default: the task metric alone."""
         return self.evaluate(model, rows, collator, device), {}
 
-    def check_model(self, ref, tokenizer, who: str) -> None:
-        """Refuse, in one line naming `who`, a model (an inline config or a pretrained name) that this head cannot
-        serve with `tokenizer` (default: any will do)."""
+    def pair_options(self, teacher_ref, student_ref, tokenizer, pair: str) -> dict:
+        """Keyword settings of `encode` and `collator` that depend on the pair's models, not only on its tokenizer
+        (a seq2seq model's decoder start token); asked before anything trains, so it also refuses, in one line
+        naming `pair`, models this head cannot serve. Default: none."""
+        return {}
 
     def retention(self, metric: float, teacher_metric: float | None) -> float | None:
         if not teacher_metric or metric is None:

@@ -21,10 +21,15 @@ class Seq2Seq(Perplexity):
     Rows have `source` and `target` texts. The source, truncated to `max_len` tokens, is the encoder's
     input_ids/attention_mask; the target's tokens, ended by the end-of-sequence token (the separator if the
     tokenizer has none) and truncated to `max_len`, are the labels (padded with IGNORE). The decoder's inputs are
-    the labels shifted right behind the decoder start token, which is the pad token (T5's convention:
-    kdbench.models gives inline encoder-decoder configs that `decoder_start_token_id`); they are in the rows as
-    `decoder_input_ids`, so training, evaluation and profiling batches all carry them, and logit position i
-    predicts label i (no shift at the loss).
+    the labels shifted right behind the decoder start token; they are in the rows as `decoder_input_ids`, so
+    training, evaluation and profiling batches all carry them, and logit position i predicts label i (no shift at
+    the loss).
+
+    Both conventions follow the pair's models (`pair_options`), as their own fine-tuning recipes do:
+    - the decoder start token is a pretrained model's `decoder_start_token_id` (T5: the pad token; BART: the
+      end-of-sequence token), and the pad token for inline configs (kdbench.models gives them that);
+    - with a pretrained model, targets begin with the special tokens its tokenizer puts before a text (BART's
+      <s>; nothing for T5), which generation drops again before scoring.
 
     `metric` (a task parameter):
     - perplexity: exp of the mean NLL over every target token of the split, end-of-sequence included (lower is
@@ -51,27 +56,27 @@ class Seq2Seq(Perplexity):
         self.metric_name = METRIC_NAMES[metric]
         self.higher_is_better = metric != "perplexity"
 
-    def check_model(self, ref, tokenizer, who):
-        """Decoder inputs are built in the rows behind the pad token, T5's decoder start. A pretrained model that
-        starts its decoder with another token (BART's is the end-of-sequence token) would be trained and scored on
-        inputs it never saw: refused."""
+    def pair_options(self, teacher_ref, student_ref, tokenizer, pair):
+        """The pair's decoder start token and target prefix (see the class docstring). Teacher and student are fed
+        the same decoder inputs, so their decoder start tokens must agree; refused otherwise."""
         from kdbench import models
         from kdbench.errors import KdbenchError
 
-        if not models.is_pretrained(ref):
-            return  # inline configs get the pad token as their decoder start (kdbench.models.build_model)
-        start = getattr(models.load_config(ref), "decoder_start_token_id", None)
-        if start is not None and start != decoder_start_token_id(tokenizer):
-            raise KdbenchError(f"{who}: {ref!r} starts its decoder with token {start}, not the pad token "
-                               f"{decoder_start_token_id(tokenizer)}; kdbench's seq2seq head supports T5-style "
-                               "models only")
+        starts = [models.decoder_start_token_id(ref, tokenizer) for ref in (teacher_ref, student_ref)]
+        if starts[0] != starts[1]:
+            raise KdbenchError(
+                f"pair {pair!r}: the teacher starts its decoder with token {starts[0]}, the student with "
+                f"{starts[1]}; they are given the same decoder inputs, so the two must agree")
+        pretrained = models.is_pretrained(teacher_ref) or models.is_pretrained(student_ref)
+        return {"decoder_start": starts[0], "target_prefix": target_prefix(tokenizer) if pretrained else []}
 
     def evaluate(self, model, rows, collator, device, batch_size=64):
         if self.metric == "perplexity":
             return super().evaluate(model, rows, collator, device, batch_size)
         tokenizer = collator.tokenizer
         outputs = self.generate(model, rows, tokenizer, device, num_beams=self.num_beams,
-                                max_new_tokens=self.max_new_tokens, batch_size=batch_size)
+                                max_new_tokens=self.max_new_tokens, batch_size=batch_size,
+                                decoder_start=collator.decoder_start, target_prefix=collator.target_prefix)
         hypotheses = tokenizer.batch_decode(outputs, skip_special_tokens=True)
         references = tokenizer.batch_decode([reference_ids(r["labels"], tokenizer) for r in rows],
                                             skip_special_tokens=True)
@@ -86,22 +91,28 @@ class Seq2Seq(Perplexity):
         return self.evaluate(model, rows, collator, device), {"perplexity": perplexity, **extra}
 
     def teacher_targets(self, teacher, rows, tokenizer, device, *, max_len: int, num_beams: int = 1,
-                        max_new_tokens: int | None = None) -> list[dict]:
+                        max_new_tokens: int | None = None, decoder_start: int | None = None,
+                        target_prefix: list[int] = ()) -> list[dict]:
         """`rows` relabelled with what `teacher` decodes from their sources (sequence-level KD)."""
         outputs = self.generate(teacher, rows, tokenizer, device, num_beams=num_beams,
-                                max_new_tokens=max_new_tokens or max_len)
-        return [target_row(r, out, tokenizer, max_len) for r, out in zip(rows, outputs)]
+                                max_new_tokens=max_new_tokens or max_len, decoder_start=decoder_start,
+                                target_prefix=target_prefix)
+        start = _start(decoder_start, tokenizer)
+        return [target_row(r, list(target_prefix) + out, tokenizer, max_len, start) for r, out in zip(rows, outputs)]
 
     def generate(self, model, rows, tokenizer, device, *, num_beams: int = 1, max_new_tokens: int | None = None,
-                 batch_size: int = GENERATE_BATCH) -> list[list[int]]:
-        """Each row's decoded target tokens (greedy, or beam search), the start token dropped and cut before the
-        first end-of-sequence token. `max_new_tokens` defaults to the longest label of `rows`."""
+                 batch_size: int = GENERATE_BATCH, decoder_start: int | None = None,
+                 target_prefix: list[int] = ()) -> list[list[int]]:
+        """Each row's decoded target tokens (greedy, or beam search): the decoder start token dropped, then the
+        target prefix (BART's <s>, which its generation config forces), cut before the first end-of-sequence
+        token. `max_new_tokens` defaults to the longest label of `rows`."""
         import torch
 
         if max_new_tokens is None:
             max_new_tokens = max((len(r["labels"]) for r in rows if "labels" in r), default=32)
         eos = end_token_id(tokenizer)
-        start = decoder_start_token_id(tokenizer)
+        start = _start(decoder_start, tokenizer)
+        prefix = list(target_prefix)
         model.eval()
         out = []
         with torch.inference_mode():
@@ -111,28 +122,46 @@ class Seq2Seq(Perplexity):
                 ids = model.generate(input_ids=batch["input_ids"].to(device),
                                      attention_mask=batch["attention_mask"].to(device),
                                      max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                     decoder_start_token_id=start, eos_token_id=eos, pad_token_id=start)
+                                     decoder_start_token_id=start, eos_token_id=eos,
+                                     pad_token_id=_start(None, tokenizer))
                 for seq in ids[:, 1:].tolist():  # position 0 is the decoder start token
+                    if prefix and seq[: len(prefix)] == prefix:
+                        seq = seq[len(prefix):]
                     out.append(seq[: seq.index(eos)] if eos in seq else seq)
         return out
 
-    def encode(self, rows, tokenizer, max_len):
+    def encode(self, rows, tokenizer, max_len, decoder_start: int | None = None, target_prefix: list[int] = ()):
         if not rows:
             return []
         src = tokenizer([r["source"] for r in rows], truncation=True, max_length=max_len)
         targets = tokenizer([r["target"] for r in rows], add_special_tokens=False)["input_ids"]
-        return [target_row({"input_ids": src["input_ids"][i], "attention_mask": src["attention_mask"][i]}, ids,
-                           tokenizer, max_len) for i, ids in enumerate(targets)]
+        start = _start(decoder_start, tokenizer)
+        return [target_row({"input_ids": src["input_ids"][i], "attention_mask": src["attention_mask"][i]},
+                           list(target_prefix) + ids, tokenizer, max_len, start) for i, ids in enumerate(targets)]
 
-    def collator(self, tokenizer):
-        return Seq2SeqCollator(tokenizer)
+    def collator(self, tokenizer, decoder_start: int | None = None, target_prefix: list[int] = ()):
+        return Seq2SeqCollator(tokenizer, decoder_start, target_prefix)
 
     def texts(self, rows):
         return [t for r in rows for t in (r["source"], r["target"])]
 
 
-def decoder_start_token_id(tokenizer) -> int:
+def _start(decoder_start: int | None, tokenizer) -> int:
+    """The decoder start token: the pair's (Seq2Seq.pair_options), or else the pad token (T5's convention)."""
+    if decoder_start is not None:
+        return decoder_start
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def target_prefix(tokenizer) -> list[int]:
+    """The special tokens a pretrained tokenizer puts before a text (BART's <s>; none for T5): a pretrained
+    model's targets begin with them, as its own fine-tuning recipe builds them."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return full[:i]
+    return []
 
 
 def end_token_id(tokenizer) -> int | None:
@@ -146,11 +175,12 @@ def reference_ids(labels, tokenizer) -> list[int]:
     return [t for t in labels if t != IGNORE and t != eos]
 
 
-def target_row(row: dict, target: list[int], tokenizer, max_len: int) -> dict:
-    """`row` with `target` token ids (no end token) as its labels and decoder inputs, encoded as `encode` does."""
+def target_row(row: dict, target: list[int], tokenizer, max_len: int, start: int) -> dict:
+    """`row` with `target` token ids (no end token) as its labels and, behind `start`, its decoder inputs, encoded
+    as `encode` does."""
     eos = end_token_id(tokenizer)
     labels = (list(target) + ([eos] if eos is not None else []))[:max_len]
-    return {**row, "decoder_input_ids": [decoder_start_token_id(tokenizer)] + labels[:-1], "labels": labels}
+    return {**row, "decoder_input_ids": [start] + labels[:-1], "labels": labels}
 
 
 def _normalise(text: str) -> str:
@@ -171,15 +201,16 @@ def score_generations(metric: str, hypotheses: list[str], references: list[str])
 
 class Seq2SeqCollator:
     """Pads source inputs with the pad token, `decoder_input_ids` with the pad token and labels with IGNORE,
-    each to its own longest row: (B, Ls) and (B, Lt)."""
+    each to its own longest row: (B, Ls) and (B, Lt). It also carries the pair's decoding settings
+    (Seq2Seq.pair_options), which the generation metrics need."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, decoder_start: int | None = None, target_prefix: list[int] = ()):
+        self.tokenizer, self.decoder_start, self.target_prefix = tokenizer, decoder_start, list(target_prefix)
 
     def __call__(self, rows):
         import torch
 
-        pad = decoder_start_token_id(self.tokenizer)
+        pad = _start(None, self.tokenizer)  # positions past a target's end: masked out of the loss
         batch = dict(self.tokenizer.pad([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows],
                                         return_tensors="pt"))
         for key, fill in (("decoder_input_ids", pad), ("labels", IGNORE)):

@@ -1,4 +1,5 @@
-"""Sequence-to-sequence tasks: a source text and a target text per row (kdbench.heads.seq2seq, T5-style models).
+"""Sequence-to-sequence tasks: a source text and a target text per row (kdbench.heads.seq2seq: T5- and BART-style
+models).
 
     generated_seq2seq   offline: the quickstart's reviews rewritten as each clause's resolved polarity + verdict
     text_seq2seq        local TSV/CSV/JSON(L) files with source and target columns
