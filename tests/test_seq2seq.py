@@ -283,7 +283,7 @@ def test_seq2seq_suites_validate():
     from kdbench.suite import check_registry_names
 
     repo = Path(__file__).resolve().parents[1]
-    for name in ("seq2seq-quickstart.yaml", "t5-large-to-t5-small.yaml"):
+    for name in ("seq2seq-quickstart.yaml", "t5-large-to-t5-small.yaml", "bart-large-cnn-to-distilbart.yaml"):
         suite = load_suite(repo / "suites" / name)
         check_registry_names(suite)
         assert {t.task for t in suite.tasks} <= {"generated_seq2seq", "xsum", "cnn_dailymail"}
