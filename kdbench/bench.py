@@ -113,6 +113,12 @@ CANDIDATES = [
     Candidate("kd_loss (triton, row-align hints)", {"ROW_ALIGN_HINTS": True},
               "the compiler told that rows start 16-byte aligned where V allows: vector loads and stores at V = 1000",
               _changes_row_alignment),
+    Candidate("kd_loss (triton, warp tiles)", {"WARP_TILES": True},
+              "pass 1's per-tile maxima and sums inside one warp each (no barrier in the loop), merged once per row",
+              lambda v: not _whole_rows(v)),
+    Candidate("kd_loss (triton, tiled candidates together)",
+              {"CE_FROM_SOFT": True, "L2_ORDER": True, "WARP_TILES": True, "ROW_ALIGN_HINTS": True},
+              "CE from T-softmax, L2 order, warp tiles and row-align hints at once", lambda v: not _whole_rows(v)),
 ]
 
 

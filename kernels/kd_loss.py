@@ -52,6 +52,10 @@ CE_FROM_SOFT = False
 # pass 1 read last, the likeliest still in L2), with L2 hints: an earlier pass's loads are kept (evict_last), the
 # last pass's loads and the gradient stores go first (evict_first). Off until timed against the default on a GPU.
 L2_ORDER = False
+# Tiled path, pass 1: tiles as [BLOCK_V // SLOT, SLOT] with SLOT one warp's width of vector loads, so that each
+# per-tile max and sum stays inside a warp instead of crossing warps through shared memory with a barrier (7 per
+# tile); statistics per slot, merged once per row. Off until timed.
+WARP_TILES = False
 # Tell the compiler how many elements every row start (and V) is a multiple of, up to one 16-byte vector. Triton
 # learns that itself only for integers divisible by 16, so rows of V = 1000 (or BERT's 30522) are read and written
 # one element per instruction; with the hint, 16 bytes per instruction where the strides allow. Off until timed.
@@ -146,6 +150,74 @@ def _soft_grad(ls, lt, ps, pt, D, kl_sm, beta, log_beta, log_1m_beta, DIVERGENCE
 
 
 @triton.jit
+def _slot_update(m, d, z):
+    """_online_update for a [R, K] tile whose rows are slots: running max m and sum d per slot ([R]), each
+    reduction within one warp."""
+    m_new = tl.maximum(m, tl.max(z, 1))
+    rescale = tl.exp(m - m_new)
+    e = tl.exp(z - m_new[:, None])
+    return m_new, d * rescale + tl.sum(e, 1), rescale, e
+
+
+@triton.jit
+def _merge_slots(m, d):
+    """(max, sum of exp(. - max)) of a row from its slots' running (m, d)."""
+    m_all = tl.max(m, 0)
+    return m_all, tl.sum(d * tl.exp(m - m_all), 0)
+
+
+@triton.jit
+def _pass1_slots(s_row, s_stride_v, t_row, t_stride_v, V, inv_T, DIVERGENCE: tl.constexpr, DO_SOFT: tl.constexpr,
+                 DO_CE: tl.constexpr, SAME_T: tl.constexpr, T_POW: tl.constexpr, KEEP: tl.constexpr,
+                 BLOCK_V: tl.constexpr, SLOT: tl.constexpr):
+    """Pass 1 of the tiled path with each tile as [BLOCK_V // SLOT, SLOT]: SLOT is one warp's width of vector
+    loads (32 lanes x 16 bytes), so Triton gives each row of the tile to one warp and every per-tile reduction
+    stays inside a warp (shuffles, no barrier). Running statistics are kept per slot and merged once at the end.
+    Returns what the 1D loop leaves: (m_s, d_s, m_t, d_t, m_1, d_1, acc), each d and acc relative to its max."""
+    R: tl.constexpr = BLOCK_V // SLOT
+    m_s = tl.full([R], _NEG_BIG, tl.float32)
+    d_s = tl.zeros([R], tl.float32)
+    m_t = tl.full([R], _NEG_BIG, tl.float32)
+    d_t = tl.zeros([R], tl.float32)
+    m_1 = tl.full([R], _NEG_BIG, tl.float32)
+    d_1 = tl.zeros([R], tl.float32)
+    acc = tl.zeros([R], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, R)[:, None] * SLOT + tl.arange(0, SLOT)[None, :]
+        mask = offs < V
+        s = _load_tile(s_row, offs, s_stride_v, mask, KEEP, False)
+        if DO_SOFT:
+            t = _load_tile(t_row, offs, t_stride_v, mask, KEEP, False)
+            zs = s * inv_T
+            zt = t * inv_T
+            m_s, d_s, r_s, e_s = _slot_update(m_s, d_s, zs)
+            m_t, d_t, r_t, e_t = _slot_update(m_t, d_t, zt)
+            if DIVERGENCE == 0:
+                acc = acc * r_t + tl.sum(_mass_times(e_t, zt - zs), 1)
+            elif DIVERGENCE == 1:
+                acc = acc * r_s + tl.sum(_mass_times(e_s, zs - zt), 1)
+        if DO_CE and not (SAME_T and DO_SOFT):
+            if T_POW > 0:
+                d_1 = d_1 * _ipow(r_s, T_POW) + tl.sum(_ipow(e_s, T_POW), 1)
+            else:
+                m_1, d_1, r_1, e_1 = _slot_update(m_1, d_1, s)
+    # Merge the slots. acc is relative to the teacher's slot maxima (forward KL) or the student's (reverse KL);
+    # the T_POW sum is relative to T times the student's.
+    if DIVERGENCE == 0:
+        acc = tl.sum(acc * tl.exp(m_t - tl.max(m_t, 0)), 0)
+    else:
+        acc = tl.sum(acc * tl.exp(m_s - tl.max(m_s, 0)), 0)
+    if T_POW > 0:
+        d_1 = tl.sum(d_1 * _ipow(tl.exp(m_s - tl.max(m_s, 0)), T_POW), 0)
+        m_1 = tl.max(m_1, 0)
+    else:
+        m_1, d_1 = _merge_slots(m_1, d_1)
+    m_s, d_s = _merge_slots(m_s, d_s)
+    m_t, d_t = _merge_slots(m_t, d_t)
+    return m_s, d_s, m_t, d_t, m_1, d_1, acc
+
+
+@triton.jit
 def _kd_loss_fwd_kernel(
     s_ptr, s_stride_r, s_stride_v,
     t_ptr, t_stride_r, t_stride_v,
@@ -164,6 +236,8 @@ def _kd_loss_fwd_kernel(
     SINGLE: tl.constexpr,  # BLOCK_V >= V: the whole row in registers
     L2: tl.constexpr,  # tiled path: alternate the passes' directions, with L2 hints (L2_ORDER above)
     ROW_MULT: tl.constexpr,  # 1, or a power of 2 that divides both row strides and V (ROW_ALIGN_HINTS above)
+    WARP_TILES: tl.constexpr,  # tiled path: pass 1 in warp-sized slots (WARP_TILES above)
+    SLOT: tl.constexpr,  # one warp's vector-load width in elements: 32 lanes x 16 bytes
     BLOCK_V: tl.constexpr,
 ):
     if ROW_MULT > 1:
@@ -245,35 +319,40 @@ def _kd_loss_fwd_kernel(
                 tl.store(g_row + offs, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
         else:
             # ---- pass 1: online softmax over tiles; for forward/reverse KL also a running sum for D ----
-            m_s = tl.full([], _NEG_BIG, tl.float32)
-            d_s = tl.zeros([], tl.float32)
-            m_t = tl.full([], _NEG_BIG, tl.float32)
-            d_t = tl.zeros([], tl.float32)
-            m_1 = tl.full([], _NEG_BIG, tl.float32)
-            d_1 = tl.zeros([], tl.float32)
-            acc = tl.zeros([], tl.float32)  # sum exp(z - m) (zt - zs) with z = zt (forward) or zs (reverse)
             last_start = (V - 1) // BLOCK_V * BLOCK_V
             # With L2: pass 1 forward, kept in L2; the jsd pass backward, kept; pass 2 the other way, dropped.
             JSD_PASS: tl.constexpr = DO_SOFT and DIVERGENCE == 2
-            for start in range(0, V, BLOCK_V):
-                offs = start + tl.arange(0, BLOCK_V)
-                mask = offs < V
-                s = _load_tile(s_row, offs, s_stride_v, mask, L2 and WRITE_GRAD, False)
-                if DO_SOFT:
-                    t = _load_tile(t_row, offs, t_stride_v, mask, L2 and WRITE_GRAD, False)
-                    zs = s * inv_T
-                    zt = t * inv_T
-                    m_s, d_s, r_s, e_s = _online_update(m_s, d_s, zs)
-                    m_t, d_t, r_t, e_t = _online_update(m_t, d_t, zt)
-                    if DIVERGENCE == 0:
-                        acc = acc * r_t + tl.sum(_mass_times(e_t, zt - zs), 0)
-                    elif DIVERGENCE == 1:
-                        acc = acc * r_s + tl.sum(_mass_times(e_s, zs - zt), 0)
-                if DO_CE and not (SAME_T and DO_SOFT):
-                    if T_POW > 0:  # the running max of s is T times that of zs: rescale and exps are powers
-                        d_1 = d_1 * _ipow(r_s, T_POW) + tl.sum(_ipow(e_s, T_POW), 0)
-                    else:
-                        m_1, d_1, r_1, e_1 = _online_update(m_1, d_1, s)
+            if WARP_TILES:
+                m_s, d_s, m_t, d_t, m_1, d_1, acc = _pass1_slots(
+                    s_row, s_stride_v, t_row, t_stride_v, V, inv_T, DIVERGENCE, DO_SOFT, DO_CE, SAME_T, T_POW,
+                    L2 and WRITE_GRAD, BLOCK_V, SLOT)
+            else:
+                m_s = tl.full([], _NEG_BIG, tl.float32)
+                d_s = tl.zeros([], tl.float32)
+                m_t = tl.full([], _NEG_BIG, tl.float32)
+                d_t = tl.zeros([], tl.float32)
+                m_1 = tl.full([], _NEG_BIG, tl.float32)
+                d_1 = tl.zeros([], tl.float32)
+                acc = tl.zeros([], tl.float32)  # sum exp(z - m) (zt - zs) with z = zt (forward) or zs (reverse)
+                for start in range(0, V, BLOCK_V):
+                    offs = start + tl.arange(0, BLOCK_V)
+                    mask = offs < V
+                    s = _load_tile(s_row, offs, s_stride_v, mask, L2 and WRITE_GRAD, False)
+                    if DO_SOFT:
+                        t = _load_tile(t_row, offs, t_stride_v, mask, L2 and WRITE_GRAD, False)
+                        zs = s * inv_T
+                        zt = t * inv_T
+                        m_s, d_s, r_s, e_s = _online_update(m_s, d_s, zs)
+                        m_t, d_t, r_t, e_t = _online_update(m_t, d_t, zt)
+                        if DIVERGENCE == 0:
+                            acc = acc * r_t + tl.sum(_mass_times(e_t, zt - zs), 0)
+                        elif DIVERGENCE == 1:
+                            acc = acc * r_s + tl.sum(_mass_times(e_s, zs - zt), 0)
+                    if DO_CE and not (SAME_T and DO_SOFT):
+                        if T_POW > 0:  # the running max of s is T times that of zs: rescale and exps are powers
+                            d_1 = d_1 * _ipow(r_s, T_POW) + tl.sum(_ipow(e_s, T_POW), 0)
+                        else:
+                            m_1, d_1, r_1, e_1 = _online_update(m_1, d_1, s)
             lse_s = m_s + tl.log(d_s)
             lse_t = m_t + tl.log(d_t)
             lse_1 = m_1 + tl.log(d_1)
@@ -393,7 +472,7 @@ _fwd_tiled = triton.autotune(
         for b, w in ((2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32))
     ],
     # the candidates' settings are in the key, so each is tuned on its own
-    key=["V", "DIVERGENCE", "DO_SOFT", "DO_CE", "WRITE_GRAD", "T_POW", "L2", "ROW_MULT"],
+    key=["V", "DIVERGENCE", "DO_SOFT", "DO_CE", "WRITE_GRAD", "T_POW", "L2", "ROW_MULT", "WARP_TILES"],
 )(_kd_loss_fwd_kernel)
 
 
@@ -468,17 +547,19 @@ def kd_loss_forward(s, t, labels, opts, want_grad: bool):
         T_POW=int(T) if CE_FROM_SOFT and T in (2.0, 4.0) and do_soft and do_ce else 0,
         WRITE_GRAD=want_grad,
         ROW_MULT=_row_multiple(s, t),
+        SLOT=32 * 16 // s.element_size(),
     )
     block = triton.next_power_of_2(v)
     single = block <= MAX_FUSED_V
     grid = (n,)
     if single:
-        _kd_loss_fwd_kernel[grid](*args, SINGLE=True, L2=False, BLOCK_V=block, num_warps=_single_num_warps(block),
-                                  **meta)
+        _kd_loss_fwd_kernel[grid](*args, SINGLE=True, L2=False, WARP_TILES=False, BLOCK_V=block,
+                                  num_warps=_single_num_warps(block), **meta)
     elif _interpreting():
-        _kd_loss_fwd_kernel[grid](*args, SINGLE=False, L2=L2_ORDER, BLOCK_V=INTERPRET_BLOCK_V, **meta)
+        _kd_loss_fwd_kernel[grid](*args, SINGLE=False, L2=L2_ORDER, WARP_TILES=WARP_TILES,
+                                  BLOCK_V=max(INTERPRET_BLOCK_V, meta["SLOT"]), **meta)
     else:
-        _fwd_tiled[grid](*args, SINGLE=False, L2=L2_ORDER, **meta)
+        _fwd_tiled[grid](*args, SINGLE=False, L2=L2_ORDER, WARP_TILES=WARP_TILES, **meta)
     return rows, grad, scale
 
 

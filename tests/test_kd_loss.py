@@ -309,6 +309,36 @@ def test_l2_order_and_row_alignment_hints_match_float64(monkeypatch, div, grad):
     assert [(c["L2"], c["ROW_MULT"], c["WRITE_GRAD"]) for c in spy.calls] == [(True, 4, grad)]
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("T", [2.0, 3.0])
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("together", [False, True], ids=["warp-tiles", "all-candidates"])
+def test_warp_tiles_match_float64(monkeypatch, dtype, T, div, together):
+    """WARP_TILES (a benchmark candidate): pass 1 keeps its statistics per warp-sized slot of each tile and merges
+    them per row, on a row whose last tile has a partly and a wholly masked slot; with CE_FROM_SOFT at T = 2, and
+    with every other tiled-path candidate at once (the bench's 'tiled candidates together' row)."""
+    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    monkeypatch.setenv("KDBENCH_KERNEL", "triton")
+    monkeypatch.setattr(kmod, "WARP_TILES", True)
+    monkeypatch.setattr(kmod, "CE_FROM_SOFT", True)
+    monkeypatch.setattr(kmod, "L2_ORDER", together)
+    monkeypatch.setattr(kmod, "ROW_ALIGN_HINTS", together)
+    monkeypatch.setattr(kmod, "MAX_FUSED_V", 64)
+    monkeypatch.setattr(kmod, "INTERPRET_BLOCK_V", 512)  # 2 slots of bf16 (256 wide), 4 of fp32 (128)
+    spy = LaunchSpy(kmod._kd_loss_fwd_kernel)
+    monkeypatch.setattr(kmod, "_kd_loss_fwd_kernel", spy)
+    s, t, labels = make_inputs(5, 700, dtype, scale=4.0, ignored=(2,))
+    t[:, ::9] = float("-inf")
+    s[1, :300] = -30.0  # the row's maximum sits in a later slot than its first ones
+    if div != "forward_kl":
+        s[:, ::9] = float("-inf")
+        labels[labels % 9 == 0] = 1
+    check("triton", s, t, labels, temperature=T, alpha=0.7, divergence=div)
+    [call] = spy.calls
+    assert (call["WARP_TILES"], call["SLOT"], call["T_POW"]) == (True, 32 * 16 // s.element_size(), int(T == 2.0) * 2)
+    assert (call["L2"], call["ROW_MULT"] > 1) == (together, together)
+
+
 def test_the_row_multiple_hint_is_what_divides_every_row_start(monkeypatch):
     kmod = importlib.import_module("kdbench.kernels.kd_loss")
     f32, b16 = torch.zeros(3, 1000), torch.zeros(3, 1000, dtype=BF16)
@@ -660,18 +690,19 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 fn = importlib.import_module("kdbench.kernels.kd_loss")._kd_loss_fwd_kernel
-variants = [  # dtype, divergence, single, has_labels, alpha, T_POW, L2, ROW_MULT
-    ("bf16", 0, True, True, 0.5, 0, False, 1), ("fp16", 1, False, True, 0.5, 0, False, 1),
-    ("fp32", 2, False, False, 1.0, 0, False, 1), ("bf16", 2, True, True, 0.0, 0, False, 1),
-    ("fp32", 0, True, False, 0.0, 0, False, 1), ("bf16", 0, True, True, 0.5, 2, False, 1),
-    ("bf16", 1, False, True, 0.5, 4, False, 1), ("bf16", 0, False, True, 0.5, 0, True, 8),
-    ("fp32", 2, False, True, 0.5, 0, True, 2), ("fp32", 0, True, True, 0.5, 0, False, 4),
+variants = [  # dtype, divergence, single, has_labels, alpha, T_POW, L2, ROW_MULT, WARP_TILES
+    ("bf16", 0, True, True, 0.5, 0, False, 1, False), ("fp16", 1, False, True, 0.5, 0, False, 1, False),
+    ("fp32", 2, False, False, 1.0, 0, False, 1, False), ("bf16", 2, True, True, 0.0, 0, False, 1, False),
+    ("fp32", 0, True, False, 0.0, 0, False, 1, False), ("bf16", 0, True, True, 0.5, 2, False, 1, False),
+    ("bf16", 1, False, True, 0.5, 4, False, 1, False), ("bf16", 0, False, True, 0.5, 0, True, 8, False),
+    ("fp32", 2, False, True, 0.5, 0, True, 2, False), ("fp32", 0, True, True, 0.5, 0, False, 4, False),
+    ("bf16", 0, False, True, 0.5, 0, False, 8, True), ("fp32", 1, False, True, 0.5, 2, True, 4, True),
 ]
-for dtype, divergence, single, has_labels, alpha, t_pow, l2, row_mult in variants:
+for dtype, divergence, single, has_labels, alpha, t_pow, l2, row_mult, warp_tiles in variants:
     consts = dict(
         s_stride_v=1, t_stride_v=1, DIVERGENCE=divergence, HAS_LABELS=has_labels, DO_SOFT=alpha != 0.0,
         DO_CE=has_labels and alpha != 1.0, SAME_T=False, T_POW=t_pow, WRITE_GRAD=True, SINGLE=single, L2=l2,
-        ROW_MULT=row_mult, BLOCK_V=8192 if single else 4096,
+        ROW_MULT=row_mult, WARP_TILES=warp_tiles, SLOT=128 if dtype == "fp32" else 256, BLOCK_V=8192 if single else 4096,
     )
     types = dict(
         s_ptr=f"*{dtype}", t_ptr=f"*{dtype}", lab_ptr="*i64", grad_ptr=f"*{dtype}", loss_ptr="*fp32",
@@ -695,4 +726,4 @@ def test_kernel_compiles_for_sm90():
     if out.returncode != 0 and "ptxas" in out.stderr and "No such file" in out.stderr:
         pytest.skip("Triton's ptxas is missing here")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "compiled 10" in out.stdout
+    assert "compiled 12" in out.stdout

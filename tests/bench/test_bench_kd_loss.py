@@ -93,6 +93,8 @@ def test_a_candidate_changes_the_kernel_settings_for_its_call_only(monkeypatch):
 
 
 def test_each_candidate_is_timed_only_on_the_shapes_it_changes():
+    import importlib
+
     from kdbench import bench
 
     timed = {c.name: [v for v in (1000, 8192, 8193, 32000, 50257, 128256) if c.applies(v)] for c in bench.CANDIDATES}
@@ -102,4 +104,8 @@ def test_each_candidate_is_timed_only_on_the_shapes_it_changes():
         "kd_loss (triton, whole rows at 2 warps)": [1000, 8192],
         "kd_loss (triton, L2 order)": [8193, 32000, 50257, 128256],
         "kd_loss (triton, row-align hints)": [1000, 8193, 50257],
+        "kd_loss (triton, warp tiles)": [8193, 32000, 50257, 128256],
+        "kd_loss (triton, tiled candidates together)": [8193, 32000, 50257, 128256],
     }
+    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    assert all(hasattr(kmod, k) for c in bench.CANDIDATES for k in c.settings)  # no setting misspelt
