@@ -26,8 +26,8 @@ class Seq2Seq(Perplexity):
     the loss).
 
     Both conventions follow the pair's models (`pair_options`), as their own fine-tuning recipes do:
-    - the decoder start token is a pretrained model's `decoder_start_token_id` (T5: the pad token; BART: the
-      end-of-sequence token), and the pad token for inline configs (kdbench.models gives them that);
+    - the decoder start token is the models' `decoder_start_token_id` (T5: the pad token; BART: the
+      end-of-sequence token); an inline config that names none gets the pad token (kdbench.models);
     - with a pretrained model, targets begin with the special tokens its tokenizer puts before a text (BART's
       <s>; nothing for T5), which generation drops again before scoring.
 
@@ -123,7 +123,7 @@ class Seq2Seq(Perplexity):
                                      attention_mask=batch["attention_mask"].to(device),
                                      max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                                      decoder_start_token_id=start, eos_token_id=eos,
-                                     pad_token_id=_start(None, tokenizer))
+                                     pad_token_id=_pad_id(tokenizer))
                 for seq in ids[:, 1:].tolist():  # position 0 is the decoder start token
                     if prefix and seq[: len(prefix)] == prefix:
                         seq = seq[len(prefix):]
@@ -146,11 +146,13 @@ class Seq2Seq(Perplexity):
         return [t for r in rows for t in (r["source"], r["target"])]
 
 
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def _start(decoder_start: int | None, tokenizer) -> int:
     """The decoder start token: the pair's (Seq2Seq.pair_options), or else the pad token (T5's convention)."""
-    if decoder_start is not None:
-        return decoder_start
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return decoder_start if decoder_start is not None else _pad_id(tokenizer)
 
 
 def target_prefix(tokenizer) -> list[int]:
@@ -210,7 +212,7 @@ class Seq2SeqCollator:
     def __call__(self, rows):
         import torch
 
-        pad = _start(None, self.tokenizer)  # positions past a target's end: masked out of the loss
+        pad = _pad_id(self.tokenizer)  # positions past a target's end: masked out of the loss
         batch = dict(self.tokenizer.pad([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows],
                                         return_tensors="pt"))
         for key, fill in (("decoder_input_ids", pad), ("labels", IGNORE)):
