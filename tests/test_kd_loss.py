@@ -702,7 +702,8 @@ for dtype, divergence, single, has_labels, alpha, t_pow, l2, row_mult, warp_tile
     consts = dict(
         s_stride_v=1, t_stride_v=1, DIVERGENCE=divergence, HAS_LABELS=has_labels, DO_SOFT=alpha != 0.0,
         DO_CE=has_labels and alpha != 1.0, SAME_T=False, T_POW=t_pow, WRITE_GRAD=True, SINGLE=single, L2=l2,
-        ROW_MULT=row_mult, WARP_TILES=warp_tiles, SLOT=128 if dtype == "fp32" else 256, BLOCK_V=8192 if single else 4096,
+        ROW_MULT=row_mult, WARP_TILES=warp_tiles, SLOT=128 if dtype == "fp32" else 256,
+        BLOCK_V=8192 if single else 4096,
     )
     types = dict(
         s_ptr=f"*{dtype}", t_ptr=f"*{dtype}", lab_ptr="*i64", grad_ptr=f"*{dtype}", loss_ptr="*fp32",
