@@ -266,10 +266,17 @@ def measure_generation(model: torch.nn.Module, make_inputs: MakeInputs, *, new_t
         return m.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                           num_beams=1, pad_token_id=pad_token_id)
 
-    out = measure_latency(model, make_inputs, call=generate,
+    prompt_tokens = {}  # per batch size, read from the batch measure_latency builds (once)
+
+    def inputs(bs):
+        batch = make_inputs(bs)
+        prompt_tokens[bs] = int(batch["input_ids"].shape[-1])
+        return batch
+
+    out = measure_latency(model, inputs, call=generate,
                           call_name=f"model.generate(greedy, exactly {new_tokens} new tokens, KV cache)", **settings)
     for bs, r in out.items():
-        r["prompt_tokens"] = int(make_inputs(bs)["input_ids"].shape[-1])
+        r["prompt_tokens"] = prompt_tokens[bs]
         r["new_tokens"] = new_tokens
         r["ms_per_token"] = r["median_ms"] / new_tokens
         r["tokens_per_s"] = bs * new_tokens * 1e3 / r["median_ms"]

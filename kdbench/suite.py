@@ -87,6 +87,9 @@ class MethodSpec(Strict):
     name: str
     method: str  # registry key
     params: dict[str, Any] = Field(default_factory=dict)
+    # Changes to the suite's `training` for this method's students (method_training), e.g. fewer epochs for a
+    # method that trains on twice the rows, so that methods compare at equal steps.
+    training: dict[str, Any] = Field(default_factory=dict)
 
 
 class CompressionStep(Strict):
@@ -212,6 +215,7 @@ def check_registry_names(suite: Suite) -> None:
         check(("tasks", i), tasks.validate_params, t.task, t.params)
     for i, m in enumerate(suite.methods):
         check(("methods", i), methods.validate_params, m.method, m.params)
+        check(("methods", i, "training"), method_training, suite.training, m)
     for i, c in enumerate(suite.compression):
         for j, step in enumerate(c.steps):
             check(("compression", i, "steps", j), compressors.validate_params, step.compressor, step.params)
@@ -247,6 +251,18 @@ def check_registry_names(suite: Suite) -> None:
     if shared:
         # The tasks of a group share one tokenizer (the student has one vocabulary), so their teachers do too.
         raise _at(("multitask",), f"task {shared[0]!r} is in two multitask groups; a task may be in one only")
+
+
+def method_training(training: TrainingSettings, method: MethodSpec) -> TrainingSettings:
+    """The suite's training settings with the method's own changes. The sequence length stays the suite's: every
+    model of a suite sees the same encoded rows."""
+    if "max_seq_length" in method.training:
+        raise _at(("max_seq_length",), "is the suite's (training.max_seq_length), the same for every method")
+    try:
+        return TrainingSettings(**{**training.model_dump(), **method.training})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise _at(tuple(err["loc"]), _message(err)) from None
 
 
 def _at(loc: tuple, message: str) -> KdbenchError:
@@ -343,7 +359,10 @@ class RunSpec(BaseModel):
     def spec_hash(self) -> str:
         # `group` is left out when empty, so single-task runs keep the hashes they had before multitask existed;
         # so is the pair's task list, which decides whether a run exists, not what it does
-        exclude: dict = {"pair": {"tasks"}} if self.group else {"group": True, "pair": {"tasks"}}
+        # and so is the method's `training`: what it changes is in `training` itself
+        exclude: dict = {"pair": {"tasks"}, "method": {"training"}}
+        if not self.group:
+            exclude["group"] = True
         return spec_hash(self.model_dump(mode="json", exclude=exclude))
 
 
@@ -370,12 +389,14 @@ def expand(suite: Suite) -> list[RunSpec]:
             for seed in suite.seeds:
                 runs.append(RunSpec(kind="student", seed=seed, **common))
                 for m in suite.methods:
-                    runs.append(RunSpec(kind="distill", method=m, seed=seed, compression=suite.compression, **common))
+                    runs.append(RunSpec(kind="distill", method=m, seed=seed, compression=suite.compression,
+                                        **{**common, "training": method_training(suite.training, m)}))
                 for g in (g for g in suite.multitask if task.name in g.tasks):
                     method = next(m for m in suite.methods if m.name == g.method)
                     multitask.append(RunSpec(kind="multitask", seed=seed, compression=suite.compression,
                                              method=MethodSpec(name=g.name, method=method.method,
-                                                               params=method.params), **common))
+                                                               params=method.params, training=method.training),
+                                             **{**common, "training": method_training(suite.training, method)}))
     return runs + multitask
 
 

@@ -255,6 +255,30 @@ def test_unknown_param_key_names_its_line(tmp_path):
         load_suite(write(tmp_path, text))
 
 
+def test_a_method_changes_the_training_of_its_own_students_only(tmp_path):
+    plain = expand(load_suite(write(tmp_path, SUITE, "plain.yaml")))
+    text = SUITE.replace("    params: {temperature: 2.0}\n", "    params: {temperature: 2.0}\n"
+                         "  - {name: kd-long, method: logit, training: {epochs: 3, learning_rate: 0.01}}\n")
+    runs = {(r.run_id, r.seed): r for r in expand(load_suite(write(tmp_path, text)))}
+    for r in plain:  # the runs both suites have are the same runs, hashes included
+        assert runs[(r.run_id, r.seed)].spec_hash == r.spec_hash and runs[(r.run_id, r.seed)].training == r.training
+    long_runs = [r for r in runs.values() if r.method is not None and r.method.name == "kd-long"]
+    assert len(long_runs) == 2 and all(
+        (r.training.epochs, r.training.learning_rate, r.training.batch_size) == (3, 0.01, 8) for r in long_runs)
+    assert len({r.spec_hash for r in long_runs}) == 2  # one per seed
+
+
+@pytest.mark.parametrize("training, fragments", [
+    ("{max_seq_length: 32}", ["methods[1].training.max_seq_length", "is the suite's"]),
+    ("{epoch: 3}", ["methods[1].training.epoch", "unknown key"]),
+    ("{batch_size: 0}", ["methods[1].training.batch_size", "greater than 0"]),
+], ids=["sequence-length", "unknown-key", "bad-value"])
+def test_a_bad_method_training_names_the_method_and_key(tmp_path, training, fragments):
+    text = SUITE.replace("    params: {temperature: 2.0}\n", "    params: {temperature: 2.0}\n"
+                         f"  - {{name: kd-long, method: logit, training: {training}}}\n")
+    assert_one_line_error(write(tmp_path, text), *fragments)
+
+
 def test_bad_method_param_value(tmp_path):
     text = SUITE.replace("temperature: 2.0", "temperature: -1")
     assert_one_line_error(write(tmp_path, text), "method 'logit'", "params.temperature", "greater than 0")
