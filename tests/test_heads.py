@@ -110,6 +110,18 @@ def test_causal_lm_sequence_level_kd_rows_are_the_teachers_continuations(tok, lm
         head.teacher_targets(lm, rows, tok, "cpu", max_len=16, prompt_length=16)
 
 
+def test_lm_metrics_do_not_depend_on_the_chunking(tok, lm, monkeypatch):
+    """The LM heads sum their metric over chunks of rows (on the model's device): chunks of 1 and 7 rows and
+    one chunk for the whole batch give the same perplexity and token accuracy."""
+    head = heads.get("causal_lm")
+    rows = head.encode([{"text": t} for t in TEXTS], tok, 16)
+    whole = head.measure(lm, rows, head.collator(tok), "cpu")
+    for rows_per_chunk in (1, 7):
+        monkeypatch.setattr(type(head), "CHUNK_ELEMENTS", rows_per_chunk * len(tok))
+        perplexity, extra = head.measure(lm, rows, head.collator(tok), "cpu")
+        assert perplexity == pytest.approx(whole[0], rel=1e-6) and extra == whole[1]
+
+
 def test_causal_lm_appends_eos_when_the_tokenizer_does_not(tok):
     plain = type("Plain", (), {"eos_token_id": 99, "sep_token_id": None,
                                "__call__": lambda self, texts: {"input_ids": [[5, 6], [7]]}})()

@@ -36,6 +36,9 @@ class Head:
     # when they are small: (C,) per example for a classifier, not (L, V) per block for a language model.
     caches_teacher_logits = False
     generates = False  # a model of this head writes text with generate() (its decoding latency can be profiled)
+    # `update` takes the logits where the model left them (a language model's (B, L, V) logits are gigabytes:
+    # copying them to the host in fp32 would cost more than the forward pass); otherwise fp32 on the CPU.
+    metric_on_device = False
 
     def encode(self, rows: list[dict], tokenizer, max_len: int) -> list[dict]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -85,7 +88,11 @@ class Head:
                 batch = collator([dict(r) for r in rows[i : i + batch_size]])
                 labels = batch.pop("labels")
                 inputs = model_inputs({k: v.to(device) for k, v in batch.items()}, model)
-                self.update(state, self.logits(model(**inputs)).float().cpu(), labels)
+                logits = self.logits(model(**inputs))
+                if self.metric_on_device:
+                    self.update(state, logits, labels.to(logits.device))
+                else:
+                    self.update(state, logits.float().cpu(), labels)
         return state
 
     def eval_inputs(self, rows: list[dict], collator):

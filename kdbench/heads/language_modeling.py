@@ -32,18 +32,25 @@ class Perplexity(Head):
 
     metric_name = "perplexity"
     higher_is_better = False
+    metric_on_device = True
+    CHUNK_ELEMENTS = 1 << 26  # logits per fp32 chunk of `update` (256 MB), whatever the batch and vocabulary
 
     def new_state(self):
         return {"nll": 0.0, "tokens": 0, "correct": 0}
 
     def update(self, state, logits, labels):
+        """Sums over the aligned positions, in fp32, a chunk of rows at a time (on the logits' device)."""
         import torch.nn.functional as F
 
         s, y = self.align(logits, labels)
-        state["nll"] += float(F.cross_entropy(s.reshape(-1, s.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
-                                              reduction="sum"))
-        state["tokens"] += int((y != IGNORE).sum())
-        state["correct"] += int(((s.argmax(-1) == y) & (y != IGNORE)).sum())
+        s, y = s.reshape(-1, s.shape[-1]), y.reshape(-1)
+        step = max(1, self.CHUNK_ELEMENTS // s.shape[-1])
+        for i in range(0, s.shape[0], step):
+            rows, targets = s[i : i + step].float(), y[i : i + step]
+            counted = targets != IGNORE
+            state["nll"] += float(F.cross_entropy(rows, targets, ignore_index=IGNORE, reduction="sum"))
+            state["tokens"] += int(counted.sum())
+            state["correct"] += int(((rows.argmax(-1) == targets) & counted).sum())
 
     def finish(self, state) -> float:
         return math.exp(state["nll"] / state["tokens"]) if state["tokens"] else math.nan
