@@ -86,7 +86,12 @@ class CausalLM(Perplexity):
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
 
     def align(self, logits, labels):
-        return logits[..., :-1, :], labels[..., 1:]
+        """Position i predicts token i + 1: the labels shifted left by one, IGNORE at the last position. The
+        logits stay whole rather than sliced to [..., :-1, :]: a slice of (B, L, V) cannot be flattened into
+        rows without a copy, and its gradient would be scattered back into a new (B, L, V) tensor."""
+        import torch
+
+        return logits, torch.cat([labels[..., 1:], torch.full_like(labels[..., :1], IGNORE)], dim=-1)
 
     GENERATE_BATCH = 64  # blocks per generate() call
 
