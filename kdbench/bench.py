@@ -24,6 +24,7 @@ GPU_SHAPES = [
     (8192, 32000, "bfloat16"),
     (8192, 128256, "bfloat16"),
     (8192, 128256, "float32"),
+    (8192, 50257, "bfloat16"),  # GPT-2's odd vocabulary: rows that start off a 16-byte boundary (last: the extra)
 ]
 # Same vocabularies with rows cut so that eager PyTorch on a 2-core CPU takes seconds, not minutes.
 CPU_SHAPES = [(2048, 1000, "float32"), (128, 32000, "bfloat16"), (32, 128256, "bfloat16"), (32, 128256, "float32")]
@@ -113,12 +114,16 @@ CANDIDATES = [
     Candidate("kd_loss (triton, row-align hints)", {"ROW_ALIGN_HINTS": True},
               "the compiler told that rows start 16-byte aligned where V allows: vector loads and stores at V = 1000",
               _changes_row_alignment),
+    Candidate("kd_loss (triton, aligned loads)", {"ALIGNED_LOADS": True},
+              "rows off a 16-byte boundary (V = 50257) loaded in whole vectors from the rounded-down start",
+              lambda v: not _whole_rows(v) and v % 8 != 0),
     Candidate("kd_loss (triton, warp tiles)", {"WARP_TILES": True},
               "pass 1's per-tile maxima and sums inside one warp each (no barrier in the loop), merged once per row",
               lambda v: not _whole_rows(v)),
     Candidate("kd_loss (triton, tiled candidates together)",
-              {"CE_FROM_SOFT": True, "L2_ORDER": True, "WARP_TILES": True, "ROW_ALIGN_HINTS": True},
-              "CE from T-softmax, L2 order, warp tiles and row-align hints at once", lambda v: not _whole_rows(v)),
+              {"CE_FROM_SOFT": True, "L2_ORDER": True, "WARP_TILES": True, "ROW_ALIGN_HINTS": True,
+               "ALIGNED_LOADS": True},
+              "all the tiled-path candidates above at once", lambda v: not _whole_rows(v)),
 ]
 
 

@@ -56,6 +56,11 @@ L2_ORDER = False
 # per-tile max and sum stays inside a warp instead of crossing warps through shared memory with a barrier (7 per
 # tile); statistics per slot, merged once per row. Off until timed.
 WARP_TILES = False
+# Tiled path, rows whose starts are not 16-byte aligned (GPT-2's V = 50257, BERT's 30522), where the loads are one
+# element per instruction: load from the row's start rounded down to 16 bytes instead, in whole vectors, and set
+# the neighbouring rows' elements to -inf. The gradient stores stay unaligned. Off until timed. It reads up to 15
+# bytes past the tensor's last row, inside its last 16-byte block: CUDA allocations are 512-byte granular.
+ALIGNED_LOADS = False
 # Tell the compiler how many elements every row start (and V) is a multiple of, up to one 16-byte vector. Triton
 # learns that itself only for integers divisible by 16, so rows of V = 1000 (or BERT's 30522) are read and written
 # one element per instruction; with the hint, 16 bytes per instruction where the strides allow. Off until timed.
@@ -95,16 +100,29 @@ def _ipow(x, N: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(row_ptr, offs, stride, mask, KEEP: tl.constexpr, DROP: tl.constexpr):
-    """One tile of a row as fp32 (-inf past the row's end), with an L2 eviction hint: KEEP (evict_last) for a pass
-    that is read again, DROP (evict_first) for the last one; neither is the hardware default."""
+def _load_tile(row_ptr, offs, stride, V, lead, KEEP: tl.constexpr, DROP: tl.constexpr, ALIGN: tl.constexpr):
+    """One tile of a row as fp32, -inf outside the row, with an L2 eviction hint: KEEP (evict_last) for a pass
+    that is read again, DROP (evict_first) for the last one; neither is the hardware default.
+
+    offs are memory offsets from row_ptr. With ALIGN (ALIGNED_LOADS), row_ptr is the row's start rounded down to
+    ALIGN elements (16 bytes) and column c sits at offset c + lead: the load mask covers whole vectors, so that
+    the compiler can issue 16-byte loads, and the neighbouring rows' elements they bring are set to -inf after."""
+    if ALIGN > 0:
+        first = offs // ALIGN * ALIGN
+        mask = (first + ALIGN > lead) & (first < V + lead)
+    else:
+        mask = offs < V
     if KEEP:
         x = tl.load(row_ptr + offs * stride, mask=mask, other=float("-inf"), eviction_policy="evict_last")
     elif DROP:
         x = tl.load(row_ptr + offs * stride, mask=mask, other=float("-inf"), eviction_policy="evict_first")
     else:
         x = tl.load(row_ptr + offs * stride, mask=mask, other=float("-inf"))
-    return x.to(tl.float32)
+    x = x.to(tl.float32)
+    if ALIGN > 0:
+        col = offs - lead
+        x = tl.where((col >= 0) & (col < V), x, float("-inf"))
+    return x
 
 
 @triton.jit
@@ -167,9 +185,9 @@ def _merge_slots(m, d):
 
 
 @triton.jit
-def _pass1_slots(s_row, s_stride_v, t_row, t_stride_v, V, inv_T, DIVERGENCE: tl.constexpr, DO_SOFT: tl.constexpr,
-                 DO_CE: tl.constexpr, SAME_T: tl.constexpr, T_POW: tl.constexpr, KEEP: tl.constexpr,
-                 BLOCK_V: tl.constexpr, SLOT: tl.constexpr):
+def _pass1_slots(s_row, s_stride_v, t_row, t_stride_v, V, lead, inv_T, DIVERGENCE: tl.constexpr,
+                 DO_SOFT: tl.constexpr, DO_CE: tl.constexpr, SAME_T: tl.constexpr, T_POW: tl.constexpr,
+                 KEEP: tl.constexpr, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr, SLOT: tl.constexpr):
     """Pass 1 of the tiled path with each tile as [BLOCK_V // SLOT, SLOT]: SLOT is one warp's width of vector
     loads (32 lanes x 16 bytes), so Triton gives each row of the tile to one warp and every per-tile reduction
     stays inside a warp (shuffles, no barrier). Running statistics are kept per slot and merged once at the end.
@@ -182,12 +200,11 @@ def _pass1_slots(s_row, s_stride_v, t_row, t_stride_v, V, inv_T, DIVERGENCE: tl.
     m_1 = tl.full([R], _NEG_BIG, tl.float32)
     d_1 = tl.zeros([R], tl.float32)
     acc = tl.zeros([R], tl.float32)
-    for start in range(0, V, BLOCK_V):
+    for start in range(0, V + lead, BLOCK_V):
         offs = start + tl.arange(0, R)[:, None] * SLOT + tl.arange(0, SLOT)[None, :]
-        mask = offs < V
-        s = _load_tile(s_row, offs, s_stride_v, mask, KEEP, False)
+        s = _load_tile(s_row, offs, s_stride_v, V, lead, KEEP, False, ALIGN)
         if DO_SOFT:
-            t = _load_tile(t_row, offs, t_stride_v, mask, KEEP, False)
+            t = _load_tile(t_row, offs, t_stride_v, V, lead, KEEP, False, ALIGN)
             zs = s * inv_T
             zt = t * inv_T
             m_s, d_s, r_s, e_s = _slot_update(m_s, d_s, zs)
@@ -238,6 +255,7 @@ def _kd_loss_fwd_kernel(
     ROW_MULT: tl.constexpr,  # 1, or a power of 2 that divides both row strides and V (ROW_ALIGN_HINTS above)
     WARP_TILES: tl.constexpr,  # tiled path: pass 1 in warp-sized slots (WARP_TILES above)
     SLOT: tl.constexpr,  # one warp's vector-load width in elements: 32 lanes x 16 bytes
+    ALIGN: tl.constexpr,  # tiled path: 0, or the elements of 16 bytes, for loads from aligned-down rows (ALIGNED_LOADS)
     BLOCK_V: tl.constexpr,
 ):
     if ROW_MULT > 1:
@@ -247,8 +265,15 @@ def _kd_loss_fwd_kernel(
         t_stride_r = t_stride_r // ROW_MULT * ROW_MULT
         V = V // ROW_MULT * ROW_MULT  # the gradient's row stride, and the end of the row masks
     row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * s_stride_r
-    t_row = t_ptr + row * t_stride_r
+    if ALIGN > 0:  # s and t rows lie at the same offset `lead` from a 16-byte boundary (the launcher checked)
+        first = row * s_stride_r
+        lead = (first % ALIGN).to(tl.int32)
+        s_row = s_ptr + (first - lead) // ALIGN * ALIGN
+        t_row = t_ptr + (row * t_stride_r - lead) // ALIGN * ALIGN
+    else:
+        lead = 0
+        s_row = s_ptr + row * s_stride_r
+        t_row = t_ptr + row * t_stride_r
     g_row = grad_ptr + row * V
 
     valid = True
@@ -319,13 +344,13 @@ def _kd_loss_fwd_kernel(
                 tl.store(g_row + offs, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
         else:
             # ---- pass 1: online softmax over tiles; for forward/reverse KL also a running sum for D ----
-            last_start = (V - 1) // BLOCK_V * BLOCK_V
+            last_start = (V + lead - 1) // BLOCK_V * BLOCK_V
             # With L2: pass 1 forward, kept in L2; the jsd pass backward, kept; pass 2 the other way, dropped.
             JSD_PASS: tl.constexpr = DO_SOFT and DIVERGENCE == 2
             if WARP_TILES:
                 m_s, d_s, m_t, d_t, m_1, d_1, acc = _pass1_slots(
-                    s_row, s_stride_v, t_row, t_stride_v, V, inv_T, DIVERGENCE, DO_SOFT, DO_CE, SAME_T, T_POW,
-                    L2 and WRITE_GRAD, BLOCK_V, SLOT)
+                    s_row, s_stride_v, t_row, t_stride_v, V, lead, inv_T, DIVERGENCE, DO_SOFT, DO_CE, SAME_T, T_POW,
+                    L2 and WRITE_GRAD, ALIGN, BLOCK_V, SLOT)
             else:
                 m_s = tl.full([], _NEG_BIG, tl.float32)
                 d_s = tl.zeros([], tl.float32)
@@ -334,12 +359,11 @@ def _kd_loss_fwd_kernel(
                 m_1 = tl.full([], _NEG_BIG, tl.float32)
                 d_1 = tl.zeros([], tl.float32)
                 acc = tl.zeros([], tl.float32)  # sum exp(z - m) (zt - zs) with z = zt (forward) or zs (reverse)
-                for start in range(0, V, BLOCK_V):
+                for start in range(0, V + lead, BLOCK_V):
                     offs = start + tl.arange(0, BLOCK_V)
-                    mask = offs < V
-                    s = _load_tile(s_row, offs, s_stride_v, mask, L2 and WRITE_GRAD, False)
+                    s = _load_tile(s_row, offs, s_stride_v, V, lead, L2 and WRITE_GRAD, False, ALIGN)
                     if DO_SOFT:
-                        t = _load_tile(t_row, offs, t_stride_v, mask, L2 and WRITE_GRAD, False)
+                        t = _load_tile(t_row, offs, t_stride_v, V, lead, L2 and WRITE_GRAD, False, ALIGN)
                         zs = s * inv_T
                         zt = t * inv_T
                         m_s, d_s, r_s, e_s = _online_update(m_s, d_s, zs)
@@ -373,11 +397,11 @@ def _kd_loss_fwd_kernel(
                     # ---- jsd: an extra read pass, since log m needs the finished log-sum-exps ----
                     kl_tm = tl.zeros([], tl.float32)
                     kl_sm = tl.zeros([], tl.float32)
-                    for start in range(0, V, BLOCK_V):
+                    for start in range(0, V + lead, BLOCK_V):
                         offs = _tile_offsets(start, last_start, L2, BLOCK_V)
-                        mask = offs < V
-                        s = _load_tile(s_row, offs, s_stride_v, mask, L2 and WRITE_GRAD, L2 and not WRITE_GRAD)
-                        t = _load_tile(t_row, offs, t_stride_v, mask, L2 and WRITE_GRAD, L2 and not WRITE_GRAD)
+                        keep, drop = L2 and WRITE_GRAD, L2 and not WRITE_GRAD
+                        s = _load_tile(s_row, offs, s_stride_v, V, lead, keep, drop, ALIGN)
+                        t = _load_tile(t_row, offs, t_stride_v, V, lead, keep, drop, ALIGN)
                         ls = s * inv_T - lse_s
                         lt = t * inv_T - lse_t
                         lm = _log_mixture(lt, ls, log_beta, log_1m_beta)
@@ -387,19 +411,23 @@ def _kd_loss_fwd_kernel(
                 row_loss += alpha * T * T * D
             if DO_CE:
                 in_range = (lab >= 0) & (lab < V)
-                s_lab = tl.load(s_row + lab * s_stride_v, mask=in_range, other=0.0).to(tl.float32)
+                s_lab = tl.load(s_row + (lab + lead) * s_stride_v, mask=in_range, other=0.0).to(tl.float32)
                 row_loss += (1.0 - alpha) * (lse_1 - s_lab)
 
             # ---- pass 2: the gradient, from the row statistics ----
             if WRITE_GRAD:
-                for start in range(0, V, BLOCK_V):
+                for start in range(0, V + lead, BLOCK_V):
                     offs = _tile_offsets(start, last_start, L2 and not JSD_PASS, BLOCK_V)
-                    mask = offs < V
-                    s = _load_tile(s_row, offs, s_stride_v, mask, False, L2)
+                    s = _load_tile(s_row, offs, s_stride_v, V, lead, False, L2, ALIGN)
+                    col = offs - lead  # the tile's columns (offs itself unless ALIGN)
+                    if ALIGN > 0:
+                        mask = (col >= 0) & (col < V)
+                    else:
+                        mask = col < V
                     g = tl.zeros([BLOCK_V], dtype=tl.float32)
                     ps = g
                     if DO_SOFT:
-                        t = _load_tile(t_row, offs, t_stride_v, mask, False, L2)
+                        t = _load_tile(t_row, offs, t_stride_v, V, lead, False, L2, ALIGN)
                         ls = s * inv_T - lse_s
                         lt = t * inv_T - lse_t
                         ps = tl.exp(ls)
@@ -412,12 +440,12 @@ def _kd_loss_fwd_kernel(
                             q = _ipow(ps, T_POW) * c_1
                         else:
                             q = tl.exp(s - lse_1)
-                        g += (1.0 - alpha) * (q - tl.where(offs == lab, 1.0, 0.0))
+                        g += (1.0 - alpha) * (q - tl.where(col == lab, 1.0, 0.0))
                     g = (g * scale).to(grad_ptr.dtype.element_ty)
                     if L2:
-                        tl.store(g_row + offs, g, mask=mask, eviction_policy="evict_first")
+                        tl.store(g_row + col, g, mask=mask, eviction_policy="evict_first")
                     else:
-                        tl.store(g_row + offs, g, mask=mask)
+                        tl.store(g_row + col, g, mask=mask)
         tl.store(loss_ptr + row, row_loss)
     else:
         # An ignored row: read nothing, write zeros.
@@ -472,7 +500,7 @@ _fwd_tiled = triton.autotune(
         for b, w in ((2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32))
     ],
     # the candidates' settings are in the key, so each is tuned on its own
-    key=["V", "DIVERGENCE", "DO_SOFT", "DO_CE", "WRITE_GRAD", "T_POW", "L2", "ROW_MULT", "WARP_TILES"],
+    key=["V", "DIVERGENCE", "DO_SOFT", "DO_CE", "WRITE_GRAD", "T_POW", "L2", "ROW_MULT", "WARP_TILES", "ALIGN"],
 )(_kd_loss_fwd_kernel)
 
 
@@ -498,6 +526,16 @@ def _row_multiple(s: torch.Tensor, t: torch.Tensor) -> int:
     while mult > 1 and any(x % mult for x in (s.shape[1], s.stride(0), t.stride(0))):
         mult //= 2
     return mult
+
+
+def _aligned_loads(s: torch.Tensor, t: torch.Tensor) -> int:
+    """The ALIGN setting of a tiled launch: the elements of 16 bytes where ALIGNED_LOADS applies (contiguous rows of
+    one dtype and one stride, from 16-byte aligned storage, whose starts are not all 16-byte aligned), else 0."""
+    vec = 16 // s.element_size()
+    applies = (ALIGNED_LOADS and s.dtype == t.dtype and s.stride(1) == t.stride(1) == 1
+               and s.stride(0) == t.stride(0) and s.stride(0) % vec != 0
+               and s.data_ptr() % 16 == 0 and t.data_ptr() % 16 == 0)
+    return vec if applies else 0
 
 
 def _check_supported(x: torch.Tensor, what: str) -> None:
@@ -553,13 +591,13 @@ def kd_loss_forward(s, t, labels, opts, want_grad: bool):
     single = block <= MAX_FUSED_V
     grid = (n,)
     if single:
-        _kd_loss_fwd_kernel[grid](*args, SINGLE=True, L2=False, WARP_TILES=False, BLOCK_V=block,
+        _kd_loss_fwd_kernel[grid](*args, SINGLE=True, L2=False, WARP_TILES=False, ALIGN=0, BLOCK_V=block,
                                   num_warps=_single_num_warps(block), **meta)
     elif _interpreting():
-        _kd_loss_fwd_kernel[grid](*args, SINGLE=False, L2=L2_ORDER, WARP_TILES=WARP_TILES,
+        _kd_loss_fwd_kernel[grid](*args, SINGLE=False, L2=L2_ORDER, WARP_TILES=WARP_TILES, ALIGN=_aligned_loads(s, t),
                                   BLOCK_V=max(INTERPRET_BLOCK_V, meta["SLOT"]), **meta)
     else:
-        _fwd_tiled[grid](*args, SINGLE=False, L2=L2_ORDER, WARP_TILES=WARP_TILES, **meta)
+        _fwd_tiled[grid](*args, SINGLE=False, L2=L2_ORDER, WARP_TILES=WARP_TILES, ALIGN=_aligned_loads(s, t), **meta)
     return rows, grad, scale
 
 

@@ -323,6 +323,7 @@ def test_warp_tiles_match_float64(monkeypatch, dtype, T, div, together):
     monkeypatch.setattr(kmod, "CE_FROM_SOFT", True)
     monkeypatch.setattr(kmod, "L2_ORDER", together)
     monkeypatch.setattr(kmod, "ROW_ALIGN_HINTS", together)
+    monkeypatch.setattr(kmod, "ALIGNED_LOADS", together)  # bf16 rows of 700 start off 16-byte boundaries
     monkeypatch.setattr(kmod, "MAX_FUSED_V", 64)
     monkeypatch.setattr(kmod, "INTERPRET_BLOCK_V", 512)  # 2 slots of bf16 (256 wide), 4 of fp32 (128)
     spy = LaunchSpy(kmod._kd_loss_fwd_kernel)
@@ -333,10 +334,66 @@ def test_warp_tiles_match_float64(monkeypatch, dtype, T, div, together):
     if div != "forward_kl":
         s[:, ::9] = float("-inf")
         labels[labels % 9 == 0] = 1
-    check("triton", s, t, labels, temperature=T, alpha=0.7, divergence=div)
+    check("triton", padded(s), padded(t), labels, temperature=T, alpha=0.7, divergence=div)
     [call] = spy.calls
     assert (call["WARP_TILES"], call["SLOT"], call["T_POW"]) == (True, 32 * 16 // s.element_size(), int(T == 2.0) * 2)
-    assert (call["L2"], call["ROW_MULT"] > 1) == (together, together)
+    assert (call["L2"], call["ROW_MULT"] > 1, call["ALIGN"]) == (together, together, 8 * (together and dtype == BF16))
+
+
+def padded(x: torch.Tensor) -> torch.Tensor:
+    """x in storage with 16 elements to spare after it: ALIGNED_LOADS reads up to the end of the last row's
+    16-byte block, which a CUDA allocation always holds and a bare CPU tensor may not."""
+    buf = torch.zeros(x.numel() + 16, dtype=x.dtype)
+    out = buf[: x.numel()].view(x.shape)
+    out.copy_(x)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("mode", ["plain", "no-grad", "with-warp-tiles-and-l2"])
+def test_aligned_loads_match_float64(monkeypatch, dtype, div, mode):
+    """ALIGNED_LOADS (a benchmark candidate): rows of an odd V start at every offset from a 16-byte boundary; the
+    kernel loads whole vectors from the rounded-down start and masks the neighbours' elements, and the labels at
+    a row's first and last columns still land where they belong."""
+    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    monkeypatch.setenv("KDBENCH_KERNEL", "triton")
+    monkeypatch.setattr(kmod, "ALIGNED_LOADS", True)
+    monkeypatch.setattr(kmod, "WARP_TILES", mode == "with-warp-tiles-and-l2")
+    monkeypatch.setattr(kmod, "L2_ORDER", mode == "with-warp-tiles-and-l2")
+    monkeypatch.setattr(kmod, "MAX_FUSED_V", 64)
+    monkeypatch.setattr(kmod, "INTERPRET_BLOCK_V", 256)
+    spy = LaunchSpy(kmod._kd_loss_fwd_kernel)
+    monkeypatch.setattr(kmod, "_kd_loss_fwd_kernel", spy)
+    s, t, labels = make_inputs(9, 701, dtype, scale=4.0, ignored=(4,))  # row r starts at 701 r: every offset mod 8
+    t[:, ::9] = float("-inf")
+    if div != "forward_kl":
+        s[:, ::9] = float("-inf")
+    labels[0], labels[1], labels[2] = 1, 700, 699
+    labels[labels % 9 == 0] = 5
+    s, t = padded(s), padded(t)
+    if mode == "no-grad":
+        got = kd_loss(s, t, labels, temperature=2.0, alpha=0.6, divergence=div, reduction="none")
+        want = oracle(s.double(), t.double(), labels, temperature=2.0, alpha=0.6, divergence=div, reduction="none")
+        assert_close_rel(got, want, LOSS_RTOL[dtype], "loss")
+    else:
+        check("triton", s, t, labels, temperature=2.0, alpha=0.6, divergence=div)
+    assert [c["ALIGN"] for c in spy.calls] == [16 // s.element_size()]
+
+
+def test_aligned_loads_apply_only_to_rows_that_need_them(monkeypatch):
+    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    odd = torch.zeros(4, 701, dtype=BF16)
+    assert kmod._aligned_loads(odd, odd) == 0  # off by default
+    monkeypatch.setattr(kmod, "ALIGNED_LOADS", True)
+    assert kmod._aligned_loads(odd, odd) == 8 and kmod._aligned_loads(odd.float(), odd.float()) == 4
+    assert kmod._aligned_loads(torch.zeros(4, 704, dtype=BF16), torch.zeros(4, 704, dtype=BF16)) == 0  # aligned
+    assert kmod._aligned_loads(odd, odd.float()) == 0  # two dtypes: two vector widths
+    wide = torch.zeros(4, 703, dtype=BF16)
+    assert kmod._aligned_loads(odd, wide[:, :701]) == 0  # two row strides: two offsets per row
+    shifted = torch.zeros(4 * 701 + 1, dtype=BF16)[1:].view(4, 701)
+    assert kmod._aligned_loads(odd, shifted) == 0  # storage not 16-byte aligned
+    assert kmod._aligned_loads(odd, torch.zeros(701, 4, dtype=BF16).t()) == 0  # a strided last dimension
 
 
 def test_the_row_multiple_hint_is_what_divides_every_row_start(monkeypatch):
@@ -690,19 +747,22 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 fn = importlib.import_module("kdbench.kernels.kd_loss")._kd_loss_fwd_kernel
-variants = [  # dtype, divergence, single, has_labels, alpha, T_POW, L2, ROW_MULT, WARP_TILES
+# dtype, divergence, single, has_labels, alpha, T_POW, L2, ROW_MULT, WARP_TILES; ALIGN where tiled, L2 and ROW_MULT 1
+variants = [
     ("bf16", 0, True, True, 0.5, 0, False, 1, False), ("fp16", 1, False, True, 0.5, 0, False, 1, False),
     ("fp32", 2, False, False, 1.0, 0, False, 1, False), ("bf16", 2, True, True, 0.0, 0, False, 1, False),
     ("fp32", 0, True, False, 0.0, 0, False, 1, False), ("bf16", 0, True, True, 0.5, 2, False, 1, False),
     ("bf16", 1, False, True, 0.5, 4, False, 1, False), ("bf16", 0, False, True, 0.5, 0, True, 8, False),
     ("fp32", 2, False, True, 0.5, 0, True, 2, False), ("fp32", 0, True, True, 0.5, 0, False, 4, False),
     ("bf16", 0, False, True, 0.5, 0, False, 8, True), ("fp32", 1, False, True, 0.5, 2, True, 4, True),
+    ("bf16", 2, False, True, 0.5, 0, True, 1, False), ("bf16", 1, False, True, 0.5, 2, True, 1, True),  # ALIGN
 ]
 for dtype, divergence, single, has_labels, alpha, t_pow, l2, row_mult, warp_tiles in variants:
     consts = dict(
         s_stride_v=1, t_stride_v=1, DIVERGENCE=divergence, HAS_LABELS=has_labels, DO_SOFT=alpha != 0.0,
         DO_CE=has_labels and alpha != 1.0, SAME_T=False, T_POW=t_pow, WRITE_GRAD=True, SINGLE=single, L2=l2,
         ROW_MULT=row_mult, WARP_TILES=warp_tiles, SLOT=128 if dtype == "fp32" else 256,
+        ALIGN=(4 if dtype == "fp32" else 8) if row_mult == 1 and not single and l2 else 0,
         BLOCK_V=8192 if single else 4096,
     )
     types = dict(
@@ -727,4 +787,4 @@ def test_kernel_compiles_for_sm90():
     if out.returncode != 0 and "ptxas" in out.stderr and "No such file" in out.stderr:
         pytest.skip("Triton's ptxas is missing here")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "compiled 12" in out.stdout
+    assert "compiled 14" in out.stdout
