@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-call GPU check: the kd_loss kernel, then the whole pipeline on CUDA (about 7 minutes). Run from
+# One-call GPU check: the kd_loss kernel, then the whole pipeline on CUDA (6 minutes). Run from
 # the repository root:
 #     bash .ci/gpu_check.sh            (through the device tool: results land in $OUT)
 # It needs torch, triton, pytest and pytest-benchmark, which the GPU image has; it does NOT install kdbench and
@@ -8,8 +8,8 @@
 # kdbench/__init__.py. Wheels in .whl/ are installed first: liger-kernel (the Liger column), and pydantic,
 # pydantic-core, annotated-types, typing-inspection and torchao, which step 5 needs (the image has the rest). Fetch
 # them with the device README's `pip download` line and name `.whl` in `carry`; without them step 5 is skipped.
-# Steps, each under its own time limit, none stopping the next (400 s in all by default; run it with the device
-# tool's timeout_s about 420):
+# Steps, each under its own time limit, none stopping the next (360 s in all by default, issue 3's 6 minutes; run
+# it with the device tool's timeout_s about 380). The kernels table gets most of it; the smoke suite, what is left:
 #   1. environment report                      -> env.txt
 #   2. kdbench.bench.bench_kernels()            -> kernels/<gpu-slug>.md, bench_kernels.log
 #   3. pytest tests/test_kd_loss.py (GPU)       -> test_kd_loss.log
@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 OUT="${OUT:-$REPO/gpu_out}"
 PY="${PYTHON:-python3}"
-BUDGET="${KDBENCH_GPU_CHECK_BUDGET_S:-400}"   # seconds for all steps together
+BUDGET="${KDBENCH_GPU_CHECK_BUDGET_S:-360}"   # seconds for all steps together
 START=$SECONDS
 mkdir -p "$OUT/kernels"
 # PYTHONSAFEPATH: no working directory on sys.path, in this script's pythons and in the tests' subprocesses; there
@@ -107,7 +107,7 @@ if "$PY" -c "import xdist" > /dev/null 2>&1 && "$PY" -c "import torch, sys; sys.
 fi
 
 # --- 2. the kernels table (first: it is what the call is for) ---------------------------------------------------
-T=$(limit 190 110)
+T=$(limit 230 100)
 echo "gpu_check: bench_kernels (limit ${T}s)"
 QUICK=0
 "$PY" -c "import torch, sys; sys.exit(torch.cuda.is_available())" && QUICK=1  # CPU dry run: quick shapes

@@ -19,12 +19,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # (rows, vocab, dtype): a classifier-sized vocab, Llama-2 (32000) and Llama-3 (128256).
+# The two shapes with targets (issue 3) first: the table is written after each shape, so a call that runs out of
+# time loses the last ones.
 GPU_SHAPES = [
+    (8192, 128256, "bfloat16"),
     (65536, 1000, "float32"),
     (8192, 32000, "bfloat16"),
-    (8192, 128256, "bfloat16"),
     (8192, 128256, "float32"),
-    (8192, 50257, "bfloat16"),  # GPT-2's odd vocabulary: rows that start off a 16-byte boundary (last: the extra)
+    (8192, 50257, "bfloat16"),  # GPT-2's odd vocabulary: rows that start off a 16-byte boundary
 ]
 # Same vocabularies with rows cut so that eager PyTorch on a 2-core CPU takes seconds, not minutes.
 CPU_SHAPES = [(2048, 1000, "float32"), (128, 32000, "bfloat16"), (32, 128256, "bfloat16"), (32, 128256, "float32")]
