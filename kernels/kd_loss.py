@@ -26,7 +26,8 @@ Bytes moved (b = bytes per logit; N x V logits; minimal = read s and t once, wri
     Rows whose label is ignore_index read nothing and write zeros: b V each.
     Eager PyTorch (log_softmax x3, kl_div, cross_entropy, autograd) moves roughly 10-20 fp32 N x V tensors.
 Extra memory: the gradient (N x V, student dtype) plus O(N) fp32 row losses. No N x V fp32 temporaries.
-The feature MSE runs as a second, small kernel from the same launcher (rows of H; read 2 M H, write M H).
+The feature MSE runs in the same launch: after the N logit rows, programs N .. N + M - 1 each take one of its M
+rows of H (read 2 M H, write M H); without features that branch is compiled out.
 
 Layout: rows on grid axis 0 with int64 offsets (N * V > 2^31 is fine); row and column strides are passed, so
 non-contiguous (N, V) views need no copy ((B, L, V) inputs are flattened with reshape, which copies only when the
@@ -235,6 +236,31 @@ def _pass1_slots(s_row, s_stride_v, t_row, t_stride_v, V, lead, inv_T, DIVERGENC
 
 
 @triton.jit
+def _feature_row(
+    row,
+    fs_ptr, fs_stride_r, fs_stride_h,
+    ft_ptr, ft_stride_r, ft_stride_h,
+    grad_ptr,  # (M, H) contiguous, student feature dtype
+    sq_ptr,  # (M,) fp32: sum_h (fs - ft)^2
+    H, grad_coef,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """One row of the feature MSE: its sum of squared differences, and its gradient grad_coef * (fs - ft)."""
+    acc = tl.zeros([], tl.float32)
+    for start in range(0, H, BLOCK_H):
+        offs = start + tl.arange(0, BLOCK_H)
+        mask = offs < H
+        a = tl.load(fs_ptr + row * fs_stride_r + offs * fs_stride_h, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(ft_ptr + row * ft_stride_r + offs * ft_stride_h, mask=mask, other=0.0).to(tl.float32)
+        diff = a - b
+        acc += tl.sum(diff * diff, 0)
+        if WRITE_GRAD:
+            tl.store(grad_ptr + row * H + offs, (grad_coef * diff).to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(sq_ptr + row, acc)
+
+
+@triton.jit
 def _kd_loss_fwd_kernel(
     s_ptr, s_stride_r, s_stride_v,
     t_ptr, t_stride_r, t_stride_v,
@@ -257,6 +283,12 @@ def _kd_loss_fwd_kernel(
     SLOT: tl.constexpr,  # one warp's vector-load width in elements: 32 lanes x 16 bytes
     ALIGN: tl.constexpr,  # tiled path: 0, or the elements of 16 bytes, for loads from aligned-down rows (ALIGNED_LOADS)
     BLOCK_V: tl.constexpr,
+    # The feature MSE, in the same launch: programs N .. N + M - 1 take its M rows (_feature_row).
+    fs_ptr=None, fs_stride_r=0, fs_stride_h=0, ft_ptr=None, ft_stride_r=0, ft_stride_h=0, fgrad_ptr=None,
+    sq_ptr=None, N=0, H=0, f_coef=0.0,
+    HAS_FEATURES: tl.constexpr = False,
+    WRITE_FGRAD: tl.constexpr = False,
+    BLOCK_H: tl.constexpr = 16,
 ):
     if ROW_MULT > 1:
         # (x // m) * m is x here (the launcher checked), and is what the compiler's alignment analysis can read:
@@ -265,6 +297,10 @@ def _kd_loss_fwd_kernel(
         t_stride_r = t_stride_r // ROW_MULT * ROW_MULT
         V = V // ROW_MULT * ROW_MULT  # the gradient's row stride, and the end of the row masks
     row = tl.program_id(0).to(tl.int64)
+    if HAS_FEATURES and row >= N:
+        _feature_row(row - N, fs_ptr, fs_stride_r, fs_stride_h, ft_ptr, ft_stride_r, ft_stride_h, fgrad_ptr, sq_ptr,
+                     H, f_coef, WRITE_FGRAD, BLOCK_H)
+        return
     if ALIGN > 0:  # s and t rows lie at the same offset `lead` from a 16-byte boundary (the launcher checked)
         first = row * s_stride_r
         lead = (first % ALIGN).to(tl.int32)
@@ -457,30 +493,6 @@ def _kd_loss_fwd_kernel(
 
 
 @triton.jit
-def _feature_mse_kernel(
-    fs_ptr, fs_stride_r, fs_stride_h,
-    ft_ptr, ft_stride_r, ft_stride_h,
-    grad_ptr,  # (M, H) contiguous, student feature dtype
-    sq_ptr,  # (M,) fp32: sum_h (fs - ft)^2
-    H, grad_coef,
-    WRITE_GRAD: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    acc = tl.zeros([], tl.float32)
-    for start in range(0, H, BLOCK_H):
-        offs = start + tl.arange(0, BLOCK_H)
-        mask = offs < H
-        a = tl.load(fs_ptr + row * fs_stride_r + offs * fs_stride_h, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(ft_ptr + row * ft_stride_r + offs * ft_stride_h, mask=mask, other=0.0).to(tl.float32)
-        diff = a - b
-        acc += tl.sum(diff * diff, 0)
-        if WRITE_GRAD:
-            tl.store(grad_ptr + row * H + offs, (grad_coef * diff).to(grad_ptr.dtype.element_ty), mask=mask)
-    tl.store(sq_ptr + row, acc)
-
-
-@triton.jit
 def _scale_rows_kernel(g_ptr, go_ptr, go_stride, n_cols, BLOCK: tl.constexpr):
     """g[row, :] *= go[row * go_stride] in place (go_stride = 0 for a scalar grad_output), in fp32."""
     row = tl.program_id(0).to(tl.int64)
@@ -547,12 +559,15 @@ def _check_supported(x: torch.Tensor, what: str) -> None:
         )
 
 
-def kd_loss_forward(s, t, labels, opts, want_grad: bool):
-    """Launch the fused kernel on s, t (N, V). Returns (row losses (N,) fp32, grad (N, V) or None, scale (1,))."""
+def kd_loss_forward(s, t, labels, opts, want_grad: bool, features=None, want_grad_f: bool = False):
+    """Launch the fused kernel on s, t (N, V), and on features = (fs, ft) (M, H) when given, in one launch.
+    Returns (row losses (N,) fp32, grad (N, V) or None, scale (1,), feature part), the feature part being None or
+    (the feature term: (M,) for 'none', else a scalar; its gradient (M, H) or None)."""
     n, v = s.shape
     dev = s.device
     rows = torch.empty(n, dtype=torch.float32, device=dev)
     grad = torch.empty((n, v), dtype=s.dtype, device=dev) if want_grad else None
+    feature_args, m = _feature_launch(features, opts, want_grad_f, n) if features is not None else ({}, 0)
     # The batchmean divisor stays on the device: no host sync.
     if opts["reduction"] == "batchmean" and labels is not None:
         scale = 1.0 / (labels != opts["ignore_index"]).sum().clamp_min(1).to(torch.float32).reshape(1)
@@ -560,8 +575,8 @@ def kd_loss_forward(s, t, labels, opts, want_grad: bool):
         scale = torch.full((1,), 1.0 / max(n, 1), dtype=torch.float32, device=dev)
     else:
         scale = torch.ones(1, dtype=torch.float32, device=dev)
-    if n == 0:
-        return rows, grad, scale
+    if n + m == 0:
+        return rows, grad, scale, _feature_term(feature_args, opts, features)
 
     T, alpha, beta = float(opts["temperature"]), float(opts["alpha"]), float(opts["beta"])
     divergence = _DIVERGENCE_CODE[opts["divergence"]]
@@ -587,9 +602,10 @@ def kd_loss_forward(s, t, labels, opts, want_grad: bool):
         ROW_MULT=_row_multiple(s, t),
         SLOT=32 * 16 // s.element_size(),
     )
+    meta.update(feature_args)
     block = triton.next_power_of_2(v)
     single = block <= MAX_FUSED_V
-    grid = (n,)
+    grid = (n + m,)
     if single:
         _kd_loss_fwd_kernel[grid](*args, SINGLE=True, L2=False, WARP_TILES=False, ALIGN=0, BLOCK_V=block,
                                   num_warps=_single_num_warps(block), **meta)
@@ -598,23 +614,35 @@ def kd_loss_forward(s, t, labels, opts, want_grad: bool):
                                   BLOCK_V=max(INTERPRET_BLOCK_V, meta["SLOT"]), **meta)
     else:
         _fwd_tiled[grid](*args, SINGLE=False, L2=L2_ORDER, WARP_TILES=WARP_TILES, ALIGN=_aligned_loads(s, t), **meta)
-    return rows, grad, scale
+    return rows, grad, scale, _feature_term(feature_args, opts, features)
 
 
-def feature_forward(fs, ft, feature_weight: float, reduction: str, want_grad: bool):
-    """Feature MSE on fs, ft (M, H). Returns (term: (M,) for 'none', else a scalar; grad (M, H) or None)."""
+def _feature_launch(features, opts, want_grad: bool, n: int) -> tuple[dict, int]:
+    """The kernel's feature arguments for (fs, ft) (M, H) after n logit rows, and M: programs n .. n + M - 1 compute
+    the MSE rows."""
+    fs, ft = features
     m, h = fs.shape
     sq = torch.empty(m, dtype=torch.float32, device=fs.device)
-    grad = torch.empty((m, h), dtype=fs.dtype, device=fs.device) if want_grad else None
-    denom = h if reduction == "none" else m * h
-    block = min(triton.next_power_of_2(h), 4096)
-    _feature_mse_kernel[(m,)](
-        fs, fs.stride(0), fs.stride(1), ft, ft.stride(0), ft.stride(1),
-        grad if want_grad else sq, sq, h, 2.0 * feature_weight / denom,
-        WRITE_GRAD=want_grad, BLOCK_H=block,
-    )
-    term = sq * (feature_weight / h) if reduction == "none" else sq.sum() * (feature_weight / denom)
-    return term, grad
+    fgrad = torch.empty((m, h), dtype=fs.dtype, device=fs.device) if want_grad else None
+    denom = h if opts["reduction"] == "none" else m * h
+    return dict(
+        fs_ptr=fs, fs_stride_r=fs.stride(0), fs_stride_h=fs.stride(1),
+        ft_ptr=ft, ft_stride_r=ft.stride(0), ft_stride_h=ft.stride(1),
+        fgrad_ptr=fgrad if want_grad else sq, sq_ptr=sq, N=n, H=h,
+        f_coef=2.0 * float(opts["feature_weight"]) / max(denom, 1),
+        HAS_FEATURES=True, WRITE_FGRAD=want_grad, BLOCK_H=min(triton.next_power_of_2(h), 4096),
+    ), m
+
+
+def _feature_term(feature_args: dict, opts, features):
+    """(the feature term, its gradient or None) from the kernel's per-row sums, or None without features."""
+    if features is None:
+        return None
+    sq = feature_args["sq_ptr"]
+    m, h = features[0].shape
+    weight = float(opts["feature_weight"])
+    term = sq * (weight / h) if opts["reduction"] == "none" else sq.sum() * (weight / max(m * h, 1))
+    return term, (feature_args["fgrad_ptr"] if feature_args["WRITE_FGRAD"] else None)
 
 
 def scale_rows_(grad: torch.Tensor, go: torch.Tensor) -> None:
@@ -636,12 +664,13 @@ def scale_rows_(grad: torch.Tensor, go: torch.Tensor) -> None:
 class KdLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, labels, fs, ft, opts, want_grad_s, want_grad_f):
-        rows, grad, scale = kd_loss_forward(s, t, labels, opts, want_grad_s)
+        features = (fs, ft) if fs is not None else None
+        rows, grad, scale, feature_part = kd_loss_forward(s, t, labels, opts, want_grad_s, features, want_grad_f)
         reduction = opts["reduction"]
         loss = rows if reduction == "none" else (rows.sum() if reduction == "sum" else rows.sum() * scale[0])
         grad_f = None
-        if fs is not None:
-            term, grad_f = feature_forward(fs, ft, float(opts["feature_weight"]), reduction, want_grad_f)
+        if feature_part is not None:
+            term, grad_f = feature_part
             loss = loss + term
         ctx.reduction = reduction
         ctx.scaled = False

@@ -764,11 +764,14 @@ for dtype, divergence, single, has_labels, alpha, t_pow, l2, row_mult, warp_tile
         ROW_MULT=row_mult, WARP_TILES=warp_tiles, SLOT=128 if dtype == "fp32" else 256,
         ALIGN=(4 if dtype == "fp32" else 8) if row_mult == 1 and not single and l2 else 0,
         BLOCK_V=8192 if single else 4096,
+        HAS_FEATURES=divergence == 1, WRITE_FGRAD=divergence == 1, BLOCK_H=1024,  # the feature MSE in the launch
     )
     types = dict(
         s_ptr=f"*{dtype}", t_ptr=f"*{dtype}", lab_ptr="*i64", grad_ptr=f"*{dtype}", loss_ptr="*fp32",
         scale_ptr="*fp32", s_stride_r="i64", t_stride_r="i64", V="i32", inv_T="fp32", T="fp32", alpha="fp32",
         beta="fp32", log_beta="fp32", log_1m_beta="fp32", ignore_index="i32",
+        fs_ptr=f"*{dtype}", fs_stride_r="i64", fs_stride_h="i64", ft_ptr=f"*{dtype}", ft_stride_r="i64",
+        ft_stride_h="i64", fgrad_ptr=f"*{dtype}", sq_ptr="*fp32", N="i32", H="i32", f_coef="fp32",
     )
     sig = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
     out = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
