@@ -128,8 +128,8 @@ def _load_tile(row_ptr, offs, stride, V, lead, KEEP: tl.constexpr, DROP: tl.cons
 
 @triton.jit
 def _tile_offsets(start, last_start, BACKWARD: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Offsets of the tile at loop position `start`: from the row's end when BACKWARD (the loop itself is always
-    `range(0, V, BLOCK_V)`; last_start is the last tile's start)."""
+    """Offsets of the tile at loop position `start`: from the row's end when BACKWARD (the loop itself always runs
+    forward, `range(0, V + lead, BLOCK_V)`; last_start is the last tile's start)."""
     if BACKWARD:
         return (last_start - start) + tl.arange(0, BLOCK_V)
     else:
