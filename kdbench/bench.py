@@ -7,6 +7,7 @@ times with a median of perf_counter, and the kd_loss row is the PyTorch referenc
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import re
@@ -66,22 +67,56 @@ def _kernel_module():
     return importlib.import_module("kdbench.kernels.kd_loss")
 
 
+@contextlib.contextmanager
+def kernel_settings(**settings):
+    """kernels/kd_loss.py's module settings changed inside the block, put back after it."""
+    kmod = _kernel_module()
+    saved = {k: getattr(kmod, k) for k in settings}
+    for k, v in settings.items():
+        setattr(kmod, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(kmod, k, v)
+
+
 def _ours_with(**settings):
     """kd_loss with some of kernels/kd_loss.py's module settings changed for the call: a candidate timed beside the
     default in the same run, which decides whether it becomes the default."""
 
     def fn(s, t, labels):
-        kmod = _kernel_module()
-        saved = {k: getattr(kmod, k) for k in settings}
-        for k, v in settings.items():
-            setattr(kmod, k, v)
-        try:
+        with kernel_settings(**settings):
             return _ours(s, t, labels)
-        finally:
-            for k, v in saved.items():
-                setattr(kmod, k, v)
 
     return fn
+
+
+def _precompile(settings_list: list[dict], s, t, labels) -> None:
+    """Compile every autotune config of the tiled kernel under each of `settings_list` for this shape, in parallel
+    (Triton's AsyncCompileMode over a thread pool), before the timings: the autotuner would compile them one after
+    another at each first launch. A failure here costs nothing but its time: the autotuner compiles what is
+    missing, and reports what does not compile."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import triton
+
+    thunks = []
+    for settings in settings_list:
+        with kernel_settings(**settings):
+            thunks += _kernel_module().precompile_tiled(s, t, labels, temperature=TEMPERATURE, alpha=ALPHA)
+    if not thunks:
+        return
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=min(len(thunks), os.cpu_count() or 1)) as pool, \
+            triton.AsyncCompileMode(pool, ignore_errors=True):
+        for thunk in thunks:
+            try:
+                thunk()  # submits the compile to the pool; the mode waits for all of them on exit
+            except Exception as exc:
+                log.warning("kd_loss bench: precompiling failed: %s", exc)
+    log.info("kd_loss bench: compiled %d kernels in %.1f s", len(thunks), time.perf_counter() - start)
 
 
 def _whole_rows(v: int) -> bool:
@@ -304,6 +339,12 @@ def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False)
         copy_gbps = _copy_gbps(n, v, dtype, device, quick)
         min_bytes = 3 * n * v * torch.empty((), dtype=dtype).element_size()  # read s, t; write grad
         g = torch.Generator(device=device).manual_seed(0)
+        if cuda:  # the default and the candidates timed on this shape, compiled in parallel first
+            s = torch.randn(n, v, device=device, generator=g).to(dtype)
+            _precompile([{}] + [c.settings for c in CANDIDATES if c.applies(v)], s, s, torch.zeros(n, dtype=torch.long,
+                        device=device))
+            del s
+            g = torch.Generator(device=device).manual_seed(0)
         for name, fn in impls:
             if name in applies and not applies[name](v):
                 continue

@@ -36,6 +36,7 @@ leading dims cannot be merged). Loads are cast to fp32 at once; all accumulation
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -578,6 +579,24 @@ def kd_loss_forward(s, t, labels, opts, want_grad: bool, features=None, want_gra
     if n + m == 0:
         return rows, grad, scale, _feature_term(feature_args, opts, features)
 
+    args, meta = _launch_args(s, t, labels, rows, grad if want_grad else rows, scale, opts, want_grad)
+    meta.update(feature_args)
+    grid = (n + m,)
+    block = triton.next_power_of_2(v)
+    if block <= MAX_FUSED_V:
+        _kd_loss_fwd_kernel[grid](*args, SINGLE=True, BLOCK_V=block, num_warps=_single_num_warps(block), **meta)
+    elif _interpreting():
+        _kd_loss_fwd_kernel[grid](*args, SINGLE=False, BLOCK_V=max(INTERPRET_BLOCK_V, meta["SLOT"]), **meta)
+    else:
+        _fwd_tiled[grid](*args, SINGLE=False, **meta)
+    return rows, grad, scale, _feature_term(feature_args, opts, features)
+
+
+def _launch_args(s, t, labels, rows, grad, scale, opts, want_grad: bool) -> tuple[tuple, dict]:
+    """The kernel's runtime arguments and constexprs for s, t (N, V), under the module's settings above (the
+    candidates: tiled-path settings are off for whole rows). rows, grad and scale are its outputs (or, to
+    compile only, their dtypes); grad is `rows` when no gradient is written."""
+    n, v = s.shape
     T, alpha, beta = float(opts["temperature"]), float(opts["alpha"]), float(opts["beta"])
     divergence = _DIVERGENCE_CODE[opts["divergence"]]
     has_labels = labels is not None
@@ -585,11 +604,12 @@ def kd_loss_forward(s, t, labels, opts, want_grad: bool, features=None, want_gra
     args = (
         s, s.stride(0), s.stride(1),
         t, t.stride(0), t.stride(1),
-        labels if has_labels else rows, grad if want_grad else rows, rows, scale,
+        labels if has_labels else rows, grad, rows, scale,
         v, 1.0 / T, T, alpha, beta_in, math.log(beta_in), math.log1p(-beta_in),
         int(opts["ignore_index"]),
     )
     do_soft, do_ce = alpha != 0.0, alpha != 1.0 and has_labels
+    tiled = triton.next_power_of_2(v) > MAX_FUSED_V
     meta = dict(
         DIVERGENCE=divergence,
         HAS_LABELS=has_labels,
@@ -601,20 +621,36 @@ def kd_loss_forward(s, t, labels, opts, want_grad: bool, features=None, want_gra
         WRITE_GRAD=want_grad,
         ROW_MULT=_row_multiple(s, t),
         SLOT=32 * 16 // s.element_size(),
+        L2=L2_ORDER and tiled,
+        WARP_TILES=WARP_TILES and tiled,
+        ALIGN=_aligned_loads(s, t) if tiled else 0,
     )
-    meta.update(feature_args)
-    block = triton.next_power_of_2(v)
-    single = block <= MAX_FUSED_V
-    grid = (n + m,)
-    if single:
-        _kd_loss_fwd_kernel[grid](*args, SINGLE=True, L2=False, WARP_TILES=False, ALIGN=0, BLOCK_V=block,
-                                  num_warps=_single_num_warps(block), **meta)
-    elif _interpreting():
-        _kd_loss_fwd_kernel[grid](*args, SINGLE=False, L2=L2_ORDER, WARP_TILES=WARP_TILES, ALIGN=_aligned_loads(s, t),
-                                  BLOCK_V=max(INTERPRET_BLOCK_V, meta["SLOT"]), **meta)
-    else:
-        _fwd_tiled[grid](*args, SINGLE=False, L2=L2_ORDER, WARP_TILES=WARP_TILES, ALIGN=_aligned_loads(s, t), **meta)
-    return rows, grad, scale, _feature_term(feature_args, opts, features)
+    return args, meta
+
+
+def precompile_tiled(student_logits, teacher_logits, labels=None, **kd_loss_kwargs) -> list:
+    """Thunks that each compile one autotune config of the tiled kernel for this kd_loss call (fwd + bwd), under
+    the module's current settings: what the autotuner compiles one after another at its first launch, to run in
+    parallel threads before it (Triton's compile releases the GIL). Empty for whole rows, or without CUDA."""
+    if _interpreting() or not student_logits.is_cuda:
+        return []
+    return [functools.partial(_kd_loss_fwd_kernel.warmup, *args, **kwargs)
+            for args, kwargs in _tiled_launches(student_logits, teacher_logits, labels, **kd_loss_kwargs)]
+
+
+def _tiled_launches(student_logits, teacher_logits, labels=None, **kd_loss_kwargs) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of the tiled kernel under each autotune config, as kd_loss(...) with a gradient would launch
+    it, its outputs given as dtypes (Triton compiles for 16-byte aligned pointers of a type, as torch allocates)."""
+    opts = dict(temperature=1.0, alpha=0.5, divergence="forward_kl", beta=0.5, ignore_index=-100,
+                reduction="batchmean", feature_weight=0.0)
+    opts.update(kd_loss_kwargs)
+    s, t, lab, _ = validate(student_logits, teacher_logits, labels, student_features=None, teacher_features=None,
+                            **opts)
+    n, v = s.shape
+    if n == 0 or triton.next_power_of_2(v) <= MAX_FUSED_V:
+        return []
+    args, meta = _launch_args(s, t, lab, torch.float32, s.dtype, torch.float32, opts, want_grad=True)
+    return [(args, dict(grid=(n,), SINGLE=False, **meta, **config.all_kwargs())) for config in _fwd_tiled.configs]
 
 
 def _feature_launch(features, opts, want_grad: bool, n: int) -> tuple[dict, int]:

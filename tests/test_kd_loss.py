@@ -396,6 +396,38 @@ def test_aligned_loads_apply_only_to_rows_that_need_them(monkeypatch):
     assert kmod._aligned_loads(odd, torch.zeros(701, 4, dtype=BF16).t()) == 0  # a strided last dimension
 
 
+ALL_CANDIDATES = {"L2_ORDER": True, "WARP_TILES": True, "CE_FROM_SOFT": True, "ALIGNED_LOADS": True,
+                  "ROW_ALIGN_HINTS": True}
+
+
+@pytest.mark.parametrize("settings", [{}, ALL_CANDIDATES], ids=["default", "candidates"])
+def test_precompiled_launches_are_the_ones_kd_loss_makes(monkeypatch, settings):
+    """The benchmark compiles the tiled kernel's autotune configs in parallel before timing it: every config with
+    exactly the arguments and settings of kd_loss's own launch, only BLOCK_V and the warps differing."""
+    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    monkeypatch.setenv("KDBENCH_KERNEL", "triton")
+    monkeypatch.setattr(kmod, "MAX_FUSED_V", 64)
+    for name, value in settings.items():
+        monkeypatch.setattr(kmod, name, value)
+    spy = LaunchSpy(kmod._kd_loss_fwd_kernel)
+    monkeypatch.setattr(kmod, "_kd_loss_fwd_kernel", spy)
+    s, t, labels = make_inputs(4, 701, BF16)
+    s, t = padded(s).requires_grad_(), padded(t)
+    kd_loss(s, t, labels, temperature=2.0, alpha=0.5).backward()
+    [launched] = spy.calls
+    planned = kmod._tiled_launches(s, t, labels, temperature=2.0, alpha=0.5)
+    assert len(planned) == len(kmod._fwd_tiled.configs) >= 4
+    tuned = {"grid", "BLOCK_V", "num_warps", "num_ctas", "num_stages"}
+    for (args, kwargs), config in zip(planned, kmod._fwd_tiled.configs):
+        assert {k: v for k, v in kwargs.items() if k not in tuned} == {
+            k: v for k, v in launched.items() if k not in tuned}
+        assert (kwargs["BLOCK_V"], kwargs["num_warps"], kwargs["grid"]) == (
+            config.kwargs["BLOCK_V"], config.num_warps, (4,))
+        assert args[0].shape == (4, 701) and torch.equal(args[6], labels) and args[7] == BF16  # the grad: a dtype
+    assert kmod.precompile_tiled(s, t, labels) == []  # CPU tensors: nothing to compile
+    assert kmod._tiled_launches(s[:, :60], t[:, :60], labels % 60) == []  # whole rows: no autotuner
+
+
 def test_the_row_multiple_hint_is_what_divides_every_row_start(monkeypatch):
     kmod = importlib.import_module("kdbench.kernels.kd_loss")
     f32, b16 = torch.zeros(3, 1000), torch.zeros(3, 1000, dtype=BF16)

@@ -92,6 +92,31 @@ def test_a_candidate_changes_the_kernel_settings_for_its_call_only(monkeypatch):
     assert seen == [(True, 2)] and (kmod.CE_FROM_SOFT, kmod.SINGLE_WARPS) == (False, None)
 
 
+def test_precompiling_collects_each_setting_and_survives_a_failed_compile(monkeypatch, caplog):
+    import importlib
+    import logging
+
+    from kdbench import bench
+
+    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    ran = []
+
+    def thunks(s, t, labels, **kw):  # one per "config", recording the settings they were planned under
+        planned = (kmod.L2_ORDER, kmod.WARP_TILES)
+
+        def boom():
+            raise RuntimeError("ptxas died")
+
+        return [lambda: ran.append(planned), boom]
+
+    monkeypatch.setattr(kmod, "precompile_tiled", thunks)
+    with caplog.at_level(logging.WARNING, logger="kdbench.bench"):
+        bench._precompile([{}, {"L2_ORDER": True}, {"WARP_TILES": True}], None, None, None)
+    assert sorted(ran) == [(False, False), (False, True), (True, False)]
+    assert (kmod.L2_ORDER, kmod.WARP_TILES) == (False, False)
+    assert [r.getMessage() for r in caplog.records].count("kd_loss bench: precompiling failed: ptxas died") == 3
+
+
 def test_each_candidate_is_timed_only_on_the_shapes_it_changes():
     import importlib
 
