@@ -104,6 +104,7 @@ class SequenceParams(DistillationConfig):
     max_new_tokens: int | None = Field(None, gt=0)  # default: the suite's training.max_seq_length
     keep_references: bool = False  # train on the gold targets too, next to the teacher's
     prompt_length: int | None = Field(None, gt=0)  # causal LM only: tokens of each block the teacher continues
+    prompt_loss: bool = False  # causal LM only: train on the prompt's own tokens too, not only the continuation
 
 
 @methods.register("sequence")
@@ -117,7 +118,7 @@ class SequenceKD(LogitKD):
     - seq2seq: a target for every training (and transfer) source.
     - causal LM: a continuation of every training block's first `prompt_length` tokens (default: half of
       max_seq_length), up to the block's length, cut after an end-of-sequence token; the student's loss is on
-      the continuation only.
+      the continuation only, or on the prompt's gold tokens too with `prompt_loss`.
     `alpha` > 0 adds word-level KD on the teacher's own outputs (their "Seq-KD + Word-KD"); `keep_references`
     also keeps the gold rows.
 
