@@ -267,17 +267,22 @@ def test_ce_from_the_soft_softmax_matches_float64(monkeypatch, dtype, path, T, d
     assert [c["T_POW"] for c in launches] == [int(T)] and launches[0].get("SINGLE", True) == (path == "single")
 
 
+@pytest.mark.parametrize("together", [False, True], ids=["alone", "with-the-other-whole-row-candidates"])
 @pytest.mark.parametrize("warps", [1, 2])
-def test_whole_rows_at_fewer_warps_match_float64(monkeypatch, warps):
-    """SINGLE_WARPS (a benchmark candidate): every whole-row launch at that many warps, still exact."""
+def test_whole_rows_at_fewer_warps_match_float64(monkeypatch, warps, together):
+    """SINGLE_WARPS (a benchmark candidate): every whole-row launch at that many warps, still exact; also with
+    CE_FROM_SOFT and ROW_ALIGN_HINTS (the bench's 'whole-row candidates together' rows)."""
     kmod = importlib.import_module("kdbench.kernels.kd_loss")
     monkeypatch.setenv("KDBENCH_KERNEL", "triton")
     monkeypatch.setattr(kmod, "SINGLE_WARPS", warps)
+    monkeypatch.setattr(kmod, "CE_FROM_SOFT", together)
+    monkeypatch.setattr(kmod, "ROW_ALIGN_HINTS", together)
     spy = LaunchSpy(kmod._kd_loss_fwd_kernel)
     monkeypatch.setattr(kmod, "_kd_loss_fwd_kernel", spy)
     s, t, labels = make_inputs(8, 1000, ignored=(3,))
     check("triton", s, t, labels, temperature=2.0, alpha=0.7, divergence="reverse_kl")
-    assert [c["num_warps"] for c in spy.calls] == [warps]
+    assert [(c["num_warps"], c["T_POW"], c["ROW_MULT"]) for c in spy.calls] == [
+        (warps, 2 if together else 0, 4 if together else 1)]
 
 
 @pytest.mark.parametrize("grad", [True, False])

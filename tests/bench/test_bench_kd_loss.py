@@ -131,6 +131,8 @@ def test_each_candidate_is_timed_only_on_the_shapes_it_changes():
         "kd_loss (triton, row-align hints)": [1000, 8193, 50257],
         "kd_loss (triton, aligned loads)": [8193, 50257],
         "kd_loss (triton, warp tiles)": [8193, 32000, 50257, 128256],
+        "kd_loss (triton, whole-row candidates together, 1 warp)": [1000, 8192],
+        "kd_loss (triton, whole-row candidates together, 2 warps)": [1000, 8192],
         "kd_loss (triton, tiled candidates together)": [8193, 32000, 50257, 128256],
     }
     kmod = importlib.import_module("kdbench.kernels.kd_loss")
