@@ -7,7 +7,6 @@ times with a median of perf_counter, and the kd_loss row is the PyTorch referenc
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import re
@@ -67,18 +66,13 @@ def _kernel_module():
     return importlib.import_module("kdbench.kernels.kd_loss")
 
 
-@contextlib.contextmanager
 def kernel_settings(**settings):
-    """kernels/kd_loss.py's module settings changed inside the block, put back after it."""
-    kmod = _kernel_module()
-    saved = {k: getattr(kmod, k) for k in settings}
-    for k, v in settings.items():
-        setattr(kmod, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(kmod, k, v)
+    """kernels/kd_loss.py's module settings changed inside a `with` block, put back after it (a misspelt setting is
+    an AttributeError)."""
+    import contextlib
+    from unittest import mock
+
+    return mock.patch.multiple(_kernel_module(), **settings) if settings else contextlib.nullcontext()
 
 
 def _ours_with(**settings):
