@@ -88,6 +88,10 @@ def train_s_of(v: dict):
     return (v.get("training") or {}).get("wall_s")
 
 
+def train_steps_of(v: dict):
+    return (v.get("training") or {}).get("steps")
+
+
 def latency_of(bs: str) -> Callable[[dict], float | None]:
     return lambda v: ((v.get("latency") or {}).get(bs) or {}).get("median_ms")
 
@@ -276,7 +280,7 @@ def task_table(rows: list[Row]) -> str:
     header = (["pair", "variant", "model", "seeds", metric_name(rows), "retention", *extras, "params", "non-zero",
                "size", "size ÷"] + [f"latency b{b} ms" for b in bss] + [f"speedup b{b}" for b in bss]
               + [f"decode b{b} ms/token" for b in gbss]
-              + ["peak MB", "J/sample", "train s"])
+              + ["peak MB", "J/sample", "train s", "train steps"])
     body = []
     for row in rows:
         teacher = teacher_row(rows, row.pair)
@@ -295,7 +299,8 @@ def task_table(rows: list[Row]) -> str:
             + [fmt_stat(row.stat(latency_of(b))) for b in bss]
             + [fmt_stat(row.stat(speedup_of(b)), suffix="x") for b in bss]
             + [fmt_stat(row.stat(decode_of(b))) for b in gbss]
-            + [fmt_stat(row.stat(memory_of)), fmt_stat(row.stat(energy_of)), fmt_stat(row.stat(train_s_of))]
+            + [fmt_stat(row.stat(memory_of)), fmt_stat(row.stat(energy_of)), fmt_stat(row.stat(train_s_of)),
+               fmt_stat(row.stat(train_steps_of), decimals=0)]
         )
     return _table(header, body, text_columns=3)
 
@@ -369,7 +374,8 @@ DEFINITIONS = [
     "the teacher and this row timed in alternation, median over rounds of teacher time / row time, so drift "
     "cancels (the teacher's own row is 1x by definition).",
     "- **train s**: wall time of the training that made the row: fine-tuning for the teacher, training for "
-    "students, recovery steps for compressed variants (n/a: none).",
+    "students, recovery steps for compressed variants (n/a: none); **train steps**: its optimizer steps (rows that "
+    "differ in steps are not an equal-compute comparison; a method may set its own `training`).",
     "- Every figure is mean ± sample std over seeds; n/a: not measured.",
 ]
 

@@ -40,7 +40,7 @@ def variant(name, kind, metric, *, size, latency_b8, steps=None, train_s=None, r
         "memory": {"peak_mb": 20.0, "method": MEMORY_METHOD},
         "energy": {"joules_per_sample": None, "avg_power_w": None, "method": "n/a: no energy counter for cpu"},
         "compression": {"steps": [{"name": s, "params": {}} for s in steps]} if steps else {},
-        "training": {"wall_s": train_s} if train_s is not None else None,
+        "training": {"wall_s": train_s, "steps": int(train_s * 10)} if train_s is not None else None,
     }
 
 
@@ -151,6 +151,9 @@ def test_task_table_cells():
     assert row_of(table, variant="teacher")["seeds"] == "1"
     assert row_of(table, variant="teacher")["model"] == "bert 2L/64H"
     assert row_of(table, variant="kd + int8")["train s"] == "n/a"
+    assert row_of(table, variant="kd + int8")["train steps"] == "n/a"  # no recovery training
+    assert row_of(table, variant="kd + ps+int8")["train steps"] == "20"  # its recovery steps, one per seed
+    assert kd["train steps"] == "120 ± 28" and row_of(table, variant="student alone")["train steps"] == "80"
 
 
 def test_failed_run_is_listed():
