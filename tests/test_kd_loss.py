@@ -234,6 +234,9 @@ class LaunchSpy:
     def __init__(self, kernel):
         self.kernel, self.calls = kernel, []
 
+    def __getattr__(self, name):  # the rest of the kernel's interface (an autotuner's configs)
+        return getattr(self.kernel, name)
+
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.calls.append(kwargs)
@@ -410,30 +413,38 @@ ALL_CANDIDATES = {"L2_ORDER": True, "WARP_TILES": True, "CE_FROM_SOFT": True, "A
 @pytest.mark.parametrize("settings", [{}, ALL_CANDIDATES], ids=["default", "candidates"])
 def test_precompiled_launches_are_the_ones_kd_loss_makes(monkeypatch, settings):
     """The benchmark compiles the tiled kernel's autotune configs in parallel before timing it: every config with
-    exactly the arguments and settings of kd_loss's own launch, only BLOCK_V and the warps differing."""
-    if CUDA:
-        pytest.skip("compares with the interpreter's launch of the plain kernel (on a GPU the autotuner launches)")
+    exactly the arguments and settings of kd_loss's own launch, only BLOCK_V and the warps differing. On a GPU the
+    planned compiles also run (Triton's warmup)."""
     kmod = importlib.import_module("kdbench.kernels.kd_loss")
     monkeypatch.setenv("KDBENCH_KERNEL", "triton")
     monkeypatch.setattr(kmod, "MAX_FUSED_V", 64)
     for name, value in settings.items():
         monkeypatch.setattr(kmod, name, value)
-    spy = LaunchSpy(kmod._kd_loss_fwd_kernel)
-    monkeypatch.setattr(kmod, "_kd_loss_fwd_kernel", spy)
+    spies = [LaunchSpy(kmod._kd_loss_fwd_kernel), LaunchSpy(kmod._fwd_tiled)]  # the interpreter's, the autotuner's
+    monkeypatch.setattr(kmod, "_kd_loss_fwd_kernel", spies[0])
+    monkeypatch.setattr(kmod, "_fwd_tiled", spies[1])
+    dev = device_for("triton")
     s, t, labels = make_inputs(4, 701, BF16)
-    s, t = padded(s).requires_grad_(), padded(t)
+    s, t, labels = padded(s).to(dev).requires_grad_(), padded(t).to(dev), labels.to(dev)
     kd_loss(s, t, labels, temperature=2.0, alpha=0.5).backward()
-    [launched] = spy.calls
+    [launched] = spies[0].calls + spies[1].calls
     planned = kmod._tiled_launches(s, t, labels, temperature=2.0, alpha=0.5)
-    assert len(planned) == len(kmod._fwd_tiled.configs) >= 4
+    configs = spies[1].kernel.configs
+    assert len(planned) == len(configs) >= 4
     tuned = {"grid", "BLOCK_V", "num_warps", "num_ctas", "num_stages"}
-    for (args, kwargs), config in zip(planned, kmod._fwd_tiled.configs):
+    for (args, kwargs), config in zip(planned, configs):
         assert {k: v for k, v in kwargs.items() if k not in tuned} == {
             k: v for k, v in launched.items() if k not in tuned}
         assert (kwargs["BLOCK_V"], kwargs["num_warps"], kwargs["grid"]) == (
             config.kwargs["BLOCK_V"], config.num_warps, (4,))
         assert args[0].shape == (4, 701) and torch.equal(args[6], labels) and args[7] == BF16  # the grad: a dtype
-    assert kmod.precompile_tiled(s, t, labels) == []  # CPU tensors: nothing to compile
+    thunks = kmod.precompile_tiled(s, t, labels, temperature=2.0, alpha=0.5)
+    if CUDA:
+        assert len(thunks) == len(configs)
+        for thunk in thunks:
+            thunk()  # compiles without launching
+    else:
+        assert thunks == []  # CPU tensors: nothing to compile
     assert kmod._tiled_launches(s[:, :60], t[:, :60], labels % 60) == []  # whole rows: no autotuner
 
 
