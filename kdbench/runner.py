@@ -445,18 +445,22 @@ def teacher_decoded_rows(spec: RunSpec, ctx: Context, params, rows: list[dict]) 
         raise KdbenchError(f"method {spec.method.name!r}: sequence-level KD needs a seq2seq or causal LM task; task "
                            f"{spec.task.name!r} has a {head.kind} head")
     options = dict(ctx.pair_options(spec))  # a seq2seq pair's decoder start and target prefix
-    causal = {k: v for k, v in (("prompt_length", params.prompt_length), ("prompt_loss", params.prompt_loss)) if v}
-    if causal and head.kind != "causal_lm":
-        raise KdbenchError(f"method {spec.method.name!r}: {next(iter(causal))} is for causal LM tasks; task "
+    causal_only = [key for key in ("prompt_length", "prompt_loss") if getattr(params, key)]
+    if causal_only and head.kind != "causal_lm":
+        raise KdbenchError(f"method {spec.method.name!r}: {causal_only[0]} is for causal LM tasks; task "
                            f"{spec.task.name!r} has a {head.kind} head")
-    options.update(causal)
+    if params.prompt_length is not None:
+        options["prompt_length"] = params.prompt_length
     teacher, _ = ctx.teacher(spec)
     max_len = spec.training.max_seq_length
-    settings = (params.num_beams, params.max_new_tokens or max_len, params.prompt_length, params.prompt_loss)
+    # prompt_loss changes labels only: methods that differ in it share one decoding
+    settings = (params.num_beams, params.max_new_tokens or max_len, params.prompt_length)
     decoded = ctx.memo(("teacher_targets", spec.task.name, spec.pair.name, settings), lambda: distributed.map_sharded(
         lambda part: head.teacher_targets(teacher, part, ctx.tokenizer(spec), ctx.device, max_len=max_len,
                                           num_beams=settings[0], max_new_tokens=settings[1], **options),
         rows, chunk=head.GENERATE_BATCH))  # under data parallel, a share per rank
+    if params.prompt_loss:
+        decoded = head.with_prompt_loss(decoded)
     return rows + decoded if params.keep_references else decoded
 
 

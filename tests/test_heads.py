@@ -94,8 +94,8 @@ def test_causal_lm_sequence_level_kd_rows_are_the_teachers_continuations(tok, lm
             assert new["labels"] == [IGNORE] * want_prompt + continuation
             assert new["attention_mask"] == [1] * len(new["input_ids"])
     # with prompt_loss the prompt's own tokens are labels too: the same rows, the same continuations
-    with_prompt = head.teacher_targets(lm, rows, tok, "cpu", max_len=16, prompt_length=6, prompt_loss=True)
     without = head.teacher_targets(lm, rows, tok, "cpu", max_len=16, prompt_length=6)
+    with_prompt = head.with_prompt_loss(without)
     for a, b in zip(with_prompt, without):
         assert a["input_ids"] == b["input_ids"] and a["labels"] == a["input_ids"] != b["labels"]
     # a teacher that often says eos: each continuation ends after its first eos, wherever the batch's others end

@@ -254,7 +254,7 @@ def test_a_causal_lm_suite_runs_end_to_end_and_reports_perplexity(tmp_path, cach
     assert f"decode b{bs} ms/token" in header and "**decode ms/token**" in readme
 
 
-def test_sequence_level_kd_on_a_causal_lm_trains_on_the_teachers_continuations(tmp_path, cache_dir):
+def test_sequence_level_kd_on_a_causal_lm_trains_on_the_teachers_continuations(tmp_path, cache_dir, monkeypatch):
     lm_pair = {"name": "llama",
                "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
                            "finetune": {"max_steps": 2, "batch_size": 8}},
@@ -263,19 +263,28 @@ def test_sequence_level_kd_on_a_causal_lm_trains_on_the_teachers_continuations(t
         tmp_path, cache_dir,
         [{"name": "seq", "method": "sequence", "params": {"prompt_length": 12}},
          {"name": "seq-refs", "method": "sequence", "params": {"prompt_length": 12, "alpha": 0.5,
-                                                                "keep_references": True}}],
+                                                                "keep_references": True}},
+         {"name": "seq-prompt", "method": "sequence", "params": {"prompt_length": 12, "prompt_loss": True}}],
         tasks=[{"name": "lm", "task": "generated_lm", "params": {"train_size": 64, "eval_size": 16}}],
         pairs=[lm_pair], training={"epochs": 1, "batch_size": 1, "max_seq_length": 32},  # samples = rows
     )
+    from kdbench.heads.language_modeling import CausalLM
+
+    decodings = []
+    decode = CausalLM.teacher_targets
+    monkeypatch.setattr(CausalLM, "teacher_targets",
+                        lambda self, *a, **kw: decodings.append(1) or decode(self, *a, **kw))
     outcome = run_suite(suite, show_progress=False)
-    assert statuses(outcome) == {"teacher": "ok", "student__s0": "ok", "seq__s0": "ok", "seq-refs__s0": "ok"}, [
-        r.error for r in outcome.runs]
+    assert statuses(outcome) == {"teacher": "ok", "student__s0": "ok", "seq__s0": "ok", "seq-refs__s0": "ok",
+                                 "seq-prompt__s0": "ok"}, [r.error for r in outcome.runs]
+    assert len(decodings) == 1  # the three methods decode alike: the teacher decodes once
     out = outcome.results_dir
-    runs = {m: read_result(run_path(out, f"lm__llama__{m}")) for m in ("student__s0", "seq__s0", "seq-refs__s0")}
+    runs = {m: read_result(run_path(out, f"lm__llama__{m}"))
+            for m in ("student__s0", "seq__s0", "seq-refs__s0", "seq-prompt__s0")}
     # one epoch: as many rows as the packed train blocks; with the gold blocks too, twice as many
     blocks = runs["student__s0"]["training"]["samples"]
-    assert (runs["seq__s0"]["training"]["samples"], runs["seq-refs__s0"]["training"]["samples"]) == (
-        blocks, 2 * blocks)
+    assert (runs["seq__s0"]["training"]["samples"], runs["seq-refs__s0"]["training"]["samples"],
+            runs["seq-prompt__s0"]["training"]["samples"]) == (blocks, 2 * blocks, blocks)
     for result in runs.values():
         [v] = result["variants"]
         assert 1.0 < v["metric"] < float("inf") and 0.0 <= v["extra_metrics"]["token accuracy"] <= 1.0

@@ -96,13 +96,12 @@ class CausalLM(Perplexity):
     GENERATE_BATCH = 64  # blocks per generate() call
 
     def teacher_targets(self, teacher, rows, tokenizer, device, *, max_len: int, num_beams: int = 1,
-                        max_new_tokens: int | None = None, prompt_length: int | None = None,
-                        prompt_loss: bool = False) -> list[dict]:
+                        max_new_tokens: int | None = None, prompt_length: int | None = None) -> list[dict]:
         """Sequence-level KD for a causal LM: each block's first `prompt_length` tokens (default: half of
         `max_len`) continued by `teacher`, greedy or by beam search, for up to `max_new_tokens` tokens and never
         past `max_len` in all, and cut after the first end-of-sequence token (the end of a document). The new
         row's labels are the continuation only (the prompt's are IGNORE): the student learns to continue as
-        the teacher does. With `prompt_loss`, the prompt's own (gold) tokens are labels too."""
+        the teacher does (`with_prompt_loss` labels the prompt too)."""
         from kdbench.errors import KdbenchError
 
         prompt_length = prompt_length or max_len // 2
@@ -112,8 +111,13 @@ class CausalLM(Perplexity):
         new = min(max_new_tokens or max_len, max_len - prompt_length)
         prompts = [list(r["input_ids"][: min(prompt_length, len(r["input_ids"]) - 1)]) for r in rows]
         continuations = self.generate(teacher, prompts, tokenizer, device, num_beams=num_beams, max_new_tokens=new)
-        return [{"input_ids": p + c, "attention_mask": [1] * (len(p) + len(c)),
-                 "labels": (p if prompt_loss else [IGNORE] * len(p)) + c} for p, c in zip(prompts, continuations)]
+        return [{"input_ids": p + c, "attention_mask": [1] * (len(p) + len(c)), "labels": [IGNORE] * len(p) + c}
+                for p, c in zip(prompts, continuations)]
+
+    @staticmethod
+    def with_prompt_loss(rows: list[dict]) -> list[dict]:
+        """`teacher_targets` rows with the prompt's own (gold) tokens as labels too: every token is one."""
+        return [{**r, "labels": list(r["input_ids"])} for r in rows]
 
     def generate(self, model, prompts: list[list[int]], tokenizer, device, *, num_beams: int = 1,
                  max_new_tokens: int, batch_size: int = GENERATE_BATCH) -> list[list[int]]:
