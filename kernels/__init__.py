@@ -1,5 +1,8 @@
 """Fused distillation-loss kernels (Triton) and their exact PyTorch reference; imported as kdbench.kernels.
 
+`fused_linear_kd_loss` (kernels/fused_linear.py) is the same loss taken from hidden states and output layers,
+chunk by chunk, so that no (N, V) logits exist; each chunk goes through `kd_loss`.
+
 `kd_loss` dispatches: the Triton kernel (kernels/kd_loss.py) for CUDA tensors, the chunked PyTorch reference
 (kernels/reference.py) otherwise. The environment variable KDBENCH_KERNEL overrides it:
     KDBENCH_KERNEL=torch    always the reference (any device: an A/B check of the kernel on a GPU)
@@ -19,9 +22,10 @@ import os
 import sys
 import types
 
+from kdbench.kernels.fused_linear import fused_linear_kd_loss
 from kdbench.kernels.reference import KD_LOSS_DOC, KdLossInputError
 
-__all__ = ["kd_loss", "KD_LOSS_DOC", "KdLossInputError", "backend_for"]
+__all__ = ["kd_loss", "fused_linear_kd_loss", "KD_LOSS_DOC", "KdLossInputError", "backend_for"]
 
 _BACKENDS = ("auto", "triton", "torch")
 
