@@ -17,7 +17,7 @@ import logging
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kdbench.errors import KdbenchError
 from kdbench.registry import Registry
@@ -41,6 +41,10 @@ class DistillationConfig(BaseModel):
     alpha: float = Field(0.7, ge=0, le=1)
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = Field(0.5, ge=0, le=1)  # JSD mixing weight
+    # Language models: run the output layers inside the loss, chunk by chunk (kdbench.kernels.fused_linear_kd_loss),
+    # so that neither model's (B, L, V) logits are ever held. Same loss; both layers run under the student's
+    # autocast state.
+    fused_linear: bool = False
 
 
 class Objective:
@@ -72,17 +76,27 @@ class Objective:
     def logit_kd(self, student_out, teacher_out, labels, features=None):
         """The logit terms every method shares (`self.params` is a DistillationConfig), plus an optional feature
         term `features` = (student_features, teacher_features, weight), all in one fused kd_loss call."""
-        from kdbench.kernels import kd_loss
+        from kdbench.kernels import fused_linear_kd_loss, kd_loss
 
         p = self.params
+        terms = dict(temperature=p.temperature, alpha=p.alpha, divergence=p.divergence, beta=p.beta)
+        layer = getattr(student_out, "output_layer", None)  # fused_linear: kdbench.output_layer.Captured rows
+        if layer is not None:
+            teacher_layer = teacher_out.output_layer
+            with layer.autocast_context():
+                loss = fused_linear_kd_loss(layer.hidden, layer.weight, teacher_layer.hidden, teacher_layer.weight,
+                                            labels, student_bias=layer.bias, teacher_bias=teacher_layer.bias, **terms)
+            if features is not None:  # kd_loss's feature term, which has no logits to ride along with here
+                import torch.nn.functional as F
+
+                fs, ft, weight = features
+                loss = loss + weight * F.mse_loss(fs.float(), ft.float().detach())
+            return loss
         extra = {}
         if features is not None:
             fs, ft, weight = features
             extra = {"student_features": fs, "teacher_features": ft, "feature_weight": weight}
-        return kd_loss(
-            student_out.logits, teacher_out.logits, labels,
-            temperature=p.temperature, alpha=p.alpha, divergence=p.divergence, beta=p.beta, **extra,
-        )
+        return kd_loss(student_out.logits, teacher_out.logits, labels, **terms, **extra)
 
 
 @methods.register("logit")
@@ -551,6 +565,14 @@ class ProgressiveParams(DistillationConfig):
     layer_map: dict[int, int] | None = None  # student layer (1..Ls) -> teacher layer (1..Lt); None: uniform
     decoder_layer_map: dict[int, int] | None = None  # encoder-decoders: the decoder's own map (None: layer_map's)
     final_fraction: float = Field(0.5, gt=0, le=1)  # of the steps, for the final logit stage; the rest: layer stages
+
+    @field_validator("fused_linear")
+    @classmethod
+    def _logits_needed(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("progressive's layer stages read the student's logits; fused_linear is for logit, "
+                             "sequence, hidden and attention")
+        return value
 
 
 def progressive_schedule(max_steps: int, layer_stages: int, final_fraction: float) -> list[int]:

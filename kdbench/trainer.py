@@ -19,7 +19,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +28,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer_callback import CallbackHandler
 
 from kdbench import heads
-from kdbench.errors import NonFiniteLossError
+from kdbench.errors import KdbenchError, NonFiniteLossError
 from kdbench.heads import IGNORE, Head
 from kdbench.methods import DistillationConfig, LogitKD, Objective
 from kdbench.models import model_inputs
@@ -109,6 +109,8 @@ class Distiller(Trainer):
         cached = inputs.pop("teacher_logits", None)
         flags = dict(output_hidden_states=bool(objective and objective.needs_hidden_states),
                      output_attentions=bool(objective and objective.needs_attentions))
+        if teacher is not None and cached is None and fused_linear(objective, head):
+            return self.fused_linear_loss(model, teacher, objective, head, inputs, labels, batch_labels, flags)
         student_out = model(**model_inputs(inputs, model), **flags)
         student_logits = head.logits(student_out)  # (N, V) rows; an extractive QA model's start and end, stacked
         if teacher is None:
@@ -126,13 +128,42 @@ class Distiller(Trainer):
             # attention maps stay as the models returned them.
             s_logits, aligned = head.align(student_logits, labels)
             t_logits, _ = head.align(teacher_logits, labels)
-            # Feature methods leave padding tokens out; logit-only objectives keep their 3-argument loss.
-            mask = {"attention_mask": inputs.get("attention_mask")} if any(flags.values()) else {}
-            if mask and _is_encoder_decoder(model):
-                mask["decoder_attention_mask"] = decoder_token_mask(inputs, batch_labels)
             loss = objective.loss(_with_logits(student_out, s_logits), _with_logits(teacher_out, t_logits), aligned,
-                                  **mask)
+                                  **self.token_masks(model, inputs, batch_labels, flags))
         return loss, student_out
+
+    def fused_linear_loss(self, model, teacher, objective, head, inputs, labels, batch_labels, flags):
+        """`distillation_loss` with the output layers run inside the loss (a method's `fused_linear`): the models
+        return their last hidden states instead of logits, and kdbench.kernels.fused_linear_kd_loss makes the
+        logits chunk by chunk, so that no (B, L, V) logits tensor exists."""
+        from kdbench import output_layer
+
+        student_inputs, teacher_inputs = model_inputs(inputs, model), model_inputs(inputs, teacher)
+        teacher.eval()  # Trainer.train() puts every registered module in train mode
+        output_layer.check_logits(model, student_inputs, "the student")  # once per model: exact, or refused
+        output_layer.check_logits(teacher, teacher_inputs, "the teacher")
+        with output_layer.captured(model, what="the student") as student_layer:
+            student_out = model(**student_inputs, **flags)
+        with torch.no_grad(), output_layer.captured(teacher, what="the teacher") as teacher_layer:
+            teacher_out = teacher(**teacher_inputs, **flags)
+        # the rows that predict labels, as `align` gives the logits' (language-model heads keep every position)
+        s_rows, aligned = head.align(student_layer.hidden, labels)
+        t_rows, _ = head.align(teacher_layer.hidden, labels)
+        student_view = _replaced(student_out, logits=None,
+                                 output_layer=replace(student_layer, hidden=s_rows))
+        teacher_view = _replaced(teacher_out, logits=None,
+                                 output_layer=replace(teacher_layer, hidden=t_rows))
+        loss = objective.loss(student_view, teacher_view, aligned,
+                              **self.token_masks(model, inputs, batch_labels, flags))
+        return loss, student_out
+
+    @staticmethod
+    def token_masks(model, inputs, batch_labels, flags) -> dict:
+        """Feature methods leave padding tokens out; logit-only objectives keep their 3-argument loss."""
+        mask = {"attention_mask": inputs.get("attention_mask")} if any(flags.values()) else {}
+        if mask and _is_encoder_decoder(model):
+            mask["decoder_attention_mask"] = decoder_token_mask(inputs, batch_labels)
+        return mask
 
 
 def _data_parallel(args) -> bool:
@@ -169,13 +200,29 @@ class _StudentCallbacks(CallbackHandler):
         super().__setattr__(name, value)
 
 
+def fused_linear(objective, head) -> bool:
+    """Whether `objective` runs the output layers inside its loss (its `fused_linear`); refused, in one line, for
+    a head whose logits are not a vocabulary."""
+    if not getattr(getattr(objective, "params", None), "fused_linear", False):
+        return False
+    if not head.vocab_rows:
+        raise KdbenchError(f"fused_linear is for language-model tasks (vocabulary logits); this task has a "
+                           f"{head.kind} head")
+    return True
+
+
 def _with_logits(out, logits):
     """A view of model outputs `out` with other logits (the hidden states and attentions stay, an encoder-decoder's
     encoder_/decoder_/cross_ ones included)."""
     if logits is getattr(out, "logits", None):
         return out
-    fields = dict(out.items()) if hasattr(out, "items") else dict(vars(out))  # a ModelOutput, or a SimpleNamespace
-    return SimpleNamespace(**{**fields, "logits": logits})
+    return _replaced(out, logits=logits)
+
+
+def _replaced(out, **fields):
+    """A SimpleNamespace of the fields of model outputs `out` (a ModelOutput, or a SimpleNamespace), with `fields`
+    set."""
+    return SimpleNamespace(**{**(dict(out.items()) if hasattr(out, "items") else dict(vars(out))), **fields})
 
 
 def _is_encoder_decoder(model) -> bool:

@@ -39,6 +39,9 @@ class Head:
     # `update` takes the logits where the model left them (a language model's (B, L, V) logits are gigabytes:
     # copying them to the host in fp32 would cost more than the forward pass); otherwise fp32 on the CPU.
     metric_on_device = False
+    # Its logit rows are a vocabulary, made from hidden states by the model's output layer: a method's
+    # `fused_linear` can run that layer inside the loss (kdbench.output_layer).
+    vocab_rows = False
 
     def encode(self, rows: list[dict], tokenizer, max_len: int) -> list[dict]:  # pragma: no cover - interface
         raise NotImplementedError

@@ -33,6 +33,7 @@ class Perplexity(Head):
     metric_name = "perplexity"
     higher_is_better = False
     metric_on_device = True
+    vocab_rows = True
     CHUNK_ELEMENTS = 1 << 26  # logits per fp32 chunk of `update` (256 MB), whatever the batch and vocabulary
 
     def new_state(self):
