@@ -14,6 +14,7 @@
 #   2. kdbench.bench.bench_kernels()            -> kernels/<gpu-slug>.md, bench_kernels.log
 #   3. pytest tests/test_kd_loss.py (GPU)       -> test_kd_loss.log
 #   4. pytest tests/bench/test_bench_kd_loss.py, timed -> bench_pytest.log, bench.json
+#   4b. kdbench.bench_fused_linear (loss from hidden states, unfused vs fused) -> kernels/fused-linear-<gpu>.md
 #   5. kdbench run suites/gpu-smoke.yaml -v     -> suites/gpu-smoke/ (results, report), gpu_smoke.log
 #      every CUDA path of the pipeline: CUDA-event latency, peak memory, NVML energy, the Triton kd_loss in the
 #      Distiller, hidden-state KD, int8/bf16/fp16 and structured pruning on CUDA, decoding latency
@@ -138,6 +139,20 @@ timeout -k 10 "$T" "$PY" -m pytest tests/bench/test_bench_kd_loss.py -p no:rando
 BENCH_RC=$?
 tail -n 14 "$OUT/bench_pytest.log"
 
+# --- 4b. the loss from hidden states: unfused against fused_linear_kd_loss (time, peak memory) -------------------
+T=$(limit 40 20)
+echo "gpu_check: bench_fused_linear (limit ${T}s)"
+timeout -k 10 "$T" "$PY" - "$OUT/fused_linear" "$QUICK" > "$OUT/bench_fused_linear.log" 2>&1 <<'EOF'
+import sys
+from pathlib import Path
+from kdbench.bench_fused_linear import bench_fused_linear
+
+print(bench_fused_linear(out_dir=Path(sys.argv[1]), quick=sys.argv[2] == "1"))
+EOF
+FUSED_RC=$?
+for f in "$OUT"/fused_linear/*.md; do [[ -f "$f" ]] && cp "$f" "$OUT/kernels/fused-linear-$(basename "$f")"; done
+tail -n 6 "$OUT/bench_fused_linear.log"
+
 # --- 5. the pipeline on CUDA: suites/gpu-smoke.yaml --------------------------------------------------------------
 SMOKE_RC=skipped
 # torchao is not required here: without it (or with one that does not import on this torch) the int8 variants
@@ -167,6 +182,7 @@ fi
     echo "  bench_kernels:  rc=$KERN_RC   (124 = ran out of time)"
     echo "  kernel tests:   rc=$TEST_RC   $(grep -E '(passed|failed|error)' "$OUT/test_kd_loss.log" | tail -n 1)"
     echo "  bench pytest:   rc=$BENCH_RC  $(grep -E '(passed|failed|error)' "$OUT/bench_pytest.log" | tail -n 1)"
+    echo "  fused linear:   rc=$FUSED_RC  (124 = ran out of time; kernels/fused-linear-<gpu>.md)"
     echo "  gpu-smoke:      rc=$SMOKE_RC  (0 = every run ok; 1/2 = a run or variant failed, see its report)"
 } | tee "$OUT/summary.txt"
 if (( KERN_RC == 0 )); then

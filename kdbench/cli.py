@@ -187,6 +187,19 @@ def bench_kernels(
     typer.echo(run_bench(out_dir, quick=quick))
 
 
+@bench_app.command("fused-linear")
+def bench_fused_linear(
+    out_dir: Path = typer.Option(Path("results/fused-linear"), "--out-dir", help="where <device>.md is written"),
+    quick: bool = typer.Option(False, "--quick", help="a small shape only"),
+):
+    """Time and measure the loss from hidden states: both models' logits then kd_loss, against
+    fused_linear_kd_loss (the methods' `fused_linear`)."""
+    _setup_logging(False)
+    from kdbench.bench_fused_linear import bench_fused_linear as run_bench
+
+    typer.echo(run_bench(out_dir, quick=quick))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -410,8 +410,9 @@ def distiller(spec: RunSpec, ctx: Context, objective):
     `objective` on the labelled split plus the transfer set (which the teacher labels)."""
     from kdbench import trainer
 
-    teacher, _ = ctx.teacher(spec)
     head = ctx.head(spec)
+    trainer.fused_linear(objective, head, spec.method.name, spec.task.name)  # False, True, or a one-line refusal
+    teacher, _ = ctx.teacher(spec)
     kd_rows = distillation_rows(spec, ctx, objective)
     if head.caches_teacher_logits and not (objective.needs_hidden_states or objective.needs_attentions):
         # Logits of a frozen teacher in eval mode do not change between epochs, seeds or methods: compute once.

@@ -200,14 +200,14 @@ class _StudentCallbacks(CallbackHandler):
         super().__setattr__(name, value)
 
 
-def fused_linear(objective, head) -> bool:
-    """Whether `objective` runs the output layers inside its loss (its `fused_linear`); refused, in one line, for
-    a head whose logits are not a vocabulary."""
+def fused_linear(objective, head, method: str | None = None, task: str | None = None) -> bool:
+    """Whether `objective` runs the output layers inside its loss (its `fused_linear`); refused, in one line
+    naming `method` and `task` when given, for a head whose logits are not a vocabulary."""
     if not getattr(getattr(objective, "params", None), "fused_linear", False):
         return False
     if not head.vocab_rows:
-        raise KdbenchError(f"fused_linear is for language-model tasks (vocabulary logits); this task has a "
-                           f"{head.kind} head")
+        raise KdbenchError(f"{f'method {method!r}: ' if method else ''}fused_linear is for language-model tasks "
+                           f"(vocabulary logits); {f'task {task!r}' if task else 'this task'} has a {head.kind} head")
     return True
 
 

@@ -104,9 +104,11 @@ def test_no_chunk_holds_more_than_chunk_rows_rows_of_logits(monkeypatch):
 
 
 def test_default_chunk_rows_keeps_a_chunk_near_the_hidden_states_size():
-    assert fused_linear.default_chunk_rows(8192, 4096, 128256) == 512  # 8192 * 4096 / 128256 = 262 -> 512
-    assert fused_linear.default_chunk_rows(10, 4, 1000) == 10  # at least 16, at most N
-    assert fused_linear.default_chunk_rows(4096, 768, 768) == 4096
+    assert fused_linear.default_chunk_rows(8192, 2048, 128256) == 128  # 2^24 / V = 130.8 -> 128
+    assert fused_linear.default_chunk_rows(65536, 4096, 128256) == 2048  # N H / V = 2093 -> 2048
+    assert fused_linear.default_chunk_rows(4096, 768, 50257) == 256  # 2^24 / V = 333.8 -> 256
+    assert fused_linear.default_chunk_rows(10, 4, 1000) == 10  # at most N
+    assert fused_linear.default_chunk_rows(1 << 20, 8, 1 << 22) == 16  # at least 16
 
 
 def test_without_grad_no_gradient_is_computed(monkeypatch):

@@ -18,7 +18,15 @@ from transformers import (
 
 from kdbench import heads, models, output_layer
 from kdbench.errors import KdbenchError
-from kdbench.methods import AttentionKD, AttentionParams, DistillationConfig, HiddenParams, HiddenStateKD, LogitKD, methods
+from kdbench.methods import (
+    AttentionKD,
+    AttentionParams,
+    DistillationConfig,
+    HiddenParams,
+    HiddenStateKD,
+    LogitKD,
+    methods,
+)
 from kdbench.suite import TrainingSettings
 from kdbench.tasks import load_task
 from kdbench.trainer import Distiller, training_arguments
@@ -214,7 +222,8 @@ def test_a_classifier_is_refused_in_one_line(tmp_path):
 
     trainer = distiller(tmp_path, tiny_bert(0), tiny_bert(1), heads.get("classification"),
                         LogitKD(DistillationConfig(fused_linear=True)))
-    with pytest.raises(KdbenchError, match="^fused_linear is for language-model tasks .*classification head$"):
+    with pytest.raises(KdbenchError,
+                       match="^fused_linear is for language-model tasks .*; this task has a classification head$"):
         trainer.compute_loss(trainer.student, inputs_for(3, [0, 1, 2]))
 
 

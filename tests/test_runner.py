@@ -254,6 +254,34 @@ def test_a_causal_lm_suite_runs_end_to_end_and_reports_perplexity(tmp_path, cach
     assert f"decode b{bs} ms/token" in header and "**decode ms/token**" in readme
 
 
+def test_fused_linear_trains_a_causal_lm_student_as_the_logits_do(tmp_path, cache_dir):
+    """The same method with `fused_linear` gives the same student: its metrics agree with the plain method's to
+    rounding (the weight gradient is summed chunk by chunk), and a classification task refuses it in one line."""
+    fused = {**KD, "name": "kd-fused", "params": {**KD["params"], "fused_linear": True}}
+    suite = tiny_suite(
+        tmp_path, cache_dir, [KD, fused],
+        tasks=[{"name": "lm", "task": "generated_lm", "params": {"train_size": 64, "eval_size": 16}}],
+        pairs=[{"name": "llama",
+                "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
+                            "finetune": {"max_steps": 2, "batch_size": 8}},
+                "student": {"model": {**LLAMA, "hidden_size": 8, "intermediate_size": 16}}}],
+        training={"max_steps": 6, "batch_size": 4, "max_seq_length": 32},
+    )
+    outcome = run_suite(suite, show_progress=False)
+    assert statuses(outcome) == {"teacher": "ok", "student__s0": "ok", "kd__s0": "ok", "kd-fused__s0": "ok"}
+    plain, fused_run = ([v for v in read_result(run_path(outcome.results_dir, f"lm__llama__{m}__s0"))["variants"]
+                         if v["name"] == "distilled"][0] for m in ("kd", "kd-fused"))
+    student = read_result(run_path(outcome.results_dir, "lm__llama__student__s0"))["variants"][0]
+    assert abs(plain["metric"] - student["metric"]) > 1e-3  # six steps of KD moved the student: the test can see
+    assert fused_run["metric"] == pytest.approx(plain["metric"], rel=1e-5)
+    assert fused_run["extra_metrics"] == pytest.approx(plain["extra_metrics"], rel=1e-5)
+
+    classify = tiny_suite(tmp_path, cache_dir, [fused])
+    [failed] = run_suite(classify, show_progress=False).failed
+    assert failed.error == ("method 'kd-fused': fused_linear is for language-model tasks (vocabulary logits); task "
+                            "'sentiment' has a classification head") and failed.error_kind == "input"
+
+
 def test_sequence_level_kd_on_a_causal_lm_trains_on_the_teachers_continuations(tmp_path, cache_dir, monkeypatch):
     lm_pair = {"name": "llama",
                "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
