@@ -1,8 +1,8 @@
 """A language model's output layer, run inside the loss instead of inside the model (methods' `fused_linear`).
 
 `captured(model)` swaps the forward of the model's output layer (`get_output_embeddings()`, an nn.Linear) for
-one that records its input, the last hidden states, and returns a zero-stride placeholder of the logits' shape
-that holds no memory. The loss then makes the logits itself, chunk by chunk
+one that records its input, the last hidden states, and returns a zero-stride fp32 placeholder of the logits'
+shape that holds no memory. The loss then makes the logits itself, chunk by chunk
 (kdbench.kernels.fused_linear_kd_loss), so that no (B, L, V) logits exist.
 
 That is exact only if the model's logits are the output layer's output and nothing else: no soft-capping, no
@@ -46,8 +46,8 @@ def output_layer(model, what: str = "model") -> torch.nn.Linear:
 
 @contextlib.contextmanager
 def captured(model, *, placeholder: bool = True, what: str = "model"):
-    """Inside: the output layer records into the yielded Captured and, with `placeholder`, returns zeros of the
-    logits' shape and dtype (expanded from one element) instead of computing them."""
+    """Inside: the output layer records into the yielded Captured and, with `placeholder`, returns fp32 zeros of
+    the logits' shape (expanded from one element) instead of computing them."""
     layer = output_layer(model, what)
     record = Captured(weight=layer.weight, bias=layer.bias)
 
@@ -58,8 +58,9 @@ def captured(model, *, placeholder: bool = True, what: str = "model"):
         record.autocast = (enabled, torch.get_autocast_dtype(device))
         if not placeholder:
             return F.linear(hidden, layer.weight, layer.bias)
-        dtype = record.autocast[1] if enabled else torch.result_type(hidden, layer.weight)
-        return hidden.new_zeros((), dtype=dtype).expand(*hidden.shape[:-1], layer.out_features)
+        # fp32 whatever the autocast: under mixed precision the Trainer (accelerate's convert_outputs_to_fp32)
+        # casts a model's bf16/fp16 outputs to fp32, which would make a bf16 placeholder a real (B, L, V) tensor
+        return hidden.new_zeros((), dtype=torch.float32).expand(*hidden.shape[:-1], layer.out_features)
 
     layer.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's forward
     try:

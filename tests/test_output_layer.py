@@ -148,6 +148,20 @@ def test_the_output_layer_returns_a_placeholder_that_holds_no_memory(tok):
     torch.testing.assert_close(model.lm_head(layer.hidden), model(**inputs).logits)
 
 
+def test_the_placeholder_survives_the_trainers_mixed_precision_wrapper(tok):
+    """Under bf16/fp16 the Trainer's model forward goes through accelerate's convert_outputs_to_fp32, which casts
+    half-precision outputs to fp32: a half-precision placeholder would become a real (B, L, V) tensor there."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    model = llama(len(tok), 16, 0)
+    _, batch = lm_batch(tok, "causal_lm")
+    forward = convert_outputs_to_fp32(model.forward)
+    with output_layer.captured(model) as layer, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = forward(**models.model_inputs(batch, model))
+    assert out.logits.stride() == (0, 0, 0)
+    assert layer.autocast == (True, torch.bfloat16)  # the loss makes its logits under the same autocast
+
+
 def test_the_check_runs_once_per_model_and_draws_no_random_numbers(tok, tmp_path, monkeypatch):
     student = llama(len(tok), 16, 2, "eager", attention_dropout=0.5).train()  # its forward draws dropout masks
     teacher = llama(len(tok), 32, 1)
