@@ -17,7 +17,7 @@ import logging
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from kdbench.errors import KdbenchError
 from kdbench.registry import Registry
@@ -26,7 +26,17 @@ log = logging.getLogger(__name__)
 methods: Registry = Registry("method")
 
 
-class DistillationConfig(BaseModel):
+class SoftTargets(BaseModel):
+    """The logit terms every method shares: loss = alpha * T^2 * D(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE."""
+
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0, le=1)  # JSD mixing weight
+
+
+class DistillationConfig(SoftTargets):
     """Logit distillation (Hinton et al., 2015, "Distilling the Knowledge in a Neural Network").
 
     loss = alpha * T^2 * D(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)
@@ -36,11 +46,6 @@ class DistillationConfig(BaseModel):
           - {name: kd, method: logit, params: {temperature: 4.0, alpha: 0.7}}
     """
 
-    model_config = ConfigDict(extra="forbid")
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.7, ge=0, le=1)
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    beta: float = Field(0.5, ge=0, le=1)  # JSD mixing weight
     # Language models: run the output layers inside the loss, chunk by chunk (kdbench.kernels.fused_linear_kd_loss),
     # so that neither model's (B, L, V) logits are ever held. Same loss; both layers run under the student's
     # autocast state.
@@ -557,7 +562,7 @@ class AttentionKD(LayerMapped, Objective):
 # Progressive layer-by-layer transfer: a schedule of stages over the training steps
 
 
-class ProgressiveParams(DistillationConfig):
+class ProgressiveParams(SoftTargets):  # no fused_linear: its layer stages read the student's logits
     """Parameters of `progressive`: logit KD's (the final stage), the layer stages' feature weight and layer map, and
     the share of the training steps that the final stage takes."""
 
@@ -565,14 +570,6 @@ class ProgressiveParams(DistillationConfig):
     layer_map: dict[int, int] | None = None  # student layer (1..Ls) -> teacher layer (1..Lt); None: uniform
     decoder_layer_map: dict[int, int] | None = None  # encoder-decoders: the decoder's own map (None: layer_map's)
     final_fraction: float = Field(0.5, gt=0, le=1)  # of the steps, for the final logit stage; the rest: layer stages
-
-    @field_validator("fused_linear")
-    @classmethod
-    def _logits_needed(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("progressive's layer stages read the student's logits; fused_linear is for logit, "
-                             "sequence, hidden and attention")
-        return value
 
 
 def progressive_schedule(max_steps: int, layer_stages: int, final_fraction: float) -> list[int]:

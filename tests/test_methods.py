@@ -390,11 +390,12 @@ def test_ls_methods_lists_both_with_descriptions_and_params():
         [i] = [i for i, line in enumerate(lines) if line.split()[:1] == [name]]
         assert lines[i].split(None, 1)[1] == methods.describe(name) and methods.describe(name).startswith(starts)
         assert lines[i + 1].split() == ["params:", "temperature,", "alpha,", "divergence,", "beta,",
-                                        "feature_weight,", "layer_map,", *own]
+                                        "fused_linear,", "feature_weight,", "layer_map,", *own]
     [i] = [i for i, line in enumerate(lines) if line.split()[:1] == ["progressive"]]
     assert lines[i].split(None, 1)[1] == "Progressive layer-by-layer transfer (MobileBERT), then logit KD of the " \
                                          "whole student."
     assert lines[i + 1].split()[-4:] == ["feature_weight,", "layer_map,", "decoder_layer_map,", "final_fraction"]
+    assert "fused_linear," not in lines[i + 1].split()  # its layer stages read the student's logits
 
 
 # ---------------------------------------------------------------------------------------------------------------
