@@ -167,13 +167,14 @@ def build_group(spec, ctx) -> dict:
 def train_students(spec, ctx, students: dict):
     """Distil the group's `students` together, each row from its own task's teacher; return the TrainStats."""
     from kdbench.methods import make_objective
-    from kdbench.runner import distillation_rows, for_task
+    from kdbench.runner import check_and_bind, distillation_rows, for_task
 
     views = [for_task(spec, task) for task in spec.group]
     parts, rows = [], []
     for k, v in enumerate(views):
         teacher, _ = ctx.teacher(v)
         objective = make_objective(spec.method.method, spec.method.params)
+        check_and_bind(v, ctx, objective)
         parts.append((students[v.task.name], teacher, objective, ctx.head(v)))
         rows += [{**r, "task": k} for r in distillation_rows(v, ctx, objective)]
     # one tokenizer for the group, so any task's collator pads all the rows

@@ -411,7 +411,7 @@ def distiller(spec: RunSpec, ctx: Context, objective):
     from kdbench import trainer
 
     head = ctx.head(spec)
-    trainer.fused_linear(objective, head, spec.method.name, spec.task.name)  # False, True, or a one-line refusal
+    check_and_bind(spec, ctx, objective)
     teacher, _ = ctx.teacher(spec)
     kd_rows = distillation_rows(spec, ctx, objective)
     if head.caches_teacher_logits and not (objective.needs_hidden_states or objective.needs_attentions):
@@ -438,26 +438,59 @@ def distillation_rows(spec: RunSpec, ctx: Context, objective) -> list[dict]:
     return rows
 
 
-def teacher_decoded_rows(spec: RunSpec, ctx: Context, params, rows: list[dict]) -> list[dict]:
-    """`rows` with the teacher's decoded outputs as their targets (and the gold rows too with `keep_references`);
-    decoded once per task, pair and decoding setting."""
+def decoding_options(spec: RunSpec, ctx: Context, params, what: str) -> dict:
+    """The keyword settings of the task head's `decoded_targets` for this pair and method (a seq2seq pair's
+    decoder start and target prefix, a causal LM's prompt_length), or a one-line refusal naming `what` (the
+    method's kind of KD) for a task that does not decode."""
     head = ctx.head(spec)
-    if not hasattr(head, "teacher_targets"):
-        raise KdbenchError(f"method {spec.method.name!r}: sequence-level KD needs a seq2seq or causal LM task; task "
+    if not hasattr(head, "decoded_targets"):
+        raise KdbenchError(f"method {spec.method.name!r}: {what} needs a seq2seq or causal LM task; task "
                            f"{spec.task.name!r} has a {head.kind} head")
-    options = dict(ctx.pair_options(spec))  # a seq2seq pair's decoder start and target prefix
-    causal_only = [key for key in ("prompt_length", "prompt_loss") if getattr(params, key)]
+    options = dict(ctx.pair_options(spec))
+    causal_only = [key for key in ("prompt_length", "prompt_loss") if getattr(params, key, None)]
     if causal_only and head.kind != "causal_lm":
         raise KdbenchError(f"method {spec.method.name!r}: {causal_only[0]} is for causal LM tasks; task "
                            f"{spec.task.name!r} has a {head.kind} head")
     if params.prompt_length is not None:
         options["prompt_length"] = params.prompt_length
+    return options
+
+
+def check_and_bind(spec: RunSpec, ctx: Context, objective) -> None:
+    """Before a method trains on a task: refuse, in one line, what the task's head cannot serve (fused_linear on a
+    classifier), and give on-policy KD the task's decoding."""
+    from kdbench import trainer
+
+    trainer.fused_linear(objective, ctx.head(spec), spec.method.name, spec.task.name)
+    if hasattr(objective, "bind"):
+        bind_student_decoding(spec, ctx, objective)
+
+
+def bind_student_decoding(spec: RunSpec, ctx: Context, objective) -> None:
+    """On-policy KD: the student writes a share of its training batches; bind how, for this task and pair."""
+    params, head = objective.params, ctx.head(spec)
+    options = decoding_options(spec, ctx, params, "on-policy KD")
+    tokenizer, max_len = ctx.tokenizer(spec), spec.training.max_seq_length
+
+    def write(model, rows, device):
+        return head.decoded_targets(model, rows, tokenizer, device, max_len=max_len,
+                                    max_new_tokens=params.max_new_tokens or max_len,
+                                    sample_temperature=params.sample_temperature, **options)
+
+    objective.bind(write, ctx.collator(spec), seed=spec.seed)
+
+
+def teacher_decoded_rows(spec: RunSpec, ctx: Context, params, rows: list[dict]) -> list[dict]:
+    """`rows` with the teacher's decoded outputs as their targets (and the gold rows too with `keep_references`);
+    decoded once per task, pair and decoding setting."""
+    head = ctx.head(spec)
+    options = decoding_options(spec, ctx, params, "sequence-level KD")
     teacher, _ = ctx.teacher(spec)
     max_len = spec.training.max_seq_length
     # prompt_loss changes labels only: methods that differ in it share one decoding
     settings = (params.num_beams, params.max_new_tokens or max_len, params.prompt_length)
-    decoded = ctx.memo(("teacher_targets", spec.task.name, spec.pair.name, settings), lambda: distributed.map_sharded(
-        lambda part: head.teacher_targets(teacher, part, ctx.tokenizer(spec), ctx.device, max_len=max_len,
+    decoded = ctx.memo(("decoded_targets", spec.task.name, spec.pair.name, settings), lambda: distributed.map_sharded(
+        lambda part: head.decoded_targets(teacher, part, ctx.tokenizer(spec), ctx.device, max_len=max_len,
                                           num_beams=settings[0], max_new_tokens=settings[1], **options),
         rows, chunk=head.GENERATE_BATCH))  # under data parallel, a share per rank
     if params.prompt_loss:

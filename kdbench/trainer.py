@@ -105,6 +105,8 @@ class Distiller(Trainer):
     def distillation_loss(self, model, teacher, objective, head, inputs):
         """(loss, student outputs) of one batch: the hard loss without a teacher, else the objective's loss on the
         logit rows `head` lines up with the labels."""
+        if teacher is not None and objective is not None:
+            inputs = dict(objective.prepare_batch(model, inputs))  # on-policy KD: the student writes the targets
         labels = batch_labels = inputs.pop("labels")
         cached = inputs.pop("teacher_logits", None)
         flags = dict(output_hidden_states=bool(objective and objective.needs_hidden_states),

@@ -84,7 +84,7 @@ def test_causal_lm_sequence_level_kd_rows_are_the_teachers_continuations(tok, lm
     rows = head.encode([{"text": t} for t in TEXTS], tok, 16)[:5]
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
     for prompt_length, max_new, want_prompt, want_new in ((6, None, 6, 10), (None, 3, 8, 3)):
-        relabelled = head.teacher_targets(lm, rows, tok, "cpu", max_len=16, max_new_tokens=max_new,
+        relabelled = head.decoded_targets(lm, rows, tok, "cpu", max_len=16, max_new_tokens=max_new,
                                           prompt_length=prompt_length)
         assert len(relabelled) == len(rows)
         for row, new in zip(rows, relabelled):
@@ -94,7 +94,7 @@ def test_causal_lm_sequence_level_kd_rows_are_the_teachers_continuations(tok, lm
             assert new["labels"] == [IGNORE] * want_prompt + continuation
             assert new["attention_mask"] == [1] * len(new["input_ids"])
     # with prompt_loss the prompt's own tokens are labels too: the same rows, the same continuations
-    without = head.teacher_targets(lm, rows, tok, "cpu", max_len=16, prompt_length=6)
+    without = head.decoded_targets(lm, rows, tok, "cpu", max_len=16, prompt_length=6)
     with_prompt = head.with_prompt_loss(without)
     for a, b in zip(with_prompt, without):
         assert a["input_ids"] == b["input_ids"] and a["labels"] == a["input_ids"] != b["labels"]
@@ -102,17 +102,17 @@ def test_causal_lm_sequence_level_kd_rows_are_the_teachers_continuations(tok, lm
     talkative = copy.deepcopy(lm)
     with torch.no_grad():
         talkative.lm_head.weight[eos] = talkative.lm_head.weight[46] * 2  # eos wherever token 46 would win
-    relabelled = head.teacher_targets(talkative, rows, tok, "cpu", max_len=16, prompt_length=6)
+    relabelled = head.decoded_targets(talkative, rows, tok, "cpu", max_len=16, prompt_length=6)
     ends = [r["input_ids"][6:] for r in relabelled]
     assert ends == [greedy_continuation(talkative, r["input_ids"][:6], 10, eos) for r in rows]
     assert any(e[-1] == eos and len(e) < 10 for e in ends) and any(len(e) == 10 and eos not in e for e in ends)
     # prompts of two lengths (a short last block) are batched apart: no padding inside a prompt
     short = [rows[0], {**rows[1], "input_ids": rows[1]["input_ids"][:4]}]
-    [a, b] = head.teacher_targets(lm, short, tok, "cpu", max_len=16, prompt_length=6)
+    [a, b] = head.decoded_targets(lm, short, tok, "cpu", max_len=16, prompt_length=6)
     assert b["input_ids"][:3] == rows[1]["input_ids"][:3] and b["labels"][:3] == [IGNORE] * 3
     assert b["input_ids"][3:] == greedy_continuation(lm, rows[1]["input_ids"][:3], 10, eos)
     with pytest.raises(KdbenchError, match="^prompt_length 16 leaves no room to continue within max_seq_length 16$"):
-        head.teacher_targets(lm, rows, tok, "cpu", max_len=16, prompt_length=16)
+        head.decoded_targets(lm, rows, tok, "cpu", max_len=16, prompt_length=16)
 
 
 def test_lm_metrics_do_not_depend_on_the_chunking(tok, lm, monkeypatch):

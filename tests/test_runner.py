@@ -299,8 +299,8 @@ def test_sequence_level_kd_on_a_causal_lm_trains_on_the_teachers_continuations(t
     from kdbench.heads.language_modeling import CausalLM
 
     decodings = []
-    decode = CausalLM.teacher_targets
-    monkeypatch.setattr(CausalLM, "teacher_targets",
+    decode = CausalLM.decoded_targets
+    monkeypatch.setattr(CausalLM, "decoded_targets",
                         lambda self, *a, **kw: decodings.append(1) or decode(self, *a, **kw))
     outcome = run_suite(suite, show_progress=False)
     assert statuses(outcome) == {"teacher": "ok", "student__s0": "ok", "seq__s0": "ok", "seq-refs__s0": "ok",

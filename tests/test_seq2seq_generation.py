@@ -94,11 +94,11 @@ def test_seq2seq_tasks_take_the_scoring_settings():
         tasks.validate_params("cnn_dailymail", {"metric": "bleu"})
 
 
-def test_teacher_targets_are_the_teachers_decoded_outputs(data, tok):
+def test_decoded_targets_are_the_teachers_decoded_outputs(data, tok):
     head = heads.get("seq2seq")
     rows = head.encode(data.train[:6], tok, 32)
     teacher = t5(tok, seed=5)
-    relabelled = head.teacher_targets(teacher, rows, tok, "cpu", max_len=32, max_new_tokens=8)
+    relabelled = head.decoded_targets(teacher, rows, tok, "cpu", max_len=32, max_new_tokens=8)
     decoded = head.generate(teacher, rows, tok, "cpu", max_new_tokens=8)
     eos = end_token_id(tok)
     for row, new, out in zip(rows, relabelled, decoded):
@@ -214,7 +214,7 @@ def test_a_bart_pair_trains_on_the_targets_barts_own_recipe_builds(data, barts):
     raw = model.generate(**enc, max_new_tokens=6, do_sample=False, num_beams=1).tolist()
     assert all(r[:2] == [2, 0] for r in raw)
     assert outputs == [r[2:r.index(2, 1)] if 2 in r[1:] else r[2:] for r in raw]
-    relabelled = head.teacher_targets(model, rows, btok, "cpu", max_len=32, max_new_tokens=6, **options)
+    relabelled = head.decoded_targets(model, rows, btok, "cpu", max_len=32, max_new_tokens=6, **options)
     for new, out in zip(relabelled, outputs):
         assert new["labels"] == [0, *out, 2] and new["decoder_input_ids"] == [2, 0, *out]
 

@@ -96,13 +96,15 @@ class CausalLM(Perplexity):
 
     GENERATE_BATCH = 64  # blocks per generate() call
 
-    def teacher_targets(self, teacher, rows, tokenizer, device, *, max_len: int, num_beams: int = 1,
-                        max_new_tokens: int | None = None, prompt_length: int | None = None) -> list[dict]:
-        """Sequence-level KD for a causal LM: each block's first `prompt_length` tokens (default: half of
-        `max_len`) continued by `teacher`, greedy or by beam search, for up to `max_new_tokens` tokens and never
-        past `max_len` in all, and cut after the first end-of-sequence token (the end of a document). The new
-        row's labels are the continuation only (the prompt's are IGNORE): the student learns to continue as
-        the teacher does (`with_prompt_loss` labels the prompt too)."""
+    def decoded_targets(self, model, rows, tokenizer, device, *, max_len: int, num_beams: int = 1,
+                        max_new_tokens: int | None = None, prompt_length: int | None = None,
+                        sample_temperature: float | None = None) -> list[dict]:
+        """Rows whose targets `model` wrote (sequence-level KD: the teacher; on-policy KD: the student): each
+        block's first `prompt_length` tokens (default: half of `max_len`) continued by `model`, greedy, by beam
+        search, or sampled at `sample_temperature`, for up to `max_new_tokens` tokens and never past `max_len`
+        in all, and cut after the first end-of-sequence token (the end of a document). The new row's labels are
+        the continuation only (the prompt's are IGNORE): the student learns to continue as the model does
+        (`with_prompt_loss` labels the prompt too)."""
         from kdbench.errors import KdbenchError
 
         prompt_length = prompt_length or max_len // 2
@@ -111,22 +113,25 @@ class CausalLM(Perplexity):
                                f"{max_len}")
         new = min(max_new_tokens or max_len, max_len - prompt_length)
         prompts = [list(r["input_ids"][: min(prompt_length, len(r["input_ids"]) - 1)]) for r in rows]
-        continuations = self.generate(teacher, prompts, tokenizer, device, num_beams=num_beams, max_new_tokens=new)
+        continuations = self.generate(model, prompts, tokenizer, device, num_beams=num_beams, max_new_tokens=new,
+                                      sample_temperature=sample_temperature)
         return [{"input_ids": p + c, "attention_mask": [1] * (len(p) + len(c)), "labels": [IGNORE] * len(p) + c}
                 for p, c in zip(prompts, continuations)]
 
     @staticmethod
     def with_prompt_loss(rows: list[dict]) -> list[dict]:
-        """`teacher_targets` rows with the prompt's own (gold) tokens as labels too: every token is one."""
+        """`decoded_targets` rows with the prompt's own (gold) tokens as labels too: every token is one."""
         return [{**r, "labels": list(r["input_ids"])} for r in rows]
 
     def generate(self, model, prompts: list[list[int]], tokenizer, device, *, num_beams: int = 1,
-                 max_new_tokens: int, batch_size: int = GENERATE_BATCH) -> list[list[int]]:
-        """Each prompt's continuation by `model` (greedy, or beam search), cut after its first end-of-sequence
-        token. Prompts go in batches of one length, so none is padded (packed blocks all have one length)."""
+                 max_new_tokens: int, batch_size: int = GENERATE_BATCH,
+                 sample_temperature: float | None = None) -> list[list[int]]:
+        """Each prompt's continuation by `model` (greedy, beam search, or sampling at `sample_temperature`), cut
+        after its first end-of-sequence token. Prompts go in batches of one length, so none is padded (packed
+        blocks all have one length)."""
         import torch
 
-        from kdbench.heads.seq2seq import end_token_id
+        from kdbench.heads.seq2seq import decoding, end_token_id
 
         eos = end_token_id(tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -141,8 +146,8 @@ class CausalLM(Perplexity):
                     chunk = members[j : j + batch_size]
                     ids = torch.tensor([prompts[i] for i in chunk], device=device)
                     generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                               max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                               do_sample=False, eos_token_id=eos, pad_token_id=pad)
+                                               max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                                               **decoding(num_beams, sample_temperature))
                     for i, seq in zip(chunk, generated[:, length:].tolist()):
                         out[i] = seq[: seq.index(eos) + 1] if eos in seq else seq
         return out

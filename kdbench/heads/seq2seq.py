@@ -90,22 +90,23 @@ class Seq2Seq(Perplexity):
             return perplexity, extra
         return self.evaluate(model, rows, collator, device), {"perplexity": perplexity, **extra}
 
-    def teacher_targets(self, teacher, rows, tokenizer, device, *, max_len: int, num_beams: int = 1,
+    def decoded_targets(self, model, rows, tokenizer, device, *, max_len: int, num_beams: int = 1,
                         max_new_tokens: int | None = None, decoder_start: int | None = None,
-                        target_prefix: list[int] = ()) -> list[dict]:
-        """`rows` relabelled with what `teacher` decodes from their sources (sequence-level KD)."""
-        outputs = self.generate(teacher, rows, tokenizer, device, num_beams=num_beams,
+                        target_prefix: list[int] = (), sample_temperature: float | None = None) -> list[dict]:
+        """`rows` relabelled with what `model` decodes from their sources (sequence-level KD: the teacher;
+        on-policy KD: the student, sampling at `sample_temperature`)."""
+        outputs = self.generate(model, rows, tokenizer, device, num_beams=num_beams,
                                 max_new_tokens=max_new_tokens or max_len, decoder_start=decoder_start,
-                                target_prefix=target_prefix)
+                                target_prefix=target_prefix, sample_temperature=sample_temperature)
         start = _start(decoder_start, tokenizer)
         return [target_row(r, list(target_prefix) + out, tokenizer, max_len, start) for r, out in zip(rows, outputs)]
 
     def generate(self, model, rows, tokenizer, device, *, num_beams: int = 1, max_new_tokens: int | None = None,
                  batch_size: int = GENERATE_BATCH, decoder_start: int | None = None,
-                 target_prefix: list[int] = ()) -> list[list[int]]:
-        """Each row's decoded target tokens (greedy, or beam search): the decoder start token dropped, then the
-        target prefix (BART's <s>, which its generation config forces), cut before the first end-of-sequence
-        token. `max_new_tokens` defaults to the longest label of `rows`."""
+                 target_prefix: list[int] = (), sample_temperature: float | None = None) -> list[list[int]]:
+        """Each row's decoded target tokens (greedy, beam search, or sampling at `sample_temperature`): the
+        decoder start token dropped, then the target prefix (BART's <s>, which its generation config forces), cut
+        before the first end-of-sequence token. `max_new_tokens` defaults to the longest label of `rows`."""
         import torch
 
         if max_new_tokens is None:
@@ -121,9 +122,9 @@ class Seq2Seq(Perplexity):
                                        for r in rows[i : i + batch_size]], return_tensors="pt")
                 ids = model.generate(input_ids=batch["input_ids"].to(device),
                                      attention_mask=batch["attention_mask"].to(device),
-                                     max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                     decoder_start_token_id=start, eos_token_id=eos,
-                                     pad_token_id=_pad_id(tokenizer))
+                                     max_new_tokens=max_new_tokens, decoder_start_token_id=start,
+                                     eos_token_id=eos, pad_token_id=_pad_id(tokenizer),
+                                     **decoding(num_beams, sample_temperature))
                 for seq in ids[:, 1:].tolist():  # position 0 is the decoder start token
                     if prefix and seq[: len(prefix)] == prefix:
                         seq = seq[len(prefix):]
@@ -144,6 +145,14 @@ class Seq2Seq(Perplexity):
 
     def texts(self, rows):
         return [t for r in rows for t in (r["source"], r["target"])]
+
+
+def decoding(num_beams: int, sample_temperature: float | None) -> dict:
+    """generate() settings: greedy or beam search, or (with a temperature) plain sampling from the model's
+    distribution at that temperature, with no top-k or top-p cut (a model's generation config may set some)."""
+    if sample_temperature is None:
+        return {"num_beams": num_beams, "do_sample": False}
+    return {"num_beams": 1, "do_sample": True, "temperature": sample_temperature, "top_k": 0, "top_p": 1.0}
 
 
 def _pad_id(tokenizer) -> int:

@@ -1,0 +1,216 @@
+"""On-policy KD (GKD): the student writes a share of its training batches by sampling, and learns the teacher's
+distributions on them; from the heads' sampling up to tiny causal LM and seq2seq suites."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kdbench import heads, models
+from kdbench.errors import KdbenchError
+from kdbench.heads import IGNORE
+from kdbench.kernels import kd_loss
+from kdbench.methods import OnPolicyKD, OnPolicyParams, methods
+from kdbench.results import read_result, run_path
+from kdbench.runner import run_suite
+from kdbench.suite import TrainingSettings, load_suite
+from kdbench.tasks import load_task
+from kdbench.trainer import Distiller, training_arguments
+from tiny import FAST_PROFILING, T5, tiny_suite_data
+from tiny import tiny_t5 as t5
+
+TEXTS = ["the plot was not good => negative", "the cast seemed never dull but the music was fine => positive",
+         "the film was great => positive", "the story felt hardly brilliant => negative"] * 6
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return models.train_tokenizer(TEXTS, 200, tmp_path_factory.mktemp("tok"))
+
+
+def llama(tok, hidden, seed):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, intermediate_size=2 * hidden,
+                                        max_position_embeddings=64)).eval()
+
+
+def blocks(tok, n=4):
+    head = heads.get("causal_lm")
+    return head, head.encode([{"text": t} for t in TEXTS], tok, 16)[:n]
+
+
+def test_sampling_at_a_tiny_temperature_is_greedy_and_at_one_follows_the_seed(tok):
+    head, rows = blocks(tok)
+    lm = llama(tok, 16, 0)
+    greedy = head.decoded_targets(lm, rows, tok, "cpu", max_len=16, prompt_length=6)
+    cold = head.decoded_targets(lm, rows, tok, "cpu", max_len=16, prompt_length=6, sample_temperature=1e-4)
+    assert cold == greedy
+    torch.manual_seed(3)
+    hot = head.decoded_targets(lm, rows, tok, "cpu", max_len=16, prompt_length=6, sample_temperature=1.0)
+    torch.manual_seed(3)
+    assert head.decoded_targets(lm, rows, tok, "cpu", max_len=16, prompt_length=6, sample_temperature=1.0) == hot
+    assert hot != greedy  # an untrained model's distribution is nearly flat: samples leave the argmax
+    assert all(h["input_ids"][:6] == r["input_ids"][:6] and h["labels"][:6] == [IGNORE] * 6
+               for h, r in zip(hot, rows))
+
+
+def test_seq2seq_sampling_at_a_tiny_temperature_is_greedy(tmp_path):
+    data = load_task("generated_seq2seq", {"train_size": 8, "eval_size": 4})
+    head = heads.get("seq2seq")
+    tok = models.train_tokenizer(head.texts(data.train), 300, tmp_path)
+    rows = head.encode(data.train[:4], tok, 24)
+    model = t5(tok, seed=1)
+    greedy = head.decoded_targets(model, rows, tok, "cpu", max_len=24, max_new_tokens=6)
+    cold = head.decoded_targets(model, rows, tok, "cpu", max_len=24, max_new_tokens=6, sample_temperature=1e-4)
+    assert cold == greedy
+
+
+def bound(tok, **params):
+    """An OnPolicyKD for the causal head, bound as kdbench.runner binds it (prompt_length 6, blocks of 16)."""
+    head = heads.get("causal_lm")
+    objective = OnPolicyKD(OnPolicyParams(**params))
+    written = []
+
+    def write(model, rows, device):
+        written.append(rows)
+        return head.decoded_targets(model, rows, tok, device, max_len=16, prompt_length=6, sample_temperature=1.0)
+
+    objective.bind(write, head.collator(tok), seed=0)
+    return objective, written
+
+
+def test_a_student_batch_keeps_the_prompts_and_labels_the_students_continuation(tok):
+    head, rows = blocks(tok)
+    batch = head.collator(tok)(rows)
+    objective, written = bound(tok, lmbda=1.0)
+    student = llama(tok, 16, 2).train()
+    torch.manual_seed(5)
+    new = objective.prepare_batch(student, dict(batch))
+    assert student.training  # generation ran in eval mode, training mode is back
+    assert written == [[{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows]]
+    torch.manual_seed(5)
+    want = head.collator(tok)(head.decoded_targets(student, rows, tok, "cpu", max_len=16, prompt_length=6,
+                                                   sample_temperature=1.0))
+    student.train()
+    assert new.keys() == want.keys() and all(torch.equal(new[k], want[k]) for k in want)
+    assert torch.equal(new["input_ids"][:, :6], batch["input_ids"][:, :6])
+    assert (new["labels"][:, :6] == IGNORE).all() and (new["labels"][:, 6:] != IGNORE).any()
+    assert objective.student_batches == 1
+
+
+@pytest.mark.parametrize("lmbda, written_share", [(0.0, 0.0), (1.0, 1.0), (0.3, None)])
+def test_the_share_of_student_batches_is_lmbda_drawn_from_the_seed(tok, lmbda, written_share):
+    head, rows = blocks(tok)
+    batch = head.collator(tok)(rows)
+    student = llama(tok, 16, 2)
+    counts = []
+    for _ in range(2):
+        objective, written = bound(tok, lmbda=lmbda)
+        for _ in range(40):
+            objective.prepare_batch(student, dict(batch))
+        counts.append(len(written))
+    assert counts[0] == counts[1]  # the same seed draws the same steps
+    share = counts[0] / 40
+    assert share == written_share if written_share is not None else 0.1 < share < 0.5
+
+
+def test_unbound_it_says_so_in_one_line(tok):
+    head, rows = blocks(tok)
+    with pytest.raises(KdbenchError, match=r"^method 'on_policy': no decoding bound"):
+        OnPolicyKD(OnPolicyParams(lmbda=1.0)).prepare_batch(llama(tok, 16, 2), head.collator(tok)(rows))
+
+
+def test_the_loss_is_the_divergence_on_the_students_own_text(tok, tmp_path):
+    head, rows = blocks(tok)
+    objective, _ = bound(tok, lmbda=1.0)
+    seen = []
+    prepare = objective.prepare_batch
+    objective.prepare_batch = lambda model, inputs: seen.append(prepare(model, inputs)) or seen[-1]
+    student, teacher = llama(tok, 16, 2), llama(tok, 32, 1)
+    args = training_arguments(TrainingSettings(), seed=0, device="cpu", output_dir=str(tmp_path))
+    trainer = Distiller(model=student, args=args, teacher=teacher, head=head, objective=objective)
+    loss = trainer.compute_loss(student, head.collator(tok)(rows))
+    [batch] = seen
+    inputs = models.model_inputs(batch, student)
+    with torch.no_grad():
+        s, t = student(**inputs).logits, teacher(**inputs).logits
+    _, labels = head.align(s, batch["labels"])
+    want = kd_loss(s, t, labels, temperature=1.0, alpha=1.0, divergence="jsd", beta=0.5)
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_defaults_are_gkds():
+    p = methods.validate_params("on_policy", {})
+    assert (p.divergence, p.beta, p.temperature, p.alpha, p.lmbda, p.sample_temperature) == (
+        "jsd", 0.5, 1.0, 1.0, 0.5, 1.0)
+
+
+LLAMA = {"model_type": "llama", "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+         "max_position_embeddings": 32}
+
+
+def suite_of(tmp_path, methods_, task, pair, **overrides):
+    import yaml
+
+    data = tiny_suite_data(tmp_path, tmp_path / "cache", methods_, tasks=[task], pairs=[pair], **overrides)
+    path = tmp_path / f"suite-{len(list(tmp_path.glob('suite-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_suite(path)
+
+
+def test_on_policy_suites_run_for_a_causal_lm_and_a_seq2seq_pair_and_a_classifier_is_refused(tmp_path, monkeypatch):
+    from kdbench.heads.language_modeling import CausalLM
+    from kdbench.heads.seq2seq import Seq2Seq
+
+    calls = {"causal": 0, "seq2seq": 0}
+    for cls, key in ((CausalLM, "causal"), (Seq2Seq, "seq2seq")):
+        real = cls.decoded_targets
+
+        def spy(self, *a, real=real, key=key, **kw):
+            calls[key] += kw.get("sample_temperature") is not None
+            return real(self, *a, **kw)
+
+        monkeypatch.setattr(cls, "decoded_targets", spy)
+    gkd = {"name": "gkd", "method": "on_policy", "params": {"lmbda": 1.0, "prompt_length": 12}}
+    lm = suite_of(tmp_path, [gkd], {"name": "lm", "task": "generated_lm",
+                                     "params": {"train_size": 64, "eval_size": 16}},
+                  {"name": "llama", "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
+                                                "finetune": {"max_steps": 2, "batch_size": 8}},
+                   "student": {"model": {**LLAMA, "hidden_size": 8, "intermediate_size": 16}}},
+                  training={"max_steps": 3, "batch_size": 4, "max_seq_length": 32})
+    outcome = run_suite(lm, show_progress=False)
+    assert [r.status for r in outcome.runs] == ["ok", "ok", "ok"], [r.error for r in outcome.runs]
+    assert calls["causal"] == 3  # lmbda 1: every one of the 3 steps was written by the student
+    [v] = read_result(run_path(outcome.results_dir, "lm__llama__gkd__s0"))["variants"]
+    assert 1.0 < v["metric"] < float("inf")
+
+    s2s_gkd = {"name": "gkd", "method": "on_policy", "params": {"lmbda": 1.0, "max_new_tokens": 8}}
+    s2s = suite_of(tmp_path, [s2s_gkd], {"name": "s2s", "task": "generated_seq2seq",
+                                         "params": {"train_size": 16, "eval_size": 8}},
+                   {"name": "t5", "teacher": {"model": {**T5, "d_model": 16, "d_ff": 32},
+                                              "finetune": {"max_steps": 2, "batch_size": 8}},
+                    "student": {"model": {**T5, "d_model": 8, "d_ff": 16}}},
+                   training={"max_steps": 2, "batch_size": 8, "max_seq_length": 32},
+                   profiling={**FAST_PROFILING, "seq_length": 24})
+    outcome = run_suite(s2s, show_progress=False)
+    assert [r.status for r in outcome.runs] == ["ok", "ok", "ok"], [r.error for r in outcome.runs]
+    assert calls["seq2seq"] == 2
+
+    for params, message in (({}, "method 'gkd': on-policy KD needs a seq2seq or causal LM task; task 'sentiment' "
+                                 "has a classification head"),):
+        bad = suite_of(tmp_path, [{"name": "gkd", "method": "on_policy", "params": params}],
+                       {"name": "sentiment", "task": "generated_sentiment",
+                        "params": {"train_size": 32, "transfer_size": 0, "eval_size": 16}},
+                       tiny_suite_data(tmp_path, tmp_path, [])["pairs"][0])
+        [failed] = run_suite(bad, show_progress=False).failed
+        assert failed.error == message and failed.error_kind == "input"
+    prompt_on_s2s = suite_of(tmp_path, [{"name": "gkd", "method": "on_policy", "params": {"prompt_length": 4}}],
+                             {"name": "s2s", "task": "generated_seq2seq", "params": {"train_size": 16, "eval_size": 8}},
+                             {"name": "t5", "teacher": {"model": {**T5, "d_model": 16, "d_ff": 32},
+                                                        "finetune": {"max_steps": 2, "batch_size": 8}},
+                              "student": {"model": {**T5, "d_model": 8, "d_ff": 16}}},
+                             training={"max_steps": 2, "batch_size": 8, "max_seq_length": 32})
+    [failed] = run_suite(prompt_on_s2s, show_progress=False).failed
+    assert failed.error == "method 'gkd': prompt_length is for causal LM tasks; task 's2s' has a seq2seq head"
