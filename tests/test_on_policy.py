@@ -214,3 +214,18 @@ def test_on_policy_suites_run_for_a_causal_lm_and_a_seq2seq_pair_and_a_classifie
                              training={"max_steps": 2, "batch_size": 8, "max_seq_length": 32})
     [failed] = run_suite(prompt_on_s2s, show_progress=False).failed
     assert failed.error == "method 'gkd': prompt_length is for causal LM tasks; task 's2s' has a seq2seq head"
+
+
+def test_on_policy_with_fused_linear_gives_the_same_loss(tok, tmp_path):
+    """The student's batch comes first, then the output layers run inside the loss: the same loss as with logits
+    (the check that fused_linear runs once per model draws no random numbers, so the samples are the same)."""
+    head, rows = blocks(tok)
+    student, teacher = llama(tok, 16, 2), llama(tok, 32, 1)
+    args = training_arguments(TrainingSettings(), seed=0, device="cpu", output_dir=str(tmp_path))
+    losses = []
+    for fused in (False, True):
+        objective, _ = bound(tok, lmbda=1.0, fused_linear=fused)
+        trainer = Distiller(model=student, args=args, teacher=teacher, head=head, objective=objective)
+        torch.manual_seed(7)
+        losses.append(trainer.compute_loss(student, head.collator(tok)(rows)).detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
