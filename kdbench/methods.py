@@ -168,6 +168,7 @@ class OnPolicyParams(DistillationConfig):
     sample_temperature: float = Field(1.0, gt=0)  # the student samples its outputs from softmax(logits / this)
     max_new_tokens: int | None = Field(None, gt=0)  # default: the suite's training.max_seq_length
     prompt_length: int | None = Field(None, gt=0)  # causal LM only: tokens of each block the student continues
+    prompt_loss: bool = False  # causal LM only: the loss on the prompt's own tokens too, not only the continuation
 
 
 @methods.register("on_policy")
@@ -182,7 +183,8 @@ class OnPolicyKD(LogitKD):
     GKD's: the generalized JSD (beta 0.5) at temperature 1, without cross-entropy.
     - seq2seq: the student writes a target for each source of the batch.
     - causal LM: the student continues each block's first `prompt_length` tokens (default: half of
-      max_seq_length) up to the block's length; the loss is on the continuation.
+      max_seq_length) up to the block's length; the loss is on the continuation, or on the prompt's (gold)
+      tokens too with `prompt_loss`.
 
     YAML:
         methods:

@@ -473,9 +473,10 @@ def bind_student_decoding(spec: RunSpec, ctx: Context, objective) -> None:
     tokenizer, max_len = ctx.tokenizer(spec), spec.training.max_seq_length
 
     def write(model, rows, device):
-        return head.decoded_targets(model, rows, tokenizer, device, max_len=max_len,
-                                    max_new_tokens=params.max_new_tokens or max_len,
-                                    sample_temperature=params.sample_temperature, **options)
+        written = head.decoded_targets(model, rows, tokenizer, device, max_len=max_len,
+                                       max_new_tokens=params.max_new_tokens or max_len,
+                                       sample_temperature=params.sample_temperature, **options)
+        return head.with_prompt_loss(written) if params.prompt_loss else written
 
     objective.bind(write, ctx.collator(spec), seed=spec.seed)
 

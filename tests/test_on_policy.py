@@ -173,16 +173,23 @@ def test_on_policy_suites_run_for_a_causal_lm_and_a_seq2seq_pair_and_a_classifie
             return real(self, *a, **kw)
 
         monkeypatch.setattr(cls, "decoded_targets", spy)
+    relabelled = []
+    with_prompt_loss = CausalLM.with_prompt_loss
+    monkeypatch.setattr(CausalLM, "with_prompt_loss",
+                        staticmethod(lambda rows: relabelled.append(len(rows)) or with_prompt_loss(rows)))
     gkd = {"name": "gkd", "method": "on_policy", "params": {"lmbda": 1.0, "prompt_length": 12}}
-    lm = suite_of(tmp_path, [gkd], {"name": "lm", "task": "generated_lm",
+    gkd_prompt = {"name": "gkd-prompt", "method": "on_policy",
+                  "params": {"lmbda": 1.0, "prompt_length": 12, "prompt_loss": True}}
+    lm = suite_of(tmp_path, [gkd, gkd_prompt], {"name": "lm", "task": "generated_lm",
                                      "params": {"train_size": 64, "eval_size": 16}},
                   {"name": "llama", "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
                                                 "finetune": {"max_steps": 2, "batch_size": 8}},
                    "student": {"model": {**LLAMA, "hidden_size": 8, "intermediate_size": 16}}},
                   training={"max_steps": 3, "batch_size": 4, "max_seq_length": 32})
     outcome = run_suite(lm, show_progress=False)
-    assert [r.status for r in outcome.runs] == ["ok", "ok", "ok"], [r.error for r in outcome.runs]
-    assert calls["causal"] == 3  # lmbda 1: every one of the 3 steps was written by the student
+    assert [r.status for r in outcome.runs] == ["ok"] * 4, [r.error for r in outcome.runs]
+    assert calls["causal"] == 6  # lmbda 1: every one of the 3 steps of each method was written by the student
+    assert relabelled == [4, 4, 4]  # prompt_loss: each of gkd-prompt's batches of 4 labels its prompts too
     [v] = read_result(run_path(outcome.results_dir, "lm__llama__gkd__s0"))["variants"]
     assert 1.0 < v["metric"] < float("inf")
 
