@@ -115,6 +115,48 @@ def test_causal_lm_sequence_level_kd_rows_are_the_teachers_continuations(tok, lm
         head.decoded_targets(lm, rows, tok, "cpu", max_len=16, prompt_length=16)
 
 
+def test_continuation_metric_scores_greedy_continuations_of_each_blocks_first_half(tok, lm, monkeypatch):
+    from kdbench.heads.seq2seq import score_generations
+
+    head = heads.get("causal_lm", continuation_metric="rouge_l")
+    rows = head.encode([{"text": t} for t in TEXTS], tok, 16)[:6]
+    short = rows[0]["input_ids"][:7]  # a short last block: 3 + 4 tokens
+    rows.append({"input_ids": short, "attention_mask": [1] * 7, "labels": short})
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+
+    def cut(ids):
+        return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+    golds = [cut(r["input_ids"][len(r["input_ids"]) // 2:]) for r in rows]
+    assert any(eos in g and len(g) < 8 for g in golds)  # some documents end inside the second half
+    hyps = [greedy_continuation(lm, r["input_ids"][: len(r["input_ids"]) // 2], len(r["input_ids"]) -
+                                len(r["input_ids"]) // 2, eos) for r in rows]
+    want = score_generations("rouge_l", tok.batch_decode(hyps, skip_special_tokens=True),
+                             tok.batch_decode(golds, skip_special_tokens=True))
+    _, extra = head.measure(lm, rows, head.collator(tok), "cpu")
+    assert extra["continuation ROUGE-L"] == pytest.approx(want)
+    # a model that finishes every document exactly scores 1, one that stops at
+    # once scores only where the document ended
+    exact = heads.get("causal_lm", continuation_metric="exact_match")
+    gold_of = {tuple(r["input_ids"][: len(r["input_ids"]) // 2]): r["input_ids"][len(r["input_ids"]) // 2:]
+               for r in rows}
+    monkeypatch.setattr(type(exact), "generate", lambda self, model, prompts, *a, **kw: [
+        cut(gold_of[tuple(p)]) for p in prompts])
+    assert exact.continuation_score(lm, rows, tok, "cpu") == 1.0
+    monkeypatch.setattr(type(exact), "generate", lambda self, model, prompts, *a, **kw: [[eos] for _ in prompts])
+    ended = sum(g == [eos] for g in golds)  # documents that end with the prompt: stopping is right there
+    assert exact.continuation_score(lm, rows, tok, "cpu") == ended / len(rows) < 0.5
+
+
+def test_continuation_metric_is_a_causal_task_setting():
+    from kdbench.tasks import load_task
+
+    data = load_task("generated_lm", {"train_size": 8, "eval_size": 4, "continuation_metric": "exact_match"})
+    assert (data.head, data.head_params) == ("causal_lm", {"continuation_metric": "exact_match"})
+    with pytest.raises(KdbenchError, match="continuation_metric needs objective: causal"):
+        load_task("generated_lm", {"objective": "masked", "continuation_metric": "rouge_l"})
+
+
 def test_lm_metrics_do_not_depend_on_the_chunking(tok, lm, monkeypatch):
     """The LM heads sum their metric over chunks of rows (on the model's device): chunks of 1 and 7 rows and
     one chunk for the whole batch give the same perplexity and token accuracy."""

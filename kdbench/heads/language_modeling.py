@@ -76,6 +76,44 @@ class CausalLM(Perplexity):
     auto_class = "AutoModelForCausalLM"
     generates = True
 
+    def __init__(self, continuation_metric: str | None = None):
+        from kdbench.heads.seq2seq import METRIC_NAMES
+
+        if continuation_metric not in (None, "rouge_l", "exact_match"):
+            raise ValueError(f"continuation_metric {continuation_metric!r}: expected rouge_l or exact_match")
+        self.continuation_metric = continuation_metric
+        self.continuation_name = continuation_metric and f"continuation {METRIC_NAMES[continuation_metric]}"
+
+    def measure(self, model, rows, collator, device):
+        """Perplexity and token accuracy; with a `continuation_metric`, also how well the model's greedy
+        continuation of each block's first half matches the block's second half (`continuation_score`)."""
+        perplexity, extra = super().measure(model, rows, collator, device)
+        if self.continuation_metric:
+            extra[self.continuation_name] = self.continuation_score(model, rows, collator.tokenizer, device)
+        return perplexity, extra
+
+    def continuation_score(self, model, rows, tokenizer, device) -> float:
+        """Exact match or ROUGE-L F1 of the greedy continuation of each block's first half (len // 2 tokens)
+        against its gold second half, both cut after their first end-of-sequence token: the model finishes the
+        document it was given, as far as the block holds it. The texts compared are the tokens decoded without
+        special tokens."""
+        from kdbench.heads.seq2seq import end_token_id, score_generations
+
+        eos = end_token_id(tokenizer)
+        blocks = [list(r["input_ids"]) for r in rows if len(r["input_ids"]) >= 2]
+        prompts = [b[: len(b) // 2] for b in blocks]
+        golds = [b[len(p):] for b, p in zip(blocks, prompts)]
+        hypotheses: list[list[int]] = [[] for _ in blocks]
+        for rest in sorted({len(g) for g in golds}):  # each prompt continued as far as its block goes
+            members = [i for i, g in enumerate(golds) if len(g) == rest]
+            continued = self.generate(model, [prompts[i] for i in members], tokenizer, device, max_new_tokens=rest)
+            for i, seq in zip(members, continued):
+                hypotheses[i] = seq
+        golds = [g[: g.index(eos) + 1] if eos in g else g for g in golds]
+        return score_generations(self.continuation_metric,
+                                 [tokenizer.decode(h, skip_special_tokens=True) for h in hypotheses],
+                                 [tokenizer.decode(g, skip_special_tokens=True) for g in golds])
+
     def encode(self, rows, tokenizer, max_len):
         return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)}
                 for b in pack(rows, tokenizer, max_len)]

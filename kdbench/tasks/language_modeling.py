@@ -24,17 +24,23 @@ class ObjectiveParams(TaskParams):
     objective: Literal["causal", "masked"] = "causal"  # next-token (causal_lm) or masked-token (masked_lm) heads
     mask_probability: float = Field(0.15, gt=0, lt=1)  # masked only: the share of tokens chosen (BERT's 15%)
     eval_mask_seed: int = 0  # masked only: eval row i is masked by a generator seeded with this + i
+    # causal only: also score greedy continuations of each eval block's first half against its gold second half
+    # (up to the end of the document), recorded next to perplexity
+    continuation_metric: Literal["rouge_l", "exact_match"] | None = None
 
     @model_validator(mode="after")
-    def _masking_needs_a_masked_objective(self):
+    def _settings_need_their_objective(self):
         given = sorted({"mask_probability", "eval_mask_seed"} & self.model_fields_set)
         if self.objective == "causal" and given:
             raise ValueError(f"{given[0]} needs objective: masked")
+        if self.objective == "masked" and self.continuation_metric is not None:
+            raise ValueError("continuation_metric needs objective: causal")
         return self
 
     def task_data(self, train: list[dict], eval_: list[dict]) -> TaskData:
         head_params = ({"probability": self.mask_probability, "eval_seed": self.eval_mask_seed}
-                       if self.objective == "masked" else {})
+                       if self.objective == "masked" else
+                       {"continuation_metric": self.continuation_metric} if self.continuation_metric else {})
         return TaskData(train=train, eval=eval_, head=OBJECTIVES[self.objective], head_params=head_params)
 
 
