@@ -273,11 +273,13 @@ def _copy_gbps(n: int, v: int, dtype, device: str, quick: bool) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
-def _peak_extra_mb(step, s) -> float:
-    """Peak device memory of one forward+backward above what the inputs already hold (the gradient included)."""
+def cuda_peak_extra_mib(step, *leaves) -> float:
+    """Peak device memory of one forward+backward above what the inputs already hold (the gradients included):
+    the `leaves`' gradients are dropped before, so that the baseline holds none, and after."""
     import torch
 
-    s.grad = None
+    for leaf in leaves:
+        leaf.grad = None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -285,7 +287,8 @@ def _peak_extra_mb(step, s) -> float:
     step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    s.grad = None
+    for leaf in leaves:
+        leaf.grad = None
     return peak / 2**20
 
 
@@ -370,7 +373,7 @@ def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False)
                     ms=f"{ms:.4g}",
                     gbps=f"{gbps:.4g}",
                     frac=f"{gbps / copy_gbps:.2f}",
-                    mem=f"{_peak_extra_mb(step, s_run):.0f}" if cuda else "n/a",
+                    mem=f"{cuda_peak_extra_mib(step, s_run):.0f}" if cuda else "n/a",
                     err=f"{err:.1e}",
                 )
             except Exception as exc:  # one failing implementation (OOM, no compiler) must not sink the table

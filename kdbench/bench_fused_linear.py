@@ -52,21 +52,16 @@ def _vm_kb(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def _peak_extra_mib(step, cuda: bool, clear) -> float:
-    """Peak memory of one step above what was held before it, after `clear()` dropped the last step's gradients
-    (else the baseline holds a weight gradient that the step frees and allocates again)."""
-    import torch
-
-    clear()
-    gc.collect()
+def _peak_extra_mib(step, cuda: bool, *leaves) -> float:
+    """Peak memory of one step above what was held before it, with the `leaves`' gradients dropped first (else
+    the baseline holds a weight gradient that the step frees and allocates again)."""
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        from kdbench.bench import cuda_peak_extra_mib
+
+        return cuda_peak_extra_mib(step, *leaves)
+    for leaf in leaves:
+        leaf.grad = None
+    gc.collect()
     with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS (Linux >= 4.0)
         f.write("5")
     base = _vm_kb("VmRSS")
@@ -133,7 +128,7 @@ def bench_fused_linear(out_dir: Path | None = None, shapes=None, quick: bool = F
                 first = first or result
                 diff = max(_rel(a, b) for a, b in zip(result, first))
                 cells.update(ms=f"{_median_ms(step, cuda, quick):.4g}",
-                             mem=f"{_peak_extra_mib(step, cuda, clear):.0f}",
+                             mem=f"{_peak_extra_mib(step, cuda, hs, ws):.0f}",
                              diff="(itself)" if result is first else f"{diff:.1e}")
             except Exception as exc:  # an OOM of one implementation must not sink the table
                 log.warning("fused-linear bench: %s failed on %s: %s", name, cells["shape"], exc)
