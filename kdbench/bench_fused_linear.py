@@ -163,8 +163,8 @@ def _markdown(rows, dev_name: str, cuda: bool, quick: bool) -> str:
         f"Loss: alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE, T = {TEMPERATURE}, alpha = {ALPHA}, from "
         "student hidden states (N x H, trained) and output weight (V x H, trained), and the teacher's (N x Ht, V x "
         "Ht, frozen); forward and backward. Unfused: both models' N x V logits (the teacher's under no_grad), then "
-        "kd_loss. Fused: fused_linear_kd_loss with its default chunk (max(N H, 2^24) / V rows, rounded down to a "
-        "power of 2).",
+        "kd_loss. Fused: fused_linear_kd_loss with its default chunk (N H / V rows, at least 256 on a CPU and 2048 "
+        "on a GPU, rounded down to a power of 2).",
         "Time: " + ("triton.testing.do_bench median." if cuda else "median of perf_counter over a few steps."),
         "Peak extra: " + ("torch.cuda.max_memory_allocated during one step minus what was allocated before it."
                           if cuda else "rise of the process's peak resident memory (VmHWM) during one step."),

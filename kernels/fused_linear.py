@@ -35,26 +35,29 @@ Shapes: hidden (N, H) or (B, L, H), the teacher's (..., Ht) with the same leadin
 (V, Ht), as nn.Linear stores them; biases (V,) or None; labels (N,) or (B, L). The student and teacher
 output layers must have the same number of rows V (one vocabulary).
 reduction: "batchmean" or "sum" ("none" is refused: the gradients are computed in the forward pass, for a
-scalar loss). chunk_rows: rows per chunk; default: max(N * H, 2^24) / V rows (a chunk's logits as large as the
-student's hidden states, and at least 16M of them), rounded down to a power of 2, at least 16 and at most N.
+scalar loss). chunk_rows: rows per chunk; default: N * H / V rows (a chunk's logits as large as the student's
+hidden states), at least 256 on a CPU and 2048 on a GPU (each chunk also updates the whole (V, H) weight
+gradient), rounded down to a power of 2, at most N.
 The logits run in whatever autocast state is active (a model's output layer under bf16 autocast gives bf16
 logits here too). Gradients flow to student_hidden, student_weight and student_bias; the teacher's tensors
 get none.
 """
 
 
-CHUNK_MIN_LOGITS = 1 << 24  # 64 MB of fp32 logits: below it, small-row GEMMs and the per-chunk (V, H) update cost
+# Fewest rows per chunk, by device. Each chunk also reads and writes the whole (V, H) fp32 weight gradient, about
+# 10 V H bytes, against about 2 rows V (3 H + Ht) matmul FLOPs: the update's share of the time falls as the rows
+# grow, whatever V. CPU: measured on the 2-core box (512 x 768 x 50257, fp32): 16-row chunks took 3.0x the unfused
+# time, 64 rows 1.7x, 256 rows 1.05x. CUDA: unmeasured; at a Hopper's ~200 FLOP per byte of HBM the update stays
+# near a tenth of the matmul time from about 2000 rows.
+MIN_CHUNK_ROWS = {"cpu": 256, "cuda": 2048}
 
 
-def default_chunk_rows(n: int, hidden: int, vocab: int) -> int:
+def default_chunk_rows(n: int, hidden: int, vocab: int, device_type: str = "cpu") -> int:
     """Rows per chunk: a chunk's logits (rows x V) about the size of the student's hidden states (N x H), so that
-    the loss's extra memory stays of the order of what the model already holds, but at least CHUNK_MIN_LOGITS:
-    each chunk also reads and writes the whole (V, H) weight gradient, and 16-row matmuls run far below peak
-    (on the 2-core CPU box, 512 x 768 x 50257: 16-row chunks took 3.0x the unfused time, 256-row chunks 1.05x).
-    Rounded down to a power of 2, at least 16 rows, at most N."""
-    rows = max(n * hidden, CHUNK_MIN_LOGITS) // max(1, vocab)
-    rows = 1 << max(4, rows.bit_length() - 1)
-    return max(1, min(n, rows))
+    the loss's extra memory stays of the order of what the model already holds, but at least the device's
+    MIN_CHUNK_ROWS. Rounded down to a power of 2, at most N."""
+    rows = max(n * hidden // max(1, vocab), MIN_CHUNK_ROWS.get(device_type, MIN_CHUNK_ROWS["cuda"]))
+    return max(1, min(n, 1 << (rows.bit_length() - 1)))
 
 
 def _check(hs, ws, bs, ht, wt, bt, labels, reduction, chunk_rows) -> None:
@@ -114,7 +117,7 @@ class _FusedLinearKd(torch.autograd.Function):
         hs2, ht2 = hs.reshape(-1, h), ht.reshape(-1, ht.shape[-1])
         y = None if labels is None else labels.reshape(-1)
         n = hs2.shape[0]
-        rows = chunk_rows or default_chunk_rows(n, h, v)
+        rows = chunk_rows or default_chunk_rows(n, h, v, hs.device.type)
         want_h, want_w, want_b = (grad_on and ctx.needs_input_grad[k] for k in range(3))
         want_any = want_h or want_w or want_b
         grad_h = torch.zeros_like(hs2) if want_h else None

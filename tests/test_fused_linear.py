@@ -103,12 +103,15 @@ def test_no_chunk_holds_more_than_chunk_rows_rows_of_logits(monkeypatch):
     assert sum(shape[0] for shape in seen) == 2 * 11  # every row once per model, forward and backward together
 
 
-def test_default_chunk_rows_keeps_a_chunk_near_the_hidden_states_size():
-    assert fused_linear.default_chunk_rows(8192, 2048, 128256) == 128  # 2^24 / V = 130.8 -> 128
-    assert fused_linear.default_chunk_rows(65536, 4096, 128256) == 2048  # N H / V = 2093 -> 2048
-    assert fused_linear.default_chunk_rows(4096, 768, 50257) == 256  # 2^24 / V = 333.8 -> 256
-    assert fused_linear.default_chunk_rows(10, 4, 1000) == 10  # at most N
-    assert fused_linear.default_chunk_rows(1 << 20, 8, 1 << 22) == 16  # at least 16
+def test_default_chunk_rows_keeps_a_chunk_near_the_hidden_states_size_with_a_floor_per_device():
+    rows = fused_linear.default_chunk_rows
+    assert rows(65536, 4096, 128256, "cuda") == 2048  # N H / V = 2093 -> 2048
+    assert rows(8192, 2048, 128256, "cuda") == 2048  # N H / V = 130: the GPU's floor
+    assert rows(8192, 2048, 128256, "cpu") == 256  # the CPU's floor
+    assert rows(1 << 20, 1024, 4096, "cpu") == 1 << 18  # N H / V = 262144
+    assert rows(4000, 768, 50257, "cpu") == 256
+    assert rows(300, 768, 50257, "cpu") == 256
+    assert rows(10, 4, 1000, "cuda") == 10  # at most N: one chunk
 
 
 def test_without_grad_no_gradient_is_computed(monkeypatch):
