@@ -198,8 +198,35 @@ class Context:
                 stats = trainer.train(model, self.encoded(spec, "train"), self.collator(spec), tmodel.finetune,
                                       seed=self.teacher_seed, device=self.device, progress=self.progress,
                                       description=f"fine-tune teacher {spec.pair.name}", head=self.head(spec))
-                distributed.on_main(lambda: save_teacher(model, folder, stats))
+                distributed.on_main(lambda: save_model(model, folder, stats))
         model.to(self.device).eval()
+        return model, stats
+
+    def student_alone_key(self, spec: RunSpec) -> str:
+        """The cache key of the student alone that `spec`'s (task, pair, seed) trains: its own run's spec hash."""
+        alone = spec.model_copy(update={"kind": "student", "method": None, "compression": [],
+                                        "training": self.suite.training})
+        return spec_hash(["student", alone.spec_hash, self.tokenizer_key(spec), *distributed.scope_key()])
+
+    def student_alone(self, spec: RunSpec, *, keep: bool):
+        """(model, TrainStats) of the student trained on the labels alone for `spec`'s task, pair and seed:
+        loaded from the on-disk cache, or trained (and, with `keep`, saved there for the methods that start from
+        it). Training is deterministic per seed, so a student trained again is the same student."""
+        from kdbench import models, trainer
+
+        folder = self.cache_dir / "students" / self.student_alone_key(spec)
+        if distributed.broadcast((folder / "config.json").exists()):
+            model = models.load_saved(folder, self.head(spec))
+            log.info("student alone loaded from cache %s", folder)
+            return model.to(self.device), trainer.TrainStats.load(folder)
+        data = self.task_data(spec)
+        model = models.build_model(spec.pair.student.model, head=self.head(spec), num_labels=data.num_labels,
+                                   vocab_size=len(self.tokenizer(spec)), seed=spec.seed)
+        stats = trainer.train(model, self.encoded(spec, "train"), self.collator(spec), self.suite.training,
+                              seed=spec.seed, device=self.device, progress=self.progress,
+                              description=f"student alone, seed {spec.seed}", head=self.head(spec))
+        if keep:
+            distributed.on_main(lambda: save_model(model, folder, stats))
         return model, stats
 
     def collator(self, spec: RunSpec):
@@ -214,7 +241,7 @@ class Context:
         return distributed.on_main(read)  # rank 0 wrote it; every rank must take the same branch on it
 
 
-def save_teacher(model, folder: Path, stats) -> None:
+def save_model(model, folder: Path, stats) -> None:
     from kdbench.models import save_atomically
 
     def write(tmp: Path) -> None:
@@ -370,15 +397,10 @@ def _require_teacher_metric(spec: RunSpec, ctx: Context) -> float:
 
 
 def run_student(spec: RunSpec, ctx: Context) -> dict:
-    from kdbench import models, trainer
-
     teacher_metric = _require_teacher_metric(spec, ctx)
-    data = ctx.task_data(spec)
-    student = models.build_model(spec.pair.student.model, head=ctx.head(spec), num_labels=data.num_labels,
-                                 vocab_size=len(ctx.tokenizer(spec)), seed=spec.seed)
-    stats = trainer.train(student, ctx.encoded(spec, "train"), ctx.collator(spec), spec.training, seed=spec.seed,
-                          device=ctx.device, progress=ctx.progress, description=f"student alone, seed {spec.seed}",
-                          head=ctx.head(spec))
+    # kept on disk when a method of the suite starts from it
+    keep = any(m.start_from == "student" for m in ctx.suite.methods)
+    student, stats = ctx.student_alone(spec, keep=keep)
     teacher, _ = ctx.teacher(spec)
     variant = profile_variant("student", "student", student, spec, ctx, teacher_metric=teacher_metric,
                               teacher=teacher, training=stats.as_dict())
@@ -395,10 +417,16 @@ def run_distill(spec: RunSpec, ctx: Context) -> dict:
     objective = make_objective(spec.method.method, spec.method.params)
     # Built like every other student (default attention): the Distiller switches it to eager attention only while
     # an objective that needs attention maps trains it, so all students are profiled the same way.
-    student = models.build_model(spec.pair.student.model, head=ctx.head(spec), num_labels=data.num_labels,
-                                 vocab_size=len(ctx.tokenizer(spec)), seed=spec.seed)
+    before = None
+    if spec.method.start_from == "student":
+        student, before = ctx.student_alone(spec, keep=True)
+    else:
+        student = models.build_model(spec.pair.student.model, head=ctx.head(spec), num_labels=data.num_labels,
+                                     vocab_size=len(ctx.tokenizer(spec)), seed=spec.seed)
     distill = distiller(spec, ctx, objective)
     stats = distill(student, f"{spec.method.name}, seed {spec.seed}")
+    if before is not None:  # the row's training is both: the student alone's, then the distillation's
+        stats = before.then(stats)
     variants = [profile_variant("distilled", "distilled", student, spec, ctx, teacher_metric=teacher_metric,
                                 teacher=teacher, training=stats.as_dict())]
     more, failed = compressed_variants(student, spec, ctx, teacher_metric, distill)

@@ -90,6 +90,10 @@ class MethodSpec(Strict):
     # Changes to the suite's `training` for this method's students (method_training), e.g. fewer epochs for a
     # method that trains on twice the rows, so that methods compare at equal steps.
     training: dict[str, Any] = Field(default_factory=dict)
+    # What the distilled student starts from: its initialisation (pretrained weights, or random for an inline
+    # config), or the student alone of the same seed, as trained on the labels (supervised fine-tuning first, then
+    # distillation, as GKD and MiniLLM do). Its rows' train s and steps then include the student alone's.
+    start_from: Literal["init", "student"] = "init"
 
 
 class CompressionStep(Strict):
@@ -240,6 +244,9 @@ def check_registry_names(suite: Suite) -> None:
         if group.method not in method_names:
             raise _at(("multitask", i, "method"), f"unknown method {group.method!r}; the suite's methods: "
                       + (", ".join(method_names) or "none"))
+        if suite.methods[method_names.index(group.method)].start_from != "init":
+            raise _at(("multitask", i, "method"), f"method {group.method!r} starts from the student alone; a "
+                      "multi-task student starts from its initialisation")
         for p in suite.pairs:  # a pair trains the group's student on all of the group's tasks, or on none
             served = [name for name in group.tasks if p.runs_on(name)]
             if served and len(served) < len(group.tasks):
@@ -360,7 +367,10 @@ class RunSpec(BaseModel):
         # `group` is left out when empty, so single-task runs keep the hashes they had before multitask existed;
         # so is the pair's task list, which decides whether a run exists, not what it does
         # and so is the method's `training`: what it changes is in `training` itself
+        # and so is a default `start_from`, so that runs from before it existed keep their hashes
         exclude: dict = {"pair": {"tasks"}, "method": {"training"}}
+        if self.method is not None and self.method.start_from == "init":
+            exclude["method"] = {"training", "start_from"}
         if not self.group:
             exclude["group"] = True
         return spec_hash(self.model_dump(mode="json", exclude=exclude))

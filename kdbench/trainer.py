@@ -354,6 +354,11 @@ class TrainStats:
         path = Path(folder) / TRAINING_FILE
         return cls(**json.loads(path.read_text())) if path.exists() else None
 
+    def then(self, later: TrainStats) -> TrainStats:
+        """This training followed by `later` (a student fine-tuned alone, then distilled), as one."""
+        return TrainStats(wall_s=self.wall_s + later.wall_s, steps=self.steps + later.steps,
+                          samples=self.samples + later.samples, world_size=later.world_size)
+
     def as_dict(self) -> dict:
         return {"wall_s": round(self.wall_s, 3), "steps": self.steps, "samples": self.samples,
                 "samples_per_s": round(self.samples_per_s, 1), "world_size": self.world_size}

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from kdbench import models, runner
+from kdbench import heads, models, runner
 from kdbench.errors import KdbenchError
 from kdbench.methods import LogitKD, methods
 from kdbench.results import is_done, read_result, run_path, write_result
@@ -280,6 +280,41 @@ def test_fused_linear_trains_a_causal_lm_student_as_the_logits_do(tmp_path, cach
     [failed] = run_suite(classify, show_progress=False).failed
     assert failed.error == ("method 'kd-fused': fused_linear is for language-model tasks (vocabulary logits); task "
                             "'sentiment' has a classification head") and failed.error_kind == "input"
+
+
+def test_a_method_can_start_from_the_trained_student_alone(tmp_path, cache_dir, monkeypatch):
+    """start_from: student distils the student alone of the same seed, as trained: the student run keeps it on
+    disk, the method starts from exactly those weights, and its row counts both trainings' steps. A resumed suite
+    whose student run is done loads it instead of training it again."""
+    from kdbench import trainer
+
+    sft = {"name": "kd-sft", "method": "logit", "params": {"temperature": 2.0}, "start_from": "student"}
+    starts = {}
+    train = trainer.train
+
+    def spy(model, *a, description="", **kw):
+        starts[description] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return train(model, *a, description=description, **kw)
+
+    monkeypatch.setattr(trainer, "train", spy)
+    suite = tiny_suite(tmp_path, cache_dir, [KD, sft])
+    outcome = run_suite(suite, show_progress=False)
+    assert statuses(outcome) == {"teacher": "ok", "student__s0": "ok", "kd__s0": "ok", "kd-sft__s0": "ok"}
+    [cached] = list((cache_dir / "students").iterdir())
+    alone = models.load_saved(cached, heads.get("classification"))
+    start = starts["kd-sft, seed 0"]
+    assert all(torch.equal(start[k], v) for k, v in alone.state_dict().items())
+    assert not all(torch.equal(start[k], v) for k, v in starts["kd, seed 0"].items())  # kd starts from init
+    out = outcome.results_dir
+    steps = {m: read_result(run_path(out, f"sentiment__pair__{m}__s0"))["training"]["steps"]
+             for m in ("student", "kd", "kd-sft")}
+    assert steps["kd-sft"] == steps["student"] + steps["kd"]
+
+    run_path(out, "sentiment__pair__kd-sft__s0").unlink()  # resumed: only kd-sft runs again
+    starts.clear()
+    outcome = run_suite(suite, show_progress=False)
+    assert statuses(outcome)["kd-sft__s0"] == "ok" and list(starts) == ["kd-sft, seed 0"]
+    assert all(torch.equal(starts["kd-sft, seed 0"][k], v) for k, v in alone.state_dict().items())
 
 
 def test_sequence_level_kd_on_a_causal_lm_trains_on_the_teachers_continuations(tmp_path, cache_dir, monkeypatch):

@@ -268,6 +268,35 @@ def test_a_method_changes_the_training_of_its_own_students_only(tmp_path):
     assert len({r.spec_hash for r in long_runs}) == 2  # one per seed
 
 
+def test_start_from_student_is_its_own_run_and_the_default_keeps_every_hash(tmp_path):
+    import json
+
+    committed = Path(__file__).parent.parent / "results" / "quickstart" / "runs"
+    runs = expand(load_suite(SUITES / "quickstart.yaml"))
+    checked = 0
+    for r in runs:  # results written before start_from existed are still the same runs
+        path = committed / f"{r.run_id}.json"
+        if path.exists():
+            assert json.loads(path.read_text())["spec_hash"] == r.spec_hash, r.run_id
+            checked += 1
+    assert checked == len(runs)
+    text = SUITE.replace("    params: {temperature: 2.0}\n", "    params: {temperature: 2.0}\n"
+                         "  - {name: kd-sft, method: logit, params: {temperature: 2.0}, start_from: student}\n")
+    by_id = {(r.run_id, r.seed): r for r in expand(load_suite(write(tmp_path, text)))}
+    for seed in (0, 1):
+        plain, sft = by_id[(f"sentiment__pair__kd__s{seed}", seed)], by_id[(f"sentiment__pair__kd-sft__s{seed}", seed)]
+        assert (plain.method.start_from, sft.method.start_from) == ("init", "student")
+        renamed = plain.model_copy(update={"method": plain.method.model_copy(update={"name": "kd-sft"})})
+        assert sft.spec_hash != renamed.spec_hash  # start_from alone tells them apart
+    assert_one_line_error(write(tmp_path, SUITE.replace("params: {temperature: 2.0}", "start_from: teacher"),
+                                "bad.yaml"), "methods[0].start_from", "'init' or 'student'")
+    grouped = TWO_TASKS.replace("    params: {temperature: 2.0}\n", "    params: {temperature: 2.0}\n"
+                                "    start_from: student\n") + (
+        "multitask:\n  - {name: mt, tasks: [sentiment, reviews], method: kd}\n")
+    assert_one_line_error(write(tmp_path, grouped, "mt.yaml"), "multitask[0].method: method 'kd' starts from the "
+                          "student alone; a multi-task student starts from its initialisation")
+
+
 @pytest.mark.parametrize("training, fragments", [
     ("{max_seq_length: 32}", ["methods[1].training.max_seq_length", "is the suite's"]),
     ("{epoch: 3}", ["methods[1].training.epoch", "unknown key"]),
