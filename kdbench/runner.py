@@ -211,7 +211,8 @@ class Context:
     def student_alone(self, spec: RunSpec, *, keep: bool):
         """(model, TrainStats) of the student trained on the labels alone for `spec`'s task, pair and seed:
         loaded from the on-disk cache, or trained (and, with `keep`, saved there for the methods that start from
-        it). Training is deterministic per seed, so a student trained again is the same student."""
+        it). Training is seeded, so a student trained again is the same student up to floating-point summation
+        order (whole re-runs here reproduced every metric to 1e-6)."""
         from kdbench import models, trainer
 
         folder = self.cache_dir / "students" / self.student_alone_key(spec)

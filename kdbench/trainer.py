@@ -3,6 +3,8 @@
 The training loop, DDP, mixed precision and checkpointing stay the Trainer's. `compute_loss` runs the frozen
 teacher under `eval()` and `no_grad`, fills in teacher labels for transfer-set rows, and asks the method's
 Objective for the loss. Without a teacher it is plain cross-entropy: the "student alone" baseline.
+An objective may first replace the batch (`prepare_batch`: on-policy KD has the student write it), and with its
+`fused_linear` the models' output layers run inside the loss instead of the models (`fused_linear_loss`).
 An objective with trainable modules (projections) has them attached to the student for the length of `train()`
 only (`objective_attached`), so the Trainer's optimizer trains them and the student comes back as the plain model.
 Under DDP (torchrun) the Trainer wraps a `DistillationStep` instead of the student: the whole loss is its forward,
