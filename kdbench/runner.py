@@ -500,6 +500,9 @@ def bind_student_decoding(spec: RunSpec, ctx: Context, objective) -> None:
     params, head = objective.params, ctx.head(spec)
     options = decoding_options(spec, ctx, params, "on-policy KD")
     tokenizer, max_len = ctx.tokenizer(spec), spec.training.max_seq_length
+    if (params.prompt_length or 0) >= max_len:  # refused now, not at the first batch the student writes
+        raise KdbenchError(f"method {spec.method.name!r}: prompt_length {params.prompt_length} leaves no room to "
+                           f"continue within max_seq_length {max_len}")
 
     def write(model, rows, device):
         written = head.decoded_targets(model, rows, tokenizer, device, max_len=max_len,

@@ -221,6 +221,16 @@ def test_on_policy_suites_run_for_a_causal_lm_and_a_seq2seq_pair_and_a_classifie
                              training={"max_steps": 2, "batch_size": 8, "max_seq_length": 32})
     [failed] = run_suite(prompt_on_s2s, show_progress=False).failed
     assert failed.error == "method 'gkd': prompt_length is for causal LM tasks; task 's2s' has a seq2seq head"
+    # refused when bound, before training (the head's own check, at the first written batch, names no method)
+    too_long = suite_of(tmp_path, [{"name": "gkd", "method": "on_policy", "params": {"prompt_length": 32}}],
+                        {"name": "lm", "task": "generated_lm", "params": {"train_size": 64, "eval_size": 16}},
+                        {"name": "llama", "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
+                                                      "finetune": {"max_steps": 2, "batch_size": 8}},
+                         "student": {"model": {**LLAMA, "hidden_size": 8, "intermediate_size": 16}}},
+                        training={"max_steps": 3, "batch_size": 4, "max_seq_length": 32})
+    [failed] = run_suite(too_long, show_progress=False).failed
+    assert failed.error == ("method 'gkd': prompt_length 32 leaves no room to continue within max_seq_length 32"
+                            ) and failed.error_kind == "input"
 
 
 def test_on_policy_with_fused_linear_gives_the_same_loss(tok, tmp_path):
