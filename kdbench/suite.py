@@ -94,6 +94,13 @@ class MethodSpec(Strict):
     # config), or the student alone of the same seed, as trained on the labels (supervised fine-tuning first, then
     # distillation, as GKD and MiniLLM do). Its rows' train s and steps then include the student alone's.
     start_from: Literal["init", "student"] = "init"
+    # The names of the suite's tasks this method runs on (default: every task), e.g. sequence-level or on-policy KD
+    # on the language-modelling tasks only. Which tasks it serves changes none of its runs. A multi-task group
+    # names its own tasks.
+    tasks: list[str] | None = Field(None, min_length=1)
+
+    def runs_on(self, task_name: str) -> bool:
+        return self.tasks is None or task_name in self.tasks
 
 
 class CompressionStep(Strict):
@@ -232,6 +239,11 @@ def check_registry_names(suite: Suite) -> None:
         for j, name in enumerate(p.tasks or []):
             if name not in task_names:
                 raise _at(("pairs", i, "tasks", j), f"unknown task {name!r}; the suite's tasks: " + ", ".join(task_names))
+    for i, m in enumerate(suite.methods):
+        for j, name in enumerate(m.tasks or []):
+            if name not in task_names:
+                raise _at(("methods", i, "tasks", j), f"unknown task {name!r}; the suite's tasks: "
+                          + ", ".join(task_names))
     for i, group in enumerate(suite.multitask):
         for j, name in enumerate(group.tasks):
             if name not in task_names:
@@ -365,12 +377,12 @@ class RunSpec(BaseModel):
     @property
     def spec_hash(self) -> str:
         # `group` is left out when empty, so single-task runs keep the hashes they had before multitask existed;
-        # so is the pair's task list, which decides whether a run exists, not what it does
+        # so are the pair's and the method's task lists, which decide whether a run exists, not what it does,
         # and so is the method's `training`: what it changes is in `training` itself
         # and so is a default `start_from`, so that runs from before it existed keep their hashes
-        exclude: dict = {"pair": {"tasks"}, "method": {"training"}}
+        exclude: dict = {"pair": {"tasks"}, "method": {"training", "tasks"}}
         if self.method is not None and self.method.start_from == "init":
-            exclude["method"] = {"training", "start_from"}
+            exclude["method"] = {"training", "tasks", "start_from"}
         if not self.group:
             exclude["group"] = True
         return spec_hash(self.model_dump(mode="json", exclude=exclude))
@@ -398,7 +410,7 @@ def expand(suite: Suite) -> list[RunSpec]:
             runs.append(RunSpec(kind="teacher", seed=suite.seeds[0], **common))
             for seed in suite.seeds:
                 runs.append(RunSpec(kind="student", seed=seed, **common))
-                for m in suite.methods:
+                for m in (m for m in suite.methods if m.runs_on(task.name)):
                     runs.append(RunSpec(kind="distill", method=m, seed=seed, compression=suite.compression,
                                         **{**common, "training": method_training(suite.training, m)}))
                 for g in (g for g in suite.multitask if task.name in g.tasks):

@@ -268,6 +268,25 @@ def test_a_method_changes_the_training_of_its_own_students_only(tmp_path):
     assert len({r.spec_hash for r in long_runs}) == 2  # one per seed
 
 
+def test_a_method_can_run_on_some_tasks_only(tmp_path):
+    both = expand(load_suite(write(tmp_path, TWO_TASKS, "both.yaml")))
+    text = TWO_TASKS.replace("    params: {temperature: 2.0}\n", "    params: {temperature: 2.0}\n"
+                             "  - {name: seq, method: sequence, tasks: [reviews]}\n")
+    runs = expand(load_suite(write(tmp_path, text, "some.yaml")))
+    assert {(r.task.name, r.seed) for r in runs if r.method is not None and r.method.name == "seq"} == {
+        ("reviews", 0), ("reviews", 1)}
+    # the runs both suites have are the same runs, hashes included
+    by_id = {(r.run_id, r.seed): r.spec_hash for r in runs}
+    assert all(by_id[(r.run_id, r.seed)] == r.spec_hash for r in both)
+    scoped = next(r for r in runs if r.method is not None and r.method.name == "seq")
+    unscoped = scoped.model_copy(update={"method": scoped.method.model_copy(update={"tasks": None})})
+    assert scoped.spec_hash == unscoped.spec_hash  # which tasks it serves changes none of its runs
+    bad = TWO_TASKS.replace("    params: {temperature: 2.0}\n", "    params: {temperature: 2.0}\n"
+                            "    tasks: [review]\n")
+    assert_one_line_error(write(tmp_path, bad, "bad.yaml"), "methods[0].tasks[0]: unknown task 'review'; the "
+                          "suite's tasks: sentiment, reviews", f"line {line_of(bad, 'tasks: [review]')}")
+
+
 def test_start_from_student_is_its_own_run_and_the_default_keeps_every_hash(tmp_path):
     import json
 
