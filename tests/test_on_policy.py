@@ -151,6 +151,14 @@ LLAMA = {"model_type": "llama", "num_hidden_layers": 1, "num_attention_heads": 2
          "max_position_embeddings": 32}
 
 
+LM_PAIR = {"name": "llama", "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
+                                        "finetune": {"max_steps": 2, "batch_size": 8}},
+           "student": {"model": {**LLAMA, "hidden_size": 8, "intermediate_size": 16}}}
+T5_PAIR = {"name": "t5", "teacher": {"model": {**T5, "d_model": 16, "d_ff": 32},
+                                     "finetune": {"max_steps": 2, "batch_size": 8}},
+           "student": {"model": {**T5, "d_model": 8, "d_ff": 16}}}
+
+
 def suite_of(tmp_path, methods_, task, pair, **overrides):
     import yaml
 
@@ -182,9 +190,7 @@ def test_on_policy_suites_run_for_a_causal_lm_and_a_seq2seq_pair_and_a_classifie
                   "params": {"lmbda": 1.0, "prompt_length": 12, "prompt_loss": True}}
     lm = suite_of(tmp_path, [gkd, gkd_prompt], {"name": "lm", "task": "generated_lm",
                                      "params": {"train_size": 64, "eval_size": 16}},
-                  {"name": "llama", "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
-                                                "finetune": {"max_steps": 2, "batch_size": 8}},
-                   "student": {"model": {**LLAMA, "hidden_size": 8, "intermediate_size": 16}}},
+                  LM_PAIR,
                   training={"max_steps": 3, "batch_size": 4, "max_seq_length": 32})
     outcome = run_suite(lm, show_progress=False)
     assert [r.status for r in outcome.runs] == ["ok"] * 4, [r.error for r in outcome.runs]
@@ -196,9 +202,7 @@ def test_on_policy_suites_run_for_a_causal_lm_and_a_seq2seq_pair_and_a_classifie
     s2s_gkd = {"name": "gkd", "method": "on_policy", "params": {"lmbda": 1.0, "max_new_tokens": 8}}
     s2s = suite_of(tmp_path, [s2s_gkd], {"name": "s2s", "task": "generated_seq2seq",
                                          "params": {"train_size": 16, "eval_size": 8}},
-                   {"name": "t5", "teacher": {"model": {**T5, "d_model": 16, "d_ff": 32},
-                                              "finetune": {"max_steps": 2, "batch_size": 8}},
-                    "student": {"model": {**T5, "d_model": 8, "d_ff": 16}}},
+                   T5_PAIR,
                    training={"max_steps": 2, "batch_size": 8, "max_seq_length": 32},
                    profiling={**FAST_PROFILING, "seq_length": 24})
     outcome = run_suite(s2s, show_progress=False)
@@ -215,18 +219,14 @@ def test_on_policy_suites_run_for_a_causal_lm_and_a_seq2seq_pair_and_a_classifie
         assert failed.error == message and failed.error_kind == "input"
     prompt_on_s2s = suite_of(tmp_path, [{"name": "gkd", "method": "on_policy", "params": {"prompt_length": 4}}],
                              {"name": "s2s", "task": "generated_seq2seq", "params": {"train_size": 16, "eval_size": 8}},
-                             {"name": "t5", "teacher": {"model": {**T5, "d_model": 16, "d_ff": 32},
-                                                        "finetune": {"max_steps": 2, "batch_size": 8}},
-                              "student": {"model": {**T5, "d_model": 8, "d_ff": 16}}},
+                             T5_PAIR,
                              training={"max_steps": 2, "batch_size": 8, "max_seq_length": 32})
     [failed] = run_suite(prompt_on_s2s, show_progress=False).failed
     assert failed.error == "method 'gkd': prompt_length is for causal LM tasks; task 's2s' has a seq2seq head"
     # refused when bound, before training (the head's own check, at the first written batch, names no method)
     too_long = suite_of(tmp_path, [{"name": "gkd", "method": "on_policy", "params": {"prompt_length": 32}}],
                         {"name": "lm", "task": "generated_lm", "params": {"train_size": 64, "eval_size": 16}},
-                        {"name": "llama", "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
-                                                      "finetune": {"max_steps": 2, "batch_size": 8}},
-                         "student": {"model": {**LLAMA, "hidden_size": 8, "intermediate_size": 16}}},
+                        LM_PAIR,
                         training={"max_steps": 3, "batch_size": 4, "max_seq_length": 32})
     [failed] = run_suite(too_long, show_progress=False).failed
     assert failed.error == ("method 'gkd': prompt_length 32 leaves no room to continue within max_seq_length 32"
