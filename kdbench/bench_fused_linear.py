@@ -47,11 +47,6 @@ def _fused(hs, ws, ht, wt, labels):
 IMPLEMENTATIONS = [("unfused: F.linear, then kd_loss", _unfused), ("fused_linear_kd_loss", _fused)]
 
 
-def _vm_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def _peak_extra_mib(step, cuda: bool, *leaves) -> float:
     """Peak memory of one step above what was held before it, with the `leaves`' gradients dropped first (else
     the baseline holds a weight gradient that the step frees and allocates again)."""
@@ -59,14 +54,15 @@ def _peak_extra_mib(step, cuda: bool, *leaves) -> float:
         from kdbench.bench import cuda_peak_extra_mib
 
         return cuda_peak_extra_mib(step, *leaves)
+    from kdbench.profiler import _proc_status_kb, _reset_peak_rss
+
     for leaf in leaves:
         leaf.grad = None
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS (Linux >= 4.0)
-        f.write("5")
-    base = _vm_kb("VmRSS")
+    _reset_peak_rss()  # VmHWM := VmRSS
+    base = _proc_status_kb("VmRSS")
     step()
-    return max(0, _vm_kb("VmHWM") - base) / 1024
+    return max(0, _proc_status_kb("VmHWM") - base) / 1024
 
 
 def _median_ms(step, cuda: bool, quick: bool) -> float:

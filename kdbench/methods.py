@@ -197,7 +197,6 @@ class OnPolicyKD(LogitKD):
         super().__init__(params or OnPolicyParams())
         self.write = self.collate = None
         self.draws = random.Random(0)
-        self.student_batches = 0  # how many batches the student wrote, over this objective's life
 
     def bind(self, write, collate, seed: int) -> None:
         """`write(model, rows, device) -> rows`: `rows` ({input_ids, attention_mask}: the batch's inputs) with the
@@ -217,7 +216,6 @@ class OnPolicyKD(LogitKD):
             written = self.write(model, rows, inputs["input_ids"].device)
         finally:
             model.train(training)  # generation ran in eval mode
-        self.student_batches += 1
         return {k: v.to(inputs["input_ids"].device) for k, v in self.collate(written).items()}
 
 
