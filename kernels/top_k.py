@@ -1,0 +1,115 @@
+"""kd_loss against a cached teacher that kept only its k most likely tokens per row.
+
+A frozen teacher's logits for a fixed input never change, so a suite could run the teacher once and reuse its
+outputs in every epoch, seed and method (as it does for classifiers, whose logits are a few numbers per example).
+A language model's are (L, V) per block: 4.2 GB of fp32 per 8192 tokens at Llama 3's V = 128256. What is kept
+instead is each row's k largest logits' token ids and their log-probabilities at the temperature T, plus one more
+column: the log of the probability mass of every other token (the tail). That is 8 k + 4 bytes per row.
+
+The student's row is coarsened the same way (its log-probabilities at T of the teacher's k tokens, and the log of
+its own mass on all the others), and the divergence is taken between the two (k + 1)-bucket distributions:
+
+    loss_i = alpha * T^2 * D(p_buckets || q_buckets)  +  (1 - alpha) * CE(student_i at T = 1, label_i)
+
+- This is the divergence between the two distributions seen through the partition {each top-k token, the rest}.
+  It keeps the teacher's true probabilities, where renormalising the k kept logits would inflate them and teach
+  the student to be over-confident (Anshumann et al., 2025, "Sparse Logit Sampling").
+- It is a lower bound on the full divergence (data processing), and with k >= V it is the full kd_loss.
+- The student's tail is asked to hold the right total mass, not the right shape.
+
+The bucket divergence is kd_loss itself, on (N, k + 1) log-probabilities at T = 1 (the Triton kernel on a GPU);
+the coarsening and the cross-entropy are PyTorch ops, differentiated by autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdbench.kernels.reference import DIVERGENCES, REDUCTIONS, KdLossInputError
+
+
+def teacher_top_k(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0):
+    """(log_probs (..., k + 1) fp32 (fp64 for fp64 logits), token_ids (..., k) int32): each row's k most likely tokens and their
+    log-probabilities at `temperature`, the last column the log of every other token's mass (-inf when k >= V,
+    where k is cut to V). What `top_k_kd_loss` takes as the teacher."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise KdLossInputError(f"teacher_top_k: k must be a positive integer, got {k!r}")
+    if temperature <= 0:
+        raise KdLossInputError(f"teacher_top_k: temperature must be > 0, got {temperature}")
+    z = teacher_logits.to(_arithmetic(teacher_logits)) / temperature
+    top, ids = z.topk(min(k, z.shape[-1]), dim=-1)
+    lse = z.logsumexp(-1, keepdim=True)
+    return torch.cat([top - lse, _rest_logsumexp(z, ids) - lse], dim=-1), ids.to(torch.int32)
+
+
+def _arithmetic(x: torch.Tensor) -> torch.dtype:
+    """fp32 whatever the input's precision, as in kd_loss; fp64 for fp64 inputs (the tests' oracle)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _rest_logsumexp(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """logsumexp of each row of `z` without the columns `ids` (..., 1): the tail's mass, summed directly rather
+    than as 1 - (the kept mass), which cancels to nothing when the kept tokens hold nearly all of it."""
+    return z.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+
+
+def top_k_kd_loss(student_logits, teacher_log_probs, teacher_token_ids, labels=None, *, temperature=1.0,
+                  alpha=0.5, divergence="forward_kl", beta=0.5, ignore_index=-100, reduction="batchmean"):
+    """kd_loss with the teacher given by `teacher_top_k(teacher_logits, k, temperature=temperature)`.
+
+    Shapes: student_logits (N, V) or (B, L, V); teacher_log_probs (..., k + 1) and teacher_token_ids (..., k) with
+    the same leading dims; labels (N,) or (B, L). The loss, valid rows, labels=None and reductions are kd_loss's
+    (see KD_LOSS_DOC), with D taken over the k + 1 buckets; the teacher's log-probabilities must have been made at
+    this `temperature`. Gradients flow to student_logits only. With k >= V, this is kd_loss(student_logits,
+    teacher_logits, ...) exactly.
+    """
+    name = "top_k_kd_loss"
+    s, lp, ids = student_logits, teacher_log_probs, teacher_token_ids
+    if s.dim() < 2 or ids.dim() != s.dim() or lp.shape[:-1] != s.shape[:-1] or ids.shape[:-1] != s.shape[:-1]:
+        raise KdLossInputError(f"{name}: student_logits {tuple(s.shape)}, teacher_log_probs {tuple(lp.shape)} and "
+                               f"teacher_token_ids {tuple(ids.shape)} must share their leading dims")
+    k, vocab = ids.shape[-1], s.shape[-1]
+    if lp.shape[-1] != k + 1:
+        raise KdLossInputError(f"{name}: teacher_log_probs must have k + 1 = {k + 1} columns (the k tokens, then "
+                               f"the tail), got {lp.shape[-1]}")
+    if ids.is_floating_point():
+        raise KdLossInputError(f"{name}: teacher_token_ids must be integers, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise KdLossInputError(f"{name}: teacher token id {int(ids.max())} is outside the student's vocabulary "
+                               f"of {vocab}: teacher and student need one vocabulary")
+    if labels is not None and tuple(labels.shape) != tuple(s.shape[:-1]):
+        raise KdLossInputError(f"{name}: labels shape {tuple(labels.shape)} does not match the logits' leading "
+                               f"dims {tuple(s.shape[:-1])}")
+    if divergence not in DIVERGENCES or reduction not in REDUCTIONS or temperature <= 0:
+        raise KdLossInputError(f"{name}: divergence {divergence!r} (one of {DIVERGENCES}), reduction "
+                               f"{reduction!r} (one of {REDUCTIONS}), temperature {temperature} (> 0)")
+
+    rows = s.reshape(-1, vocab)
+    exact = _arithmetic(rows)
+    ids, lp = ids.reshape(-1, k).long(), lp.reshape(-1, k + 1).to(exact)
+    z = rows.to(exact) / temperature
+    lse = z.logsumexp(-1, keepdim=True)
+    student = z.gather(-1, ids) - lse
+    if k < vocab:
+        student = torch.cat([student, _rest_logsumexp(z, ids) - lse], dim=-1)
+    else:  # every token kept: no tail, on either side
+        lp = lp[:, :k]
+    valid = None if labels is None else labels.reshape(-1) != ignore_index
+    # kd_loss on the buckets: log-probabilities are logits whose softmax at T = 1 is the distribution itself.
+    # Its labels only mark the valid rows (alpha = 1: its CE over the buckets is weighted 0).
+    marks = None if valid is None else torch.where(valid, 0, ignore_index)
+    from kdbench.kernels import kd_loss
+
+    per_row = alpha * temperature**2 * kd_loss(student, lp, marks, temperature=1.0, alpha=1.0,
+                                               divergence=divergence, beta=beta, ignore_index=ignore_index,
+                                               reduction="none")
+    if labels is not None and alpha < 1:
+        per_row = per_row + (1 - alpha) * F.cross_entropy(rows.to(exact), labels.reshape(-1).long(),
+                                                          ignore_index=ignore_index, reduction="none")
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if reduction == "sum":
+        return total
+    return total / (valid.sum().clamp(min=1) if valid is not None else max(1, rows.shape[0]))
