@@ -30,9 +30,9 @@ from kdbench.kernels.reference import DIVERGENCES, REDUCTIONS, KdLossInputError
 
 
 def teacher_top_k(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0):
-    """(log_probs (..., k + 1) fp32 (fp64 for fp64 logits), token_ids (..., k) int32): each row's k most likely tokens and their
-    log-probabilities at `temperature`, the last column the log of every other token's mass (-inf when k >= V,
-    where k is cut to V). What `top_k_kd_loss` takes as the teacher."""
+    """(log_probs (..., k + 1) fp32 (fp64 for fp64 logits), token_ids (..., k) int32): each row's k most likely
+    tokens and their log-probabilities at `temperature`, the last column the log of every other token's mass
+    (-inf when k >= V, where k is cut to V). What `top_k_kd_loss` takes as the teacher."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise KdLossInputError(f"teacher_top_k: k must be a positive integer, got {k!r}")
     if temperature <= 0:
