@@ -18,7 +18,7 @@ import math
 import random
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kdbench.errors import KdbenchError
 from kdbench.registry import Registry
@@ -53,6 +53,29 @@ class DistillationConfig(SoftTargets):
     fused_linear: bool = False
 
 
+class LogitParams(DistillationConfig):
+    """`logit`'s parameters: DistillationConfig's, and `teacher_top_k`.
+
+    teacher_top_k (causal and seq2seq LM tasks): run the teacher once per task and pair, keep each position's k
+    most likely tokens with their probabilities at T and the mass of the rest, and distil every epoch, seed and
+    method of that k and T from that cache (kdbench.kernels.top_k_kd_loss: the divergence over the k tokens and
+    one bucket for the rest; exact when k >= V). The teacher's forward pass then runs once, not every step.
+
+    YAML:
+        methods:
+          - {name: kd-top32, method: logit, params: {temperature: 2.0, alpha: 0.9, teacher_top_k: 32}}
+    """
+
+    teacher_top_k: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_way_to_skip_teacher_logits(self):
+        if self.teacher_top_k is not None and self.fused_linear:
+            raise ValueError("teacher_top_k and fused_linear cannot be combined: fused_linear runs the teacher's "
+                             "output layer every step, teacher_top_k runs the teacher once")
+        return self
+
+
 class Objective:
     """Base: a loss over model outputs. Subclasses set what the forward passes must return.
 
@@ -79,6 +102,11 @@ class Objective:
     def loss(self, student_out, teacher_out, labels):  # pragma: no cover - interface
         raise NotImplementedError
 
+    @property
+    def teacher_top_k(self) -> int | None:
+        """k when the objective distils from a cached top-k teacher (LogitParams.teacher_top_k), else None."""
+        return getattr(getattr(self, "params", None), "teacher_top_k", None)
+
     def prepare_batch(self, model, inputs: dict) -> dict:
         """The batch that `model` (the student) trains on this step (default: `inputs`, as the data gives them;
         on-policy KD has the student write some of them)."""
@@ -87,10 +115,13 @@ class Objective:
     def logit_kd(self, student_out, teacher_out, labels, features=None):
         """The logit terms every method shares (`self.params` is a DistillationConfig), plus an optional feature
         term `features` = (student_features, teacher_features, weight), all in one fused kd_loss call."""
-        from kdbench.kernels import fused_linear_kd_loss, kd_loss
+        from kdbench.kernels import fused_linear_kd_loss, kd_loss, top_k_kd_loss
 
         p = self.params
         terms = dict(temperature=p.temperature, alpha=p.alpha, divergence=p.divergence, beta=p.beta)
+        top_k = getattr(teacher_out, "top_k", None)  # a cached teacher: (log_probs, token_ids), see LogitParams
+        if top_k is not None:
+            return top_k_kd_loss(student_out.logits, *top_k, labels, **terms)
         layer = getattr(student_out, "output_layer", None)  # fused_linear: kdbench.output_layer.Captured rows
         if layer is not None:
             teacher_layer = teacher_out.output_layer
@@ -114,10 +145,10 @@ class Objective:
 class LogitKD(Objective):
     """Logit KD with temperature: soft teacher targets plus hard-label cross-entropy."""
 
-    Params = DistillationConfig
+    Params = LogitParams
 
     def __init__(self, params: DistillationConfig | None = None):
-        self.params = params or DistillationConfig()
+        self.params = params or LogitParams()
 
     def loss(self, student_out, teacher_out, labels):
         return self.logit_kd(student_out, teacher_out, labels)
@@ -202,6 +233,11 @@ class OnPolicyKD(LogitKD):
         """`write(model, rows, device) -> rows`: `rows` ({input_ids, attention_mask}: the batch's inputs) with the
         targets `model` samples; `collate(rows) -> batch`: the task's collator. The draws restart from `seed`."""
         self.write, self.collate, self.draws = write, collate, random.Random(seed)
+
+    @property
+    def teacher_top_k(self) -> int | None:
+        """k when the objective distils from a cached top-k teacher (LogitParams.teacher_top_k), else None."""
+        return getattr(getattr(self, "params", None), "teacher_top_k", None)
 
     def prepare_batch(self, model, inputs: dict) -> dict:
         if self.draws.random() >= self.params.lmbda:

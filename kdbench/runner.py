@@ -449,9 +449,19 @@ def distiller(spec: RunSpec, ctx: Context, objective):
         kd_rows = ctx.memo(("teacher_logits", spec.task.name, spec.pair.name), lambda: distributed.map_sharded(
             lambda part: trainer.cache_teacher_logits(teacher, part, ctx.collator(spec), ctx.device), kd_rows,
             chunk=trainer.TEACHER_LOGITS_BATCH))
+    collator = ctx.collator(spec)
+    k = objective.teacher_top_k
+    if k is not None:  # a language model's teacher, run once per task, pair, k and temperature (LogitParams)
+        temperature = objective.params.temperature
+        kd_rows = ctx.memo(("teacher_top_k", spec.task.name, spec.pair.name, k, temperature),
+                           lambda: distributed.map_sharded(
+                               lambda part: trainer.cache_teacher_top_k(teacher, part, collator, ctx.device, k=k,
+                                                                        temperature=temperature),
+                               kd_rows, chunk=trainer.TEACHER_LOGITS_BATCH))
+        collator = trainer.TopKCollator(collator)
 
     def distill(model, description, max_steps=None):
-        return trainer.train(model, kd_rows, ctx.collator(spec), spec.training, seed=spec.seed, device=ctx.device,
+        return trainer.train(model, kd_rows, collator, spec.training, seed=spec.seed, device=ctx.device,
                              teacher=teacher, objective=objective, progress=ctx.progress,
                              description=description, max_steps=max_steps, head=head)
 
@@ -486,11 +496,16 @@ def decoding_options(spec: RunSpec, ctx: Context, params, what: str) -> dict:
 
 
 def check_and_bind(spec: RunSpec, ctx: Context, objective) -> None:
-    """Before a method trains on a task: refuse, in one line, what the task's head cannot serve (fused_linear on a
-    classifier), and give on-policy KD the task's decoding."""
+    """Before a method trains on a task: refuse, in one line, what the task's head cannot serve (fused_linear or
+    teacher_top_k on a classifier), and give on-policy KD the task's decoding."""
     from kdbench import trainer
 
     trainer.fused_linear(objective, ctx.head(spec), spec.method.name, spec.task.name)
+    head = ctx.head(spec)
+    if objective.teacher_top_k is not None and not head.caches_teacher_top_k:
+        raise KdbenchError(f"method {spec.method.name!r}: teacher_top_k caches a teacher's vocabulary logits at inputs "
+                           f"that repeat every epoch (causal and seq2seq LM tasks); task {spec.task.name!r} is "
+                           f"{head.kind}")
     if hasattr(objective, "bind"):
         bind_student_decoding(spec, ctx, objective)
 

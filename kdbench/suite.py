@@ -259,6 +259,9 @@ def check_registry_names(suite: Suite) -> None:
         if suite.methods[method_names.index(group.method)].start_from != "init":
             raise _at(("multitask", i, "method"), f"method {group.method!r} starts from the student alone; a "
                       "multi-task student starts from its initialisation")
+        if suite.methods[method_names.index(group.method)].params.get("teacher_top_k") is not None:
+            raise _at(("multitask", i, "method"), f"method {group.method!r} caches its teacher's top-k tokens; a "
+                      "multi-task student runs every task's teacher at each step")
         for p in suite.pairs:  # a pair trains the group's student on all of the group's tasks, or on none
             served = [name for name in group.tasks if p.runs_on(name)]
             if served and len(served) < len(group.tasks):

@@ -111,9 +111,10 @@ class Distiller(Trainer):
             inputs = dict(objective.prepare_batch(model, inputs))  # on-policy KD: the student writes the targets
         labels = batch_labels = inputs.pop("labels")
         cached = inputs.pop("teacher_logits", None)
+        top_k = TopKCollator.pop(inputs)
         flags = dict(output_hidden_states=bool(objective and objective.needs_hidden_states),
                      output_attentions=bool(objective and objective.needs_attentions))
-        if teacher is not None and cached is None and fused_linear(objective, head):
+        if teacher is not None and cached is None and top_k is None and fused_linear(objective, head):
             return self.fused_linear_loss(model, teacher, objective, head, inputs, labels, batch_labels, flags)
         student_out = model(**model_inputs(inputs, model), **flags)
         student_logits = head.logits(student_out)  # (N, V) rows; an extractive QA model's start and end, stacked
@@ -122,6 +123,8 @@ class Distiller(Trainer):
         else:
             if cached is not None:
                 teacher_out = SimpleNamespace(logits=cached)
+            elif top_k is not None:  # (log_probs, token_ids) per logit position (kdbench.kernels.top_k_kd_loss)
+                teacher_out = SimpleNamespace(logits=None, top_k=top_k)
             else:
                 teacher.eval()  # Trainer.train() puts every registered module in train mode
                 with torch.no_grad():
@@ -327,6 +330,65 @@ def cache_teacher_logits(teacher, rows: list[dict], collator, device: str,
             logits = teacher(**batch).logits.float().cpu()
             out += [{**r, "teacher_logits": logits[j].tolist()} for j, r in enumerate(chunk)]
     return out
+
+
+TOP_K_LOGITS = 1 << 26  # teacher logits per batch while caching its top-k (256 MB of fp32), whatever L and V
+
+
+def cache_teacher_top_k(teacher, rows: list[dict], collator, device: str, *, k: int,
+                        temperature: float) -> list[dict]:
+    """Rows of a language-model task with the frozen teacher's k most likely tokens at each logit position attached
+    (kdbench.kernels.teacher_top_k at `temperature`): `teacher_top_log_probs` (Lt, k + 1) fp32 and
+    `teacher_top_ids` (Lt, k) int32, Lt the row's label length (its logit positions). One inference pass; only
+    about TOP_K_LOGITS teacher logits exist at a time."""
+    from kdbench.kernels import teacher_top_k
+
+    teacher.eval()
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    longest = max((len(r["labels"]) for r in rows), default=1)
+    batch_size = max(1, min(TEACHER_LOGITS_BATCH, TOP_K_LOGITS // (longest * vocab)))
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            batch = {key: v.to(device) for key, v in collator(chunk).items() if key != "labels"}
+            log_probs, ids = teacher_top_k(teacher(**model_inputs(batch, teacher)).logits, k, temperature=temperature)
+            log_probs, ids = log_probs.cpu(), ids.cpu()
+            out += [{**r, TopKCollator.KEYS[0]: log_probs[j, : len(r["labels"])].clone(),
+                     TopKCollator.KEYS[1]: ids[j, : len(r["labels"])].clone()} for j, r in enumerate(chunk)]
+    return out
+
+
+class TopKCollator:
+    """A task's collator for rows that carry a cached teacher's top-k (`cache_teacher_top_k`): the task's batch,
+    plus `teacher_top_log_probs` (B, Lt, k + 1) and `teacher_top_ids` (B, Lt, k), padded to the batch's label
+    length Lt. Padded positions, labelled IGNORE, get a uniform distribution over the buckets (never read)."""
+
+    KEYS = ("teacher_top_log_probs", "teacher_top_ids")
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, rows):
+        batch = self.collator([{k: v for k, v in r.items() if k not in self.KEYS} for r in rows])
+        length = batch["labels"].shape[-1]
+        log_probs, ids = ([r[key] for r in rows] for key in self.KEYS)
+        uniform = -math.log(log_probs[0].shape[-1])
+        batch[self.KEYS[0]] = torch.stack([_pad_rows(x, length, uniform) for x in log_probs])
+        batch[self.KEYS[1]] = torch.stack([_pad_rows(x, length, 0) for x in ids])
+        return batch
+
+    @classmethod
+    def pop(cls, inputs: dict):
+        """(log_probs, token_ids) taken out of a batch, or None if it carries no cached top-k."""
+        if cls.KEYS[0] not in inputs:
+            return None
+        return inputs.pop(cls.KEYS[0]), inputs.pop(cls.KEYS[1])
+
+
+def _pad_rows(x: torch.Tensor, length: int, fill) -> torch.Tensor:
+    """`x` (L, ...) padded with `fill` to `length` rows."""
+    return torch.cat([x, x.new_full((length - x.shape[0], *x.shape[1:]), fill)]) if x.shape[0] < length else x
 
 
 TRAINING_FILE = "kdbench_training.json"  # a cached model's training stats, beside its weights

@@ -282,6 +282,63 @@ def test_fused_linear_trains_a_causal_lm_student_as_the_logits_do(tmp_path, cach
                             "'sentiment' has a classification head") and failed.error_kind == "input"
 
 
+def test_a_cached_top_k_teacher_trains_as_the_teacher_does_when_k_covers_the_vocabulary(tmp_path, cache_dir,
+                                                                                          monkeypatch):
+    """teacher_top_k: the teacher runs once per task, pair, k and temperature, before training, and never during it.
+    With k at least the vocabulary the loss is kd_loss exactly, so the student is the plain method's; a smaller k is
+    another student. A classification task refuses it in one line."""
+    from kdbench import trainer
+
+    caches = []
+    cache = trainer.cache_teacher_top_k
+    monkeypatch.setattr(trainer, "cache_teacher_top_k", lambda *a, **kw: caches.append(kw["k"]) or cache(*a, **kw))
+    everything = {**KD, "name": "kd-all", "params": {**KD["params"], "teacher_top_k": 10_000}}
+    few = {**KD, "name": "kd-top2", "params": {**KD["params"], "teacher_top_k": 2}}
+    suite = tiny_suite(
+        tmp_path, cache_dir, [KD, everything, few],
+        tasks=[{"name": "lm", "task": "generated_lm", "params": {"train_size": 64, "eval_size": 16}}],
+        pairs=[{"name": "llama",
+                "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
+                            "finetune": {"max_steps": 2, "batch_size": 8}},
+                "student": {"model": {**LLAMA, "hidden_size": 8, "intermediate_size": 16}}}],
+        training={"max_steps": 6, "batch_size": 4, "max_seq_length": 32},
+        seeds=[0, 1],
+    )
+    forward = []
+    loss = trainer.Distiller.distillation_loss
+
+    def spy(self, model, teacher, objective, head, inputs):  # does the teacher run during training?
+        if teacher is None:  # the teacher's own fine-tuning, and the student alone
+            return loss(self, model, teacher, objective, head, inputs)
+        handle = teacher.register_forward_hook(lambda *a: forward.append(objective.teacher_top_k))
+        try:
+            return loss(self, model, teacher, objective, head, inputs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(trainer.Distiller, "distillation_loss", spy)
+    outcome = run_suite(suite, show_progress=False)
+    assert set(statuses(outcome).values()) == {"ok"} and len(outcome.runs) == 9  # teacher, 2 x (alone + 3)
+    assert sorted(caches) == [2, 10_000]  # once per k, whatever the seeds
+    assert set(forward) == {None}  # only the plain method ran the teacher while training
+
+    def distilled(run):
+        return next(v for v in read_result(run_path(outcome.results_dir, f"lm__llama__{run}"))["variants"]
+                    if v["name"] == "distilled")
+
+    for seed in (0, 1):
+        plain, cached, top2 = (distilled(f"{m}__s{seed}") for m in ("kd", "kd-all", "kd-top2"))
+        assert cached["metric"] == pytest.approx(plain["metric"], rel=1e-5)
+        assert cached["extra_metrics"] == pytest.approx(plain["extra_metrics"], rel=1e-5)
+        assert abs(top2["metric"] - plain["metric"]) > 1e-4
+
+    classify = tiny_suite(tmp_path, cache_dir, [few])
+    [failed] = run_suite(classify, show_progress=False).failed
+    assert failed.error == ("method 'kd-top2': teacher_top_k caches a teacher's vocabulary logits at inputs that "
+                            "repeat every epoch (causal and seq2seq LM tasks); task 'sentiment' is "
+                            "classification") and failed.error_kind == "input"
+
+
 def test_a_method_can_start_from_the_trained_student_alone(tmp_path, cache_dir, monkeypatch):
     """start_from: student distils the student alone of the same seed, as trained: the student run keeps it on
     disk, the method starts from exactly those weights, and its row counts both trainings' steps. A resumed suite

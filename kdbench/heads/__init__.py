@@ -35,6 +35,9 @@ class Head:
     # Logits of a frozen teacher can be computed once per input and reused (kdbench.trainer.cache_teacher_logits)
     # when they are small: (C,) per example for a classifier, not (L, V) per block for a language model.
     caches_teacher_logits = False
+    # A method's `teacher_top_k` can cache a language model's teacher as its top-k tokens per position: its inputs
+    # must be the same every epoch (not a masked LM's, whose masks are drawn per batch).
+    caches_teacher_top_k = False
     generates = False  # a model of this head writes text with generate() (its decoding latency can be profiled)
     # `update` takes the logits where the model left them (a language model's (B, L, V) logits are gigabytes:
     # copying them to the host in fp32 would cost more than the forward pass); otherwise fp32 on the CPU.

@@ -75,6 +75,7 @@ class CausalLM(Perplexity):
     kind = "causal_lm"
     auto_class = "AutoModelForCausalLM"
     generates = True
+    caches_teacher_top_k = True
 
     def __init__(self, continuation_metric: str | None = None):
         from kdbench.heads.seq2seq import METRIC_NAMES

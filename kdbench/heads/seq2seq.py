@@ -47,6 +47,7 @@ class Seq2Seq(Perplexity):
     kind = "seq2seq"
     auto_class = "AutoModelForSeq2SeqLM"
     generates = True
+    caches_teacher_top_k = True
     GENERATE_BATCH = 64  # rows per generate() call
 
     def __init__(self, metric: Seq2SeqMetric = "perplexity", num_beams: int = 1, max_new_tokens: int | None = None):
