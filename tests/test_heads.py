@@ -410,3 +410,10 @@ def test_a_masked_lm_suite_runs_end_to_end_and_reports_perplexity(tmp_path):
     for v in (teacher, kd):
         assert v["metric_name"] == "perplexity" and v["higher_is_better"] is False and 1.0 < v["metric"] < 1e6
     assert kd["retention"] == pytest.approx(teacher["metric"] / kd["metric"])
+
+
+def test_only_heads_whose_teacher_inputs_repeat_cache_a_top_k_teacher():
+    """teacher_top_k needs vocabulary logits at inputs that are the same every epoch: a masked LM draws its masks
+    per batch, and a classifier's logits are cached whole already."""
+    cacheable = {kind for kind in heads.heads.names() if heads.get(kind).caches_teacher_top_k}
+    assert cacheable == {"causal_lm", "seq2seq"}

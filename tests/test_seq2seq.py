@@ -99,6 +99,38 @@ def test_distiller_distills_seq2seq_logits_without_a_shift(data, tok, tmp_path):
     assert not torch.allclose(loss.detach(), shifted)
 
 
+@pytest.mark.parametrize("k", [3, 100_000])
+def test_a_cached_top_k_teacher_lines_up_with_ragged_targets(data, tok, k, tmp_path):
+    """cache_teacher_top_k once, then batches of rows with targets of different lengths (padded by TopKCollator):
+    the loss is top_k_kd_loss of the teacher's top-k made from its logits on the same batch, and with k covering
+    the vocabulary, kd_loss itself."""
+    from kdbench import trainer
+    from kdbench.kernels import teacher_top_k, top_k_kd_loss
+
+    head = heads.get("seq2seq")
+    rows = head.encode(data.train[:6], tok, 32)
+    assert len({len(r["labels"]) for r in rows}) > 1  # ragged targets: the collator pads
+    teacher, student = t5(tok, seed=1), t5(tok, seed=2)
+    collator = head.collator(tok)
+    cached = trainer.cache_teacher_top_k(teacher, rows, collator, "cpu", k=k, temperature=2.0)
+    assert [len(r["teacher_top_ids"]) for r in cached] == [len(r["labels"]) for r in rows]
+    objective = LogitKD(DistillationConfig(temperature=2.0, alpha=0.6))
+    distiller = Distiller(model=student, args=training_arguments(TrainingSettings(max_steps=1), seed=0,
+                                                                device="cpu", output_dir=str(tmp_path)),
+                          teacher=teacher, head=head, objective=objective)
+    batch = trainer.TopKCollator(collator)(cached[1:5])
+    loss = distiller.compute_loss(student, dict(batch))
+    plain = collator(rows[1:5])
+    with torch.no_grad():
+        inputs = models.model_inputs(plain, student)
+        s, t = student(**inputs).logits, teacher(**inputs).logits
+    y = plain["labels"]
+    want = top_k_kd_loss(s, *teacher_top_k(t, k, temperature=2.0), y, temperature=2.0, alpha=0.6)
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
+    if k > s.shape[-1]:
+        torch.testing.assert_close(loss.detach(), kd_loss(s, t, y, temperature=2.0, alpha=0.6), rtol=1e-5, atol=1e-6)
+
+
 def test_seq2seq_texts_are_sources_and_targets():
     rows = [{"source": "a b", "target": "c"}, {"source": "d", "target": "e f"}]
     assert heads.get("seq2seq").texts(rows) == ["a b", "c", "d", "e f"]

@@ -332,6 +332,23 @@ def test_bad_method_param_value(tmp_path):
     assert_one_line_error(write(tmp_path, text), "method 'logit'", "params.temperature", "greater than 0")
 
 
+@pytest.mark.parametrize("params, fragments", [
+    ("{teacher_top_k: 0}", ["params.teacher_top_k", "greater than or equal to 1"]),
+    ("{teacher_top_k: 8, fused_linear: true}", ["teacher_top_k and fused_linear cannot be combined"]),
+])
+def test_bad_teacher_top_k(tmp_path, params, fragments):
+    assert_one_line_error(write(tmp_path, SUITE.replace("params: {temperature: 2.0}", f"params: {params}")),
+                          "method 'logit'", *fragments)
+
+
+def test_a_multitask_group_refuses_a_cached_top_k_teacher(tmp_path):
+    cached = "    params: {temperature: 2.0, teacher_top_k: 4}\n"
+    grouped = TWO_TASKS.replace("    params: {temperature: 2.0}\n", cached) + (
+        "multitask:\n  - {name: mt, tasks: [sentiment, reviews], method: kd}\n")
+    assert_one_line_error(write(tmp_path, grouped), "multitask[0].method: method 'kd' caches its teacher's top-k "
+                          "tokens; a multi-task student runs every task's teacher at each step")
+
+
 @pytest.mark.parametrize(
     "old, bad, kind, registry",
     [
