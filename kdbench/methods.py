@@ -59,7 +59,8 @@ class LogitParams(DistillationConfig):
     teacher_top_k (causal and seq2seq LM tasks): run the teacher once per task and pair, keep each position's k
     most likely tokens with their probabilities at T and the mass of the rest, and distil every epoch, seed and
     method of that k and T from that cache (kdbench.kernels.top_k_kd_loss: the divergence over the k tokens and
-    one bucket for the rest; exact when k >= V). The teacher's forward pass then runs once, not every step.
+    one bucket for the rest, or with `teacher_top_k_tail: uniform` that mass spread evenly over the other tokens;
+    exact when k >= V). The teacher's forward pass then runs once, not every step.
 
     YAML:
         methods:
@@ -67,6 +68,8 @@ class LogitParams(DistillationConfig):
     """
 
     teacher_top_k: int | None = Field(None, ge=1)
+    # the rest of the vocabulary: one bucket holding its mass, or that mass spread evenly (top_k_kd_loss's `tail`)
+    teacher_top_k_tail: Literal["bucket", "uniform"] = "bucket"
 
     @model_validator(mode="after")
     def _one_way_to_skip_teacher_logits(self):
@@ -121,7 +124,7 @@ class Objective:
         terms = dict(temperature=p.temperature, alpha=p.alpha, divergence=p.divergence, beta=p.beta)
         top_k = getattr(teacher_out, "top_k", None)  # a cached teacher: (log_probs, token_ids), see LogitParams
         if top_k is not None:
-            return top_k_kd_loss(student_out.logits, *top_k, labels, **terms)
+            return top_k_kd_loss(student_out.logits, *top_k, labels, tail=p.teacher_top_k_tail, **terms)
         layer = getattr(student_out, "output_layer", None)  # fused_linear: kdbench.output_layer.Captured rows
         if layer is not None:
             teacher_layer = teacher_out.output_layer

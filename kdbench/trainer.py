@@ -343,6 +343,7 @@ def cache_teacher_top_k(teacher, rows: list[dict], collator, device: str, *, k: 
     about TOP_K_LOGITS teacher logits exist at a time."""
     from kdbench.kernels import teacher_top_k
 
+    start = time.perf_counter()
     teacher.eval()
     vocab = teacher.get_output_embeddings().weight.shape[0]
     longest = max((len(r["labels"]) for r in rows), default=1)
@@ -356,6 +357,7 @@ def cache_teacher_top_k(teacher, rows: list[dict], collator, device: str, *, k: 
             log_probs, ids = log_probs.cpu(), ids.cpu()
             out += [{**r, TopKCollator.KEYS[0]: log_probs[j, : len(r["labels"])].clone(),
                      TopKCollator.KEYS[1]: ids[j, : len(r["labels"])].clone()} for j, r in enumerate(chunk)]
+    log.info("teacher top-%d cached for %d rows in %.1f s", k, len(rows), time.perf_counter() - start)
     return out
 
 

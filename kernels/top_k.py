@@ -23,6 +23,8 @@ the coarsening and the cross-entropy are PyTorch ops, differentiated by autograd
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -54,8 +56,12 @@ def _rest_logsumexp(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return z.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
 
 
+TAILS = ("bucket", "uniform")
+
+
 def top_k_kd_loss(student_logits, teacher_log_probs, teacher_token_ids, labels=None, *, temperature=1.0,
-                  alpha=0.5, divergence="forward_kl", beta=0.5, ignore_index=-100, reduction="batchmean"):
+                  alpha=0.5, divergence="forward_kl", beta=0.5, ignore_index=-100, reduction="batchmean",
+                  tail="bucket"):
     """kd_loss with the teacher given by `teacher_top_k(teacher_logits, k, temperature=temperature)`.
 
     Shapes: student_logits (N, V) or (B, L, V); teacher_log_probs (..., k + 1) and teacher_token_ids (..., k) with
@@ -63,6 +69,10 @@ def top_k_kd_loss(student_logits, teacher_log_probs, teacher_token_ids, labels=N
     (see KD_LOSS_DOC), with D taken over the k + 1 buckets; the teacher's log-probabilities must have been made at
     this `temperature`. Gradients flow to student_logits only. With k >= V, this is kd_loss(student_logits,
     teacher_logits, ...) exactly.
+
+    tail: "bucket" (above), or "uniform": the teacher's tail mass spread evenly over the V - k other tokens and the
+    full kd_loss taken against that (V,)-row teacher, one fused call. Against the bucket divergence, forward KL adds
+    p_tail * KL(uniform || the student's tail, renormalised): it also asks the student's tail to be flat.
     """
     name = "top_k_kd_loss"
     s, lp, ids = student_logits, teacher_log_probs, teacher_token_ids
@@ -81,10 +91,17 @@ def top_k_kd_loss(student_logits, teacher_log_probs, teacher_token_ids, labels=N
     if labels is not None and tuple(labels.shape) != tuple(s.shape[:-1]):
         raise KdLossInputError(f"{name}: labels shape {tuple(labels.shape)} does not match the logits' leading "
                                f"dims {tuple(s.shape[:-1])}")
+    if tail not in TAILS:
+        raise KdLossInputError(f"{name}: tail must be one of {TAILS}, got {tail!r}")
     if divergence not in DIVERGENCES or reduction not in REDUCTIONS or temperature <= 0:
         raise KdLossInputError(f"{name}: divergence {divergence!r} (one of {DIVERGENCES}), reduction "
                                f"{reduction!r} (one of {REDUCTIONS}), temperature {temperature} (> 0)")
 
+    from kdbench.kernels import kd_loss
+
+    if tail == "uniform":
+        return kd_loss(s, uniform_tail(lp, ids, vocab) * temperature, labels, temperature=temperature, alpha=alpha,
+                       divergence=divergence, beta=beta, ignore_index=ignore_index, reduction=reduction)
     rows = s.reshape(-1, vocab)
     exact = _arithmetic(rows)
     ids, lp = ids.reshape(-1, k).long(), lp.reshape(-1, k + 1).to(exact)
@@ -99,7 +116,6 @@ def top_k_kd_loss(student_logits, teacher_log_probs, teacher_token_ids, labels=N
     # kd_loss on the buckets: log-probabilities are logits whose softmax at T = 1 is the distribution itself.
     # Its labels only mark the valid rows (alpha = 1: its CE over the buckets is weighted 0).
     marks = None if valid is None else torch.where(valid, 0, ignore_index)
-    from kdbench.kernels import kd_loss
 
     per_row = alpha * temperature**2 * kd_loss(student, lp, marks, temperature=1.0, alpha=1.0,
                                                divergence=divergence, beta=beta, ignore_index=ignore_index,
@@ -113,3 +129,11 @@ def top_k_kd_loss(student_logits, teacher_log_probs, teacher_token_ids, labels=N
     if reduction == "sum":
         return total
     return total / (valid.sum().clamp(min=1) if valid is not None else max(1, rows.shape[0]))
+
+
+def uniform_tail(teacher_log_probs: torch.Tensor, teacher_token_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(..., V) log-probabilities: the k kept tokens' own, and the tail's mass shared evenly by the other V - k."""
+    k = teacher_token_ids.shape[-1]
+    spread = teacher_log_probs[..., k:] - math.log(max(1, vocab - k))
+    dense = spread.expand(*teacher_log_probs.shape[:-1], vocab).clone()
+    return dense.scatter(-1, teacher_token_ids.long(), teacher_log_probs[..., :k])

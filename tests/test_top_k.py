@@ -80,6 +80,27 @@ def test_matches_the_bucket_divergence_from_its_definition(divergence, k, reduct
     assert_close(g, w, 1e-9)
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("k", [1, 5, 23])
+def test_a_uniform_tail_is_kd_loss_against_the_tail_mass_spread_evenly(divergence, k):
+    s, t, labels = make()
+    kw = dict(temperature=2.0, alpha=0.7, divergence=divergence, beta=0.3)
+    got = top_k_kd_loss(s, *cached(t, k, 2.0), labels, tail="uniform", **kw)
+    # the teacher as the loss should see it, built from the definition: kept tokens' probabilities at T, the
+    # rest's total shared by the other tokens
+    p = F.softmax(t.double() / 2.0, -1)
+    ids = t.topk(k, dim=-1).indices
+    kept = torch.zeros_like(p, dtype=torch.bool).scatter(-1, ids, True)
+    rest = (p * ~kept).sum(-1, keepdim=True) / max(1, 23 - k)
+    spread = torch.where(kept, p, rest)
+    want = kd_loss(s, spread.log() * 2.0, labels, **kw)
+    assert_close(got, want, 1e-10)
+    assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], 1e-9)
+    if divergence == "forward_kl" and k < 23:  # bucket + p_tail * KL(uniform || the student's tail): never less
+        bucket = top_k_kd_loss(s, *cached(t, k, 2.0), labels, **kw)
+        assert float(got) > float(bucket)
+
+
 @pytest.mark.parametrize("k", [23, 40])
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_every_token_kept_is_kd_loss_on_the_whole_logits(k, divergence):
@@ -167,13 +188,14 @@ def test_runs_the_triton_kernel_on_the_buckets(monkeypatch):
     (lambda a: {**a, "ids": a["ids"] + 30}, "outside the student's vocabulary of 23"),
     (lambda a: {**a, "lp": a["lp"][:4]}, "must share their leading dims"),
     (lambda a: {**a, "labels": a["labels"][:4]}, "labels shape"),
+    (lambda a: {**a, "tail": "renormalised"}, "tail must be one of"),
 ])
 def test_bad_arguments_get_one_line_errors(change, message):
     s, t, labels = make()
     lp, ids = cached(t, 4, 1.0)
     a = change({"lp": lp, "ids": ids, "labels": labels})
     with pytest.raises(KdLossInputError, match=message) as err:
-        top_k_kd_loss(s, a["lp"], a["ids"], a["labels"])
+        top_k_kd_loss(s, a["lp"], a["ids"], a["labels"], tail=a.get("tail", "bucket"))
     assert "\n" not in str(err.value)
 
 
