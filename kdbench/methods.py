@@ -124,7 +124,8 @@ class Objective:
         terms = dict(temperature=p.temperature, alpha=p.alpha, divergence=p.divergence, beta=p.beta)
         top_k = getattr(teacher_out, "top_k", None)  # a cached teacher: (log_probs, token_ids), see LogitParams
         if top_k is not None:
-            return top_k_kd_loss(student_out.logits, *top_k, labels, tail=p.teacher_top_k_tail, **terms)
+            return top_k_kd_loss(student_out.logits, *top_k, labels, tail=getattr(p, "teacher_top_k_tail", "bucket"),
+                                 **terms)
         layer = getattr(student_out, "output_layer", None)  # fused_linear: kdbench.output_layer.Captured rows
         if layer is not None:
             teacher_layer = teacher_out.output_layer

@@ -459,6 +459,7 @@ def distiller(spec: RunSpec, ctx: Context, objective):
                                                                         temperature=temperature),
                                kd_rows, chunk=trainer.TEACHER_LOGITS_BATCH))
         collator = trainer.TopKCollator(collator)
+        teacher = None  # the batches carry the teacher: the Distiller needs none
 
     def distill(model, description, max_steps=None):
         return trainer.train(model, kd_rows, collator, spec.training, seed=spec.seed, device=ctx.device,

@@ -44,8 +44,10 @@ class Distiller(Trainer):
     `head` (kdbench.heads, default: classification) says which logit positions predict which labels and gives the
     hard loss. `teacher=None` trains the student on its labels alone. A classifier's rows labelled TEACHER_LABEL (-1)
     take the teacher's argmax as their hard label, so an unlabelled transfer set can be mixed into the training data.
-    A batch may carry precomputed `teacher_logits` (N, C) (see `cache_teacher_logits`): then the teacher's forward
-    pass is skipped. That is exact for a frozen teacher in eval mode and saves its cost on every epoch and seed.
+    A batch may carry precomputed `teacher_logits` (N, C) (see `cache_teacher_logits`), or a language model
+    teacher's top-k tokens (`cache_teacher_top_k`, `TopKCollator`): then the teacher's forward pass is skipped. That
+    is exact for a frozen teacher in eval mode and saves its cost on every epoch and seed. With an `objective` and
+    batches that carry the teacher this way, `teacher` may be None: the teacher need not be in memory at all.
     """
 
     def __init__(self, model=None, args=None, *more, teacher: torch.nn.Module | None = None,
@@ -118,7 +120,7 @@ class Distiller(Trainer):
             return self.fused_linear_loss(model, teacher, objective, head, inputs, labels, batch_labels, flags)
         student_out = model(**model_inputs(inputs, model), **flags)
         student_logits = head.logits(student_out)  # (N, V) rows; an extractive QA model's start and end, stacked
-        if teacher is None:
+        if objective is None or (teacher is None and cached is None and top_k is None):
             loss = head.hard_loss(student_logits, labels)
         else:
             if cached is not None:
