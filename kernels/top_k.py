@@ -18,7 +18,9 @@ its own mass on all the others), and the divergence is taken between the two (k 
 - The student's tail is asked to hold the right total mass, not the right shape.
 
 The bucket divergence is kd_loss itself, on (N, k + 1) log-probabilities at T = 1 (the Triton kernel on a GPU);
-the coarsening and the cross-entropy are PyTorch ops, differentiated by autograd.
+the coarsening and the cross-entropy are PyTorch ops, differentiated by autograd. Like kd_loss, it walks the rows
+in chunks and takes each chunk's gradient in the forward pass, so that its extra memory is the gradient plus a few
+(chunk, V) temporaries, whatever N.
 """
 
 from __future__ import annotations
@@ -97,14 +99,69 @@ def top_k_kd_loss(student_logits, teacher_log_probs, teacher_token_ids, labels=N
         raise KdLossInputError(f"{name}: divergence {divergence!r} (one of {DIVERGENCES}), reduction "
                                f"{reduction!r} (one of {REDUCTIONS}), temperature {temperature} (> 0)")
 
+    options = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, ignore_index=ignore_index,
+                   tail=tail)
+    need_grad = torch.is_grad_enabled() and s.requires_grad
+    return _TopKKd.apply(s.reshape(-1, vocab), lp.reshape(-1, k + 1), ids.reshape(-1, k),
+                         None if labels is None else labels.reshape(-1), reduction, need_grad, options)
+
+
+# Rows per chunk: about this many logits, so that the few (rows, V) fp32 temporaries of a chunk stay small
+# (64 MB each) whatever N; 8192 x 128256 logits go in 64 chunks of 130 rows.
+CHUNK_ELEMENTS = 1 << 24
+
+
+class _TopKKd(torch.autograd.Function):
+    """The loss chunk by chunk over the rows, each chunk's gradient taken at once (as kd_loss does, in the forward
+    pass): only one chunk's temporaries exist at a time, and backward scales the stored gradient by grad_output."""
+
+    @staticmethod
+    def forward(ctx, rows, lp, ids, labels, reduction, need_grad, options):
+        n, vocab = rows.shape
+        losses = torch.zeros(n, dtype=_arithmetic(rows), device=rows.device)
+        grad = torch.empty_like(rows) if need_grad else None
+        step = max(1, CHUNK_ELEMENTS // vocab)
+        for i in range(0, n, step):
+            leaf = rows[i : i + step].detach().requires_grad_(need_grad)
+            with torch.enable_grad():  # a Function's forward runs without grad mode
+                part = _row_losses(leaf, lp[i : i + step], ids[i : i + step],
+                                   None if labels is None else labels[i : i + step], **options)
+                if need_grad:
+                    grad[i : i + step] = torch.autograd.grad(part.sum(), leaf)[0]
+            losses[i : i + step] = part.detach()
+        ctx.reduction = reduction
+        if reduction == "none":
+            out = losses
+        else:
+            valid = n if labels is None else int((labels != options["ignore_index"]).sum())
+            scale = 1.0 if reduction == "sum" else 1.0 / max(1, valid)
+            out = losses.sum() * scale
+            if need_grad and scale != 1.0:
+                grad.mul_(scale)
+        if need_grad:
+            ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            grad = grad * grad_output[:, None].to(grad.dtype)
+        elif not bool((grad_output == 1).all()):
+            grad = grad * grad_output.to(grad.dtype)
+        return grad, None, None, None, None, None, None
+
+
+def _row_losses(rows, lp, ids, labels, *, temperature, alpha, divergence, beta, ignore_index, tail):
+    """(n,) per-row losses of `rows` (n, V) against the cached teacher rows `lp` (n, k + 1), `ids` (n, k)."""
     from kdbench.kernels import kd_loss
 
+    k, vocab = ids.shape[-1], rows.shape[-1]
     if tail == "uniform":
-        return kd_loss(s, uniform_tail(lp, ids, vocab) * temperature, labels, temperature=temperature, alpha=alpha,
-                       divergence=divergence, beta=beta, ignore_index=ignore_index, reduction=reduction)
-    rows = s.reshape(-1, vocab)
+        return kd_loss(rows, uniform_tail(lp, ids, vocab) * temperature, labels, temperature=temperature,
+                       alpha=alpha, divergence=divergence, beta=beta, ignore_index=ignore_index, reduction="none")
     exact = _arithmetic(rows)
-    ids, lp = ids.reshape(-1, k).long(), lp.reshape(-1, k + 1).to(exact)
+    ids, lp = ids.long(), lp.to(exact)
     z = rows.to(exact) / temperature
     lse = z.logsumexp(-1, keepdim=True)
     student = z.gather(-1, ids) - lse
@@ -112,23 +169,16 @@ def top_k_kd_loss(student_logits, teacher_log_probs, teacher_token_ids, labels=N
         student = torch.cat([student, _rest_logsumexp(z, ids) - lse], dim=-1)
     else:  # every token kept: no tail, on either side
         lp = lp[:, :k]
-    valid = None if labels is None else labels.reshape(-1) != ignore_index
     # kd_loss on the buckets: log-probabilities are logits whose softmax at T = 1 is the distribution itself.
     # Its labels only mark the valid rows (alpha = 1: its CE over the buckets is weighted 0).
-    marks = None if valid is None else torch.where(valid, 0, ignore_index)
-
+    marks = None if labels is None else torch.where(labels != ignore_index, 0, ignore_index)
     per_row = alpha * temperature**2 * kd_loss(student, lp, marks, temperature=1.0, alpha=1.0,
                                                divergence=divergence, beta=beta, ignore_index=ignore_index,
                                                reduction="none")
     if labels is not None and alpha < 1:
-        per_row = per_row + (1 - alpha) * F.cross_entropy(rows.to(exact), labels.reshape(-1).long(),
-                                                          ignore_index=ignore_index, reduction="none")
-    if reduction == "none":
-        return per_row
-    total = per_row.sum()
-    if reduction == "sum":
-        return total
-    return total / (valid.sum().clamp(min=1) if valid is not None else max(1, rows.shape[0]))
+        per_row = per_row + (1 - alpha) * F.cross_entropy(rows.to(exact), labels.long(), ignore_index=ignore_index,
+                                                          reduction="none")
+    return per_row
 
 
 def uniform_tail(teacher_log_probs: torch.Tensor, teacher_token_ids: torch.Tensor, vocab: int) -> torch.Tensor:

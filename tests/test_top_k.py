@@ -114,6 +114,33 @@ def test_every_token_kept_is_kd_loss_on_the_whole_logits(k, divergence):
     assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], 1e-9)
 
 
+@pytest.mark.parametrize("tail", ["bucket", "uniform"])
+def test_chunks_of_rows_give_the_whole_loss_and_gradient(monkeypatch, tail):
+    from kdbench.kernels import top_k as module
+
+    s, t, labels = make(n=10)
+    kw = dict(temperature=2.0, alpha=0.7, divergence="jsd", tail=tail)
+    whole = top_k_kd_loss(s, *cached(t, 4, 2.0), labels, **kw)
+    (want,) = torch.autograd.grad(whole * 3.5, s)
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 23 * 3)  # chunks of 3, 3, 3 and 1 rows
+    chunked = top_k_kd_loss(s, *cached(t, 4, 2.0), labels, **kw)
+    assert_close(chunked, whole, 1e-12)
+    assert_close(torch.autograd.grad(chunked * 3.5, s)[0], want, 1e-12)
+
+
+def test_without_grad_no_gradient_is_computed(monkeypatch):
+    s, t, labels = make()
+    want = top_k_kd_loss(s, *cached(t, 4, 2.0), labels, temperature=2.0).detach()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a gradient was computed under no_grad")
+
+    monkeypatch.setattr(torch.autograd, "grad", refuse)
+    with torch.no_grad():
+        got = top_k_kd_loss(s, *cached(t, 4, 2.0), labels, temperature=2.0)
+    assert_close(got, want, 1e-12)
+
+
 def test_teacher_top_k_keeps_the_largest_tokens_and_the_true_probabilities():
     _, t, _ = make(n=6, v=50, dtype=torch.float32)
     lp, ids = teacher_top_k(t, 7, temperature=4.0)
