@@ -238,11 +238,6 @@ class OnPolicyKD(LogitKD):
         targets `model` samples; `collate(rows) -> batch`: the task's collator. The draws restart from `seed`."""
         self.write, self.collate, self.draws = write, collate, random.Random(seed)
 
-    @property
-    def teacher_top_k(self) -> int | None:
-        """k when the objective distils from a cached top-k teacher (LogitParams.teacher_top_k), else None."""
-        return getattr(getattr(self, "params", None), "teacher_top_k", None)
-
     def prepare_batch(self, model, inputs: dict) -> dict:
         if self.draws.random() >= self.params.lmbda:
             return inputs
