@@ -454,10 +454,7 @@ def distiller(spec: RunSpec, ctx: Context, objective):
     if k is not None:  # a language model's teacher, run once per task, pair, k and temperature (LogitParams)
         temperature = objective.params.temperature
         kd_rows = ctx.memo(("teacher_top_k", spec.task.name, spec.pair.name, k, temperature),
-                           lambda: distributed.map_sharded(
-                               lambda part: trainer.cache_teacher_top_k(teacher, part, collator, ctx.device, k=k,
-                                                                        temperature=temperature),
-                               kd_rows, chunk=trainer.TEACHER_LOGITS_BATCH))
+                           lambda: teacher_top_k_rows(spec, ctx, teacher, kd_rows, collator, k, temperature))
         collator = trainer.TopKCollator(collator)
         teacher = None  # the batches carry the teacher: the Distiller needs none
 
@@ -467,6 +464,30 @@ def distiller(spec: RunSpec, ctx: Context, objective):
                              description=description, max_steps=max_steps, head=head)
 
     return distill
+
+
+def teacher_top_k_rows(spec: RunSpec, ctx: Context, teacher, rows: list[dict], collator, k: int,
+                       temperature: float) -> list[dict]:
+    """`rows` with the teacher's top-k tokens attached (trainer.cache_teacher_top_k), made once per task, pair, k and
+    T and kept under cache_dir/teacher_top_k, so that a resumed or later suite does not run the teacher again.
+    Under data parallel each rank computes a share, and rank 0 saves."""
+    from kdbench import trainer
+    from kdbench.models import save_atomically
+
+    folder = ctx.cache_dir / "teacher_top_k" / spec_hash(["teacher_top_k", ctx.teacher_key(spec), k, temperature])
+    path = folder / trainer.TOP_K_FILE
+    if distributed.broadcast(path.exists()):
+        saved = trainer.load_teacher_top_k(path, rows)
+        if saved is not None:
+            log.info("teacher top-%d loaded from cache %s", k, folder)
+            return saved
+        log.warning("%s does not fit this task's rows; running the teacher again", path)
+    out = distributed.map_sharded(
+        lambda part: trainer.cache_teacher_top_k(teacher, part, collator, ctx.device, k=k, temperature=temperature),
+        rows, chunk=trainer.TEACHER_LOGITS_BATCH)
+    if distributed.is_main():
+        save_atomically(folder, lambda tmp: trainer.save_teacher_top_k(tmp / trainer.TOP_K_FILE, out))
+    return out
 
 
 def distillation_rows(spec: RunSpec, ctx: Context, objective) -> list[dict]:

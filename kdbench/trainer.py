@@ -363,6 +363,28 @@ def cache_teacher_top_k(teacher, rows: list[dict], collator, device: str, *, k: 
     return out
 
 
+TOP_K_FILE = "teacher_top_k.pt"
+
+
+def save_teacher_top_k(path, rows: list[dict]) -> None:
+    """The top-k that `cache_teacher_top_k` attached to `rows`, saved to `path` as three tensors: the rows' lengths
+    and every row's log-probabilities and token ids, concatenated."""
+    log_probs, ids = ([r[key] for r in rows] for key in TopKCollator.KEYS)
+    torch.save({"lengths": torch.tensor([len(x) for x in ids], dtype=torch.long),
+                "log_probs": torch.cat(log_probs), "ids": torch.cat(ids)}, path)
+
+
+def load_teacher_top_k(path, rows: list[dict]) -> list[dict] | None:
+    """`rows` with the top-k saved at `path` attached again; None if they were not saved for rows of these
+    lengths."""
+    saved = torch.load(path, weights_only=True)
+    lengths = saved["lengths"].tolist()
+    if lengths != [len(r["labels"]) for r in rows]:
+        return None
+    log_probs, ids = saved["log_probs"].split(lengths), saved["ids"].split(lengths)
+    return [{**r, TopKCollator.KEYS[0]: a, TopKCollator.KEYS[1]: b} for r, a, b in zip(rows, log_probs, ids)]
+
+
 class TopKCollator:
     """A task's collator for rows that carry a cached teacher's top-k (`cache_teacher_top_k`): the task's batch,
     plus `teacher_top_log_probs` (B, Lt, k + 1) and `teacher_top_ids` (B, Lt, k), padded to the batch's label

@@ -332,6 +332,12 @@ def test_a_cached_top_k_teacher_trains_as_the_teacher_does_when_k_covers_the_voc
         assert cached["extra_metrics"] == pytest.approx(plain["extra_metrics"], rel=1e-5)
         assert abs(top2["metric"] - plain["metric"]) > 1e-4
 
+    # run again: the caches come from disk, the teacher does not run, and the students are the same
+    first = distilled("kd-top2__s1")["metric"]
+    again = run_suite(suite, show_progress=False, rerun=True, only=["lm__llama__kd-top2__s1"])
+    assert [r.status for r in again.runs] == ["ok"] and sorted(caches) == [2, 10_000]
+    assert distilled("kd-top2__s1")["metric"] == first
+
     classify = tiny_suite(tmp_path, cache_dir, [few])
     [failed] = run_suite(classify, show_progress=False).failed
     assert failed.error == ("method 'kd-top2': teacher_top_k caches a teacher's vocabulary logits at inputs that "

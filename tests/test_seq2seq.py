@@ -114,6 +114,12 @@ def test_a_cached_top_k_teacher_lines_up_with_ragged_targets(data, tok, k, tmp_p
     collator = head.collator(tok)
     cached = trainer.cache_teacher_top_k(teacher, rows, collator, "cpu", k=k, temperature=2.0)
     assert [len(r["teacher_top_ids"]) for r in cached] == [len(r["labels"]) for r in rows]
+    trainer.save_teacher_top_k(tmp_path / "top.pt", cached)  # saved and loaded back, as a resumed suite does
+    loaded = trainer.load_teacher_top_k(tmp_path / "top.pt", rows)
+    for a, b in zip(loaded, cached):
+        assert all(torch.equal(a[key], b[key]) for key in trainer.TopKCollator.KEYS)
+    assert trainer.load_teacher_top_k(tmp_path / "top.pt", rows[1:]) is None  # saved for other rows
+    cached = loaded
     objective = LogitKD(LogitParams(temperature=2.0, alpha=0.6, teacher_top_k=k))
     distiller = Distiller(model=student, args=training_arguments(TrainingSettings(max_steps=1), seed=0,
                                                                 device="cpu", output_dir=str(tmp_path)),
