@@ -70,12 +70,19 @@ class LogitParams(DistillationConfig):
     teacher_top_k: int | None = Field(None, ge=1)
     # the rest of the vocabulary: one bucket holding its mass, or that mass spread evenly (top_k_kd_loss's `tail`)
     teacher_top_k_tail: Literal["bucket", "uniform"] = "bucket"
+    # or n tokens drawn per position from the teacher at T, each kept with its share of the draws (random-sampling
+    # KD, kdbench.kernels.teacher_samples): cached the same way, an unbiased forward-KL gradient
+    teacher_samples: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _one_way_to_skip_teacher_logits(self):
-        if self.teacher_top_k is not None and self.fused_linear:
-            raise ValueError("teacher_top_k and fused_linear cannot be combined: fused_linear runs the teacher's "
-                             "output layer every step, teacher_top_k runs the teacher once")
+        chosen = [key for key in ("teacher_top_k", "teacher_samples", "fused_linear") if getattr(self, key)]
+        if len(chosen) > 1:
+            raise ValueError(f"{chosen[0]} and {chosen[1]} cannot be combined: fused_linear runs the teacher's "
+                             "output layer every step, teacher_top_k and teacher_samples cache the teacher once")
+        if self.teacher_samples and self.divergence != "forward_kl":
+            raise ValueError(f"teacher_samples estimates forward KL's gradient without bias; divergence "
+                             f"{self.divergence!r} is not estimated that way")
         return self
 
 
@@ -106,9 +113,14 @@ class Objective:
         raise NotImplementedError
 
     @property
-    def teacher_top_k(self) -> int | None:
-        """k when the objective distils from a cached top-k teacher (LogitParams.teacher_top_k), else None."""
-        return getattr(getattr(self, "params", None), "teacher_top_k", None)
+    def sparse_teacher(self) -> tuple[str, int] | None:
+        """("teacher_top_k", k) or ("teacher_samples", n) when the objective distils from a cached sparse teacher
+        (LogitParams), else None."""
+        params = getattr(self, "params", None)
+        for key in ("teacher_top_k", "teacher_samples"):
+            if getattr(params, key, None) is not None:
+                return key, getattr(params, key)
+        return None
 
     def prepare_batch(self, model, inputs: dict) -> dict:
         """The batch that `model` (the student) trains on this step (default: `inputs`, as the data gives them;

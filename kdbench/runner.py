@@ -450,11 +450,11 @@ def distiller(spec: RunSpec, ctx: Context, objective):
             lambda part: trainer.cache_teacher_logits(teacher, part, ctx.collator(spec), ctx.device), kd_rows,
             chunk=trainer.TEACHER_LOGITS_BATCH))
     collator = ctx.collator(spec)
-    k = objective.teacher_top_k
-    if k is not None:  # a language model's teacher, run once per task, pair, k and temperature (LogitParams)
+    if objective.sparse_teacher is not None:  # a language model's teacher, run once per task, pair, k and T
+        kind, size = objective.sparse_teacher
         temperature = objective.params.temperature
-        kd_rows = ctx.memo(("teacher_top_k", spec.task.name, spec.pair.name, k, temperature),
-                           lambda: teacher_top_k_rows(spec, ctx, teacher, kd_rows, collator, k, temperature))
+        kd_rows = ctx.memo((kind, spec.task.name, spec.pair.name, size, temperature),
+                           lambda: sparse_teacher_rows(spec, ctx, teacher, kd_rows, collator, kind, size, temperature))
         collator = trainer.TopKCollator(collator)
         teacher = None  # the batches carry the teacher: the Distiller needs none
 
@@ -466,24 +466,26 @@ def distiller(spec: RunSpec, ctx: Context, objective):
     return distill
 
 
-def teacher_top_k_rows(spec: RunSpec, ctx: Context, teacher, rows: list[dict], collator, k: int,
-                       temperature: float) -> list[dict]:
-    """`rows` with the teacher's top-k tokens attached (trainer.cache_teacher_top_k), made once per task, pair, k and
-    T and kept under cache_dir/teacher_top_k, so that a resumed or later suite does not run the teacher again.
-    Under data parallel each rank computes a share, and rank 0 saves."""
+def sparse_teacher_rows(spec: RunSpec, ctx: Context, teacher, rows: list[dict], collator, kind: str, size: int,
+                        temperature: float) -> list[dict]:
+    """`rows` with the teacher's top-k tokens, or the tokens it drew (`kind` "teacher_top_k" or "teacher_samples"),
+    attached by trainer.cache_teacher_top_k; made once per task, pair, kind, size and T and kept under
+    cache_dir/sparse_teacher, so that a resumed or later suite does not run the teacher again. Under data parallel
+    each rank computes a share, and rank 0 saves."""
     from kdbench import trainer
     from kdbench.models import save_atomically
 
-    folder = ctx.cache_dir / "teacher_top_k" / spec_hash(["teacher_top_k", ctx.teacher_key(spec), k, temperature])
+    folder = ctx.cache_dir / "sparse_teacher" / spec_hash([kind, ctx.teacher_key(spec), size, temperature])
     path = folder / trainer.TOP_K_FILE
     if distributed.broadcast(path.exists()):
         saved = trainer.load_teacher_top_k(path, rows)
         if saved is not None:
-            log.info("teacher top-%d loaded from cache %s", k, folder)
+            log.info("%s %d loaded from cache %s", kind, size, folder)
             return saved
         log.warning("%s does not fit this task's rows; running the teacher again", path)
     out = distributed.map_sharded(
-        lambda part: trainer.cache_teacher_top_k(teacher, part, collator, ctx.device, k=k, temperature=temperature),
+        lambda part: trainer.cache_teacher_top_k(teacher, part, collator, ctx.device, k=size, temperature=temperature,
+                                                 sampled=kind == "teacher_samples"),
         rows, chunk=trainer.TEACHER_LOGITS_BATCH)
     if distributed.is_main():
         save_atomically(folder, lambda tmp: trainer.save_teacher_top_k(tmp / trainer.TOP_K_FILE, out))
@@ -518,16 +520,16 @@ def decoding_options(spec: RunSpec, ctx: Context, params, what: str) -> dict:
 
 
 def check_and_bind(spec: RunSpec, ctx: Context, objective) -> None:
-    """Before a method trains on a task: refuse, in one line, what the task's head cannot serve (fused_linear or
-    teacher_top_k on a classifier), and give on-policy KD the task's decoding."""
+    """Before a method trains on a task: refuse, in one line, what the task's head cannot serve (fused_linear or a
+    cached sparse teacher on a classifier), and give on-policy KD the task's decoding."""
     from kdbench import trainer
 
     trainer.fused_linear(objective, ctx.head(spec), spec.method.name, spec.task.name)
     head = ctx.head(spec)
-    if objective.teacher_top_k is not None and not head.caches_teacher_top_k:
-        raise KdbenchError(f"method {spec.method.name!r}: teacher_top_k caches a teacher's vocabulary logits at inputs "
-                           f"that repeat every epoch (causal and seq2seq LM tasks); task {spec.task.name!r} is "
-                           f"{head.kind}")
+    if objective.sparse_teacher is not None and not head.caches_teacher_top_k:
+        raise KdbenchError(f"method {spec.method.name!r}: {objective.sparse_teacher[0]} caches a teacher's vocabulary "
+                           f"logits at inputs that repeat every epoch (causal and seq2seq LM tasks); task "
+                           f"{spec.task.name!r} is {head.kind}")
     if hasattr(objective, "bind"):
         bind_student_decoding(spec, ctx, objective)
 

@@ -259,7 +259,8 @@ def check_registry_names(suite: Suite) -> None:
         if suite.methods[method_names.index(group.method)].start_from != "init":
             raise _at(("multitask", i, "method"), f"method {group.method!r} starts from the student alone; a "
                       "multi-task student starts from its initialisation")
-        if suite.methods[method_names.index(group.method)].params.get("teacher_top_k") is not None:
+        params = suite.methods[method_names.index(group.method)].params
+        if any(params.get(key) is not None for key in ("teacher_top_k", "teacher_samples")):
             raise _at(("multitask", i, "method"), f"method {group.method!r} caches its teacher's top-k tokens; a "
                       "multi-task student runs every task's teacher at each step")
         for p in suite.pairs:  # a pair trains the group's student on all of the group's tasks, or on none

@@ -21,6 +21,7 @@ import logging
 import math
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -337,13 +338,15 @@ def cache_teacher_logits(teacher, rows: list[dict], collator, device: str,
 TOP_K_LOGITS = 1 << 26  # teacher logits per batch while caching its top-k (256 MB of fp32), whatever L and V
 
 
-def cache_teacher_top_k(teacher, rows: list[dict], collator, device: str, *, k: int,
-                        temperature: float) -> list[dict]:
+def cache_teacher_top_k(teacher, rows: list[dict], collator, device: str, *, k: int, temperature: float,
+                        sampled: bool = False) -> list[dict]:
     """Rows of a language-model task with the frozen teacher's k most likely tokens at each logit position attached
     (kdbench.kernels.teacher_top_k at `temperature`): `teacher_top_log_probs` (Lt, k + 1) fp32 and
-    `teacher_top_ids` (Lt, k) int32, Lt the row's label length (its logit positions). One inference pass; only
-    about TOP_K_LOGITS teacher logits exist at a time."""
-    from kdbench.kernels import teacher_top_k
+    `teacher_top_ids` (Lt, k) int32, Lt the row's label length (its logit positions). `sampled`: k tokens drawn
+    from the teacher instead (kdbench.kernels.teacher_samples), by a generator seeded from each batch's first row,
+    so that the draws do not depend on the process or on what ran before. One inference pass; only about
+    TOP_K_LOGITS teacher logits exist at a time."""
+    from kdbench.kernels import teacher_samples, teacher_top_k
 
     start = time.perf_counter()
     teacher.eval()
@@ -355,7 +358,13 @@ def cache_teacher_top_k(teacher, rows: list[dict], collator, device: str, *, k: 
         for i in range(0, len(rows), batch_size):
             chunk = rows[i : i + batch_size]
             batch = {key: v.to(device) for key, v in collator(chunk).items() if key != "labels"}
-            log_probs, ids = teacher_top_k(teacher(**model_inputs(batch, teacher)).logits, k, temperature=temperature)
+            logits = teacher(**model_inputs(batch, teacher)).logits
+            if sampled:
+                seed = zlib.crc32(str(list(chunk[0]["input_ids"])).encode())
+                generator = torch.Generator(device=logits.device).manual_seed(seed)
+                log_probs, ids = teacher_samples(logits, k, temperature=temperature, generator=generator)
+            else:
+                log_probs, ids = teacher_top_k(logits, k, temperature=temperature)
             log_probs, ids = log_probs.cpu(), ids.cpu()
             out += [{**r, TopKCollator.KEYS[0]: log_probs[j, : len(r["labels"])].clone(),
                      TopKCollator.KEYS[1]: ids[j, : len(r["labels"])].clone()} for j, r in enumerate(chunk)]

@@ -3,7 +3,7 @@
 `fused_linear_kd_loss` (kernels/fused_linear.py) is the same loss taken from hidden states and output layers,
 chunk by chunk, so that no (N, V) logits exist; each chunk goes through `kd_loss`. `top_k_kd_loss`
 (kernels/top_k.py) is the loss against a cached teacher that kept its k most likely tokens per row
-(`teacher_top_k`); its bucket divergence goes through `kd_loss` too.
+(`teacher_top_k`), or n tokens it drew (`teacher_samples`); its bucket divergence goes through `kd_loss` too.
 
 `kd_loss` dispatches: the Triton kernel (kernels/kd_loss.py) for CUDA tensors, the chunked PyTorch reference
 (kernels/reference.py) otherwise. The environment variable KDBENCH_KERNEL overrides it:
@@ -26,9 +26,9 @@ import types
 
 from kdbench.kernels.fused_linear import fused_linear_kd_loss
 from kdbench.kernels.reference import KD_LOSS_DOC, KdLossInputError
-from kdbench.kernels.top_k import teacher_top_k, top_k_kd_loss
+from kdbench.kernels.top_k import teacher_samples, teacher_top_k, top_k_kd_loss
 
-__all__ = ["kd_loss", "fused_linear_kd_loss", "teacher_top_k", "top_k_kd_loss", "KD_LOSS_DOC", "KdLossInputError",
+__all__ = ["kd_loss", "fused_linear_kd_loss", "teacher_top_k", "teacher_samples", "top_k_kd_loss", "KD_LOSS_DOC", "KdLossInputError",
            "backend_for"]
 
 _BACKENDS = ("auto", "triton", "torch")

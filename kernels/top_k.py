@@ -17,6 +17,9 @@ its own mass on all the others), and the divergence is taken between the two (k 
 - It is a lower bound on the full divergence (data processing), and with k >= V it is the full kd_loss.
 - The student's tail is asked to hold the right total mass, not the right shape.
 
+`teacher_samples` fills the same format from n tokens drawn from the teacher instead of its k largest (random-
+sampling KD): with forward KL its gradient is unbiased, where top-k's is not.
+
 The bucket divergence is kd_loss itself, on (N, k + 1) log-probabilities at T = 1 (the Triton kernel on a GPU);
 the coarsening and the cross-entropy are PyTorch ops, differentiated by autograd. Like kd_loss, it walks the rows
 in chunks and takes each chunk's gradient in the forward pass, so that its extra memory is the gradient plus a few
@@ -45,6 +48,28 @@ def teacher_top_k(teacher_logits: torch.Tensor, k: int, *, temperature: float = 
     top, ids = z.topk(min(k, z.shape[-1]), dim=-1)
     lse = z.logsumexp(-1, keepdim=True)
     return torch.cat([top - lse, _rest_logsumexp(z, ids) - lse], dim=-1), ids.to(torch.int32)
+
+
+def teacher_samples(teacher_logits: torch.Tensor, n: int, *, temperature: float = 1.0, generator=None):
+    """`teacher_top_k`'s format from n tokens drawn per row from softmax(teacher / temperature), with replacement:
+    (log_probs (..., n + 1), token_ids (..., n)), each drawn token's log share of the draws; columns a row did not
+    fill (fewer than n distinct tokens drawn) hold other tokens at log 0 = -inf, and so does the tail column.
+
+    Random-sampling KD (Anshumann et al., 2025, "Sparse Logit Sampling"): the shares are unbiased estimates of the
+    teacher's probabilities, so with forward KL the gradient of `top_k_kd_loss` against them is an unbiased
+    estimate of the full loss's, where a top-k teacher's is not. `generator` draws them (torch.multinomial)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise KdLossInputError(f"teacher_samples: n must be a positive integer, got {n!r}")
+    if temperature <= 0:
+        raise KdLossInputError(f"teacher_samples: temperature must be > 0, got {temperature}")
+    z = teacher_logits.to(_arithmetic(teacher_logits)) / temperature
+    rows = z.reshape(-1, z.shape[-1])
+    draws = torch.multinomial(F.softmax(rows, -1), n, replacement=True, generator=generator)
+    counts = torch.zeros_like(rows).scatter_add_(-1, draws, torch.ones_like(draws, dtype=rows.dtype))
+    drawn, ids = counts.topk(min(n, rows.shape[-1]), dim=-1)  # the drawn tokens first, then undrawn fillers
+    tail = torch.full_like(drawn[:, :1], float("-inf"))
+    log_probs = torch.cat([(drawn / n).log(), tail], dim=-1)
+    return log_probs.reshape(*z.shape[:-1], -1), ids.to(torch.int32).reshape(*z.shape[:-1], -1)
 
 
 def _arithmetic(x: torch.Tensor) -> torch.dtype:

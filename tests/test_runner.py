@@ -291,11 +291,13 @@ def test_a_cached_top_k_teacher_trains_as_the_teacher_does_when_k_covers_the_voc
 
     caches = []
     cache = trainer.cache_teacher_top_k
-    monkeypatch.setattr(trainer, "cache_teacher_top_k", lambda *a, **kw: caches.append(kw["k"]) or cache(*a, **kw))
+    monkeypatch.setattr(trainer, "cache_teacher_top_k",
+                        lambda *a, **kw: caches.append((kw["k"], kw.get("sampled", False))) or cache(*a, **kw))
     everything = {**KD, "name": "kd-all", "params": {**KD["params"], "teacher_top_k": 10_000}}
     few = {**KD, "name": "kd-top2", "params": {**KD["params"], "teacher_top_k": 2}}
+    drawn = {**KD, "name": "kd-drawn4", "params": {**KD["params"], "teacher_samples": 4}}
     suite = tiny_suite(
-        tmp_path, cache_dir, [KD, everything, few],
+        tmp_path, cache_dir, [KD, everything, few, drawn],
         tasks=[{"name": "lm", "task": "generated_lm", "params": {"train_size": 64, "eval_size": 16}}],
         pairs=[{"name": "llama",
                 "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
@@ -310,7 +312,7 @@ def test_a_cached_top_k_teacher_trains_as_the_teacher_does_when_k_covers_the_voc
     def spy(self, model, teacher, objective, head, inputs):  # does the teacher run during training?
         if teacher is None:  # the teacher's own fine-tuning, and the student alone
             return loss(self, model, teacher, objective, head, inputs)
-        handle = teacher.register_forward_hook(lambda *a: forward.append(objective.teacher_top_k))
+        handle = teacher.register_forward_hook(lambda *a: forward.append(objective.sparse_teacher))
         try:
             return loss(self, model, teacher, objective, head, inputs)
         finally:
@@ -318,8 +320,8 @@ def test_a_cached_top_k_teacher_trains_as_the_teacher_does_when_k_covers_the_voc
 
     monkeypatch.setattr(trainer.Distiller, "distillation_loss", spy)
     outcome = run_suite(suite, show_progress=False)
-    assert set(statuses(outcome).values()) == {"ok"} and len(outcome.runs) == 9  # teacher, 2 x (alone + 3)
-    assert sorted(caches) == [2, 10_000]  # once per k, whatever the seeds
+    assert set(statuses(outcome).values()) == {"ok"} and len(outcome.runs) == 11  # teacher, 2 x (alone + 4)
+    assert sorted(caches) == [(2, False), (4, True), (10_000, False)]  # once per cache, whatever the seeds
     assert set(forward) == {None}  # only the plain method ran the teacher while training
 
     def distilled(run):
@@ -327,15 +329,15 @@ def test_a_cached_top_k_teacher_trains_as_the_teacher_does_when_k_covers_the_voc
                     if v["name"] == "distilled")
 
     for seed in (0, 1):
-        plain, cached, top2 = (distilled(f"{m}__s{seed}") for m in ("kd", "kd-all", "kd-top2"))
+        plain, cached, top2, drawn4 = (distilled(f"{m}__s{seed}") for m in ("kd", "kd-all", "kd-top2", "kd-drawn4"))
         assert cached["metric"] == pytest.approx(plain["metric"], rel=1e-5)
         assert cached["extra_metrics"] == pytest.approx(plain["extra_metrics"], rel=1e-5)
-        assert abs(top2["metric"] - plain["metric"]) > 1e-4
+        assert abs(top2["metric"] - plain["metric"]) > 1e-4 and abs(drawn4["metric"] - top2["metric"]) > 1e-4
 
     # run again: the caches come from disk, the teacher does not run, and the students are the same
     first = distilled("kd-top2__s1")["metric"]
     again = run_suite(suite, show_progress=False, rerun=True, only=["lm__llama__kd-top2__s1"])
-    assert [r.status for r in again.runs] == ["ok"] and sorted(caches) == [2, 10_000]
+    assert [r.status for r in again.runs] == ["ok"] and len(caches) == 3
     assert distilled("kd-top2__s1")["metric"] == first
 
     classify = tiny_suite(tmp_path, cache_dir, [few])

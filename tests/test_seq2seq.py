@@ -120,6 +120,10 @@ def test_a_cached_top_k_teacher_lines_up_with_ragged_targets(data, tok, k, tmp_p
         assert all(torch.equal(a[key], b[key]) for key in trainer.TopKCollator.KEYS)
     assert trainer.load_teacher_top_k(tmp_path / "top.pt", rows[1:]) is None  # saved for other rows
     cached = loaded
+    drawn = [trainer.cache_teacher_top_k(teacher, rows, collator, "cpu", k=k, temperature=2.0, sampled=True)
+             for _ in range(2)]
+    for a, b in zip(*drawn):  # the draws are seeded by the rows: the same cache every time
+        assert all(torch.equal(a[key], b[key]) for key in trainer.TopKCollator.KEYS)
     objective = LogitKD(LogitParams(temperature=2.0, alpha=0.6, teacher_top_k=k))
     distiller = Distiller(model=student, args=training_arguments(TrainingSettings(max_steps=1), seed=0,
                                                                 device="cpu", output_dir=str(tmp_path)),

@@ -335,6 +335,8 @@ def test_bad_method_param_value(tmp_path):
 @pytest.mark.parametrize("params, fragments", [
     ("{teacher_top_k: 0}", ["params.teacher_top_k", "greater than or equal to 1"]),
     ("{teacher_top_k: 8, fused_linear: true}", ["teacher_top_k and fused_linear cannot be combined"]),
+    ("{teacher_top_k: 8, teacher_samples: 8}", ["teacher_top_k and teacher_samples cannot be combined"]),
+    ("{teacher_samples: 8, divergence: jsd}", ["teacher_samples estimates forward KL's gradient without bias"]),
 ])
 def test_bad_teacher_top_k(tmp_path, params, fragments):
     assert_one_line_error(write(tmp_path, SUITE.replace("params: {temperature: 2.0}", f"params: {params}")),

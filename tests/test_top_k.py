@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdbench.kernels import KdLossInputError, kd_loss, teacher_top_k, top_k_kd_loss
+from kdbench.kernels import KdLossInputError, kd_loss, teacher_samples, teacher_top_k, top_k_kd_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: -inf - -inf
 
@@ -226,7 +226,38 @@ def test_bad_arguments_get_one_line_errors(change, message):
     assert "\n" not in str(err.value)
 
 
+def test_teacher_samples_keep_each_drawn_tokens_share_of_the_draws():
+    _, t, _ = make(n=5, v=30, dtype=torch.float32)
+    lp, ids = teacher_samples(t, 12, temperature=2.0, generator=torch.Generator().manual_seed(3))
+    again = teacher_samples(t, 12, temperature=2.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(lp, again[0]) and torch.equal(ids, again[1])  # the generator decides the draws
+    assert lp.shape == (5, 13) and ids.shape == (5, 12) and ids.dtype == torch.int32
+    shares = lp.exp()
+    assert torch.allclose(shares.sum(-1), torch.ones(5)) and math.isinf(float(lp[:, -1].max()))  # no tail
+    assert torch.allclose(shares * 12, (shares * 12).round(), atol=1e-5)  # counts of 12 draws
+    assert all(len(set(row.tolist())) == 12 for row in ids)  # distinct tokens: a partition of the vocabulary
+
+
+def test_sampled_teacher_gradient_is_unbiased_where_top_k_is_biased():
+    """Random-sampling KD: over many draws of 4 tokens, the mean gradient of the forward-KL bucket loss is the full
+    kd_loss gradient (within 5 standard errors); the top-4 teacher's gradient is off by far more."""
+    s, t, _ = make(n=3, v=9, ignore=())
+    kw = dict(temperature=2.0, alpha=1.0, reduction="sum")
+    (want,) = torch.autograd.grad(kd_loss(s, t, **kw), s)
+    copies = 4000
+    rows = s.detach().repeat(copies, 1).requires_grad_()
+    cache = teacher_samples(t.repeat(copies, 1), 4, temperature=2.0, generator=torch.Generator().manual_seed(0))
+    (grads,) = torch.autograd.grad(top_k_kd_loss(rows, *cache, **kw), rows)
+    grads = grads.view(copies, 3, 9)
+    error = 5 * grads.std(0) / copies**0.5 + 1e-12
+    assert ((grads.mean(0) - want).abs() <= error).all()
+    (top,) = torch.autograd.grad(top_k_kd_loss(s, *teacher_top_k(t, 4, temperature=2.0), **kw), s)
+    assert ((top - want).abs() > 10 * error).any()
+
+
 @pytest.mark.parametrize("k", [0, 2.5, True])
-def test_teacher_top_k_refuses_a_bad_k(k):
-    with pytest.raises(KdLossInputError, match="k must be a positive integer"):
+def test_teacher_top_k_and_samples_refuse_a_bad_size(k):
+    with pytest.raises(KdLossInputError, match="teacher_top_k: k must be a positive integer"):
         teacher_top_k(torch.randn(2, 5), k)
+    with pytest.raises(KdLossInputError, match="teacher_samples: n must be a positive integer"):
+        teacher_samples(torch.randn(2, 5), k)
