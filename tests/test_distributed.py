@@ -254,6 +254,35 @@ def test_a_suite_under_torchrun_runs_each_run_once_on_two_processes(tmp_path):
 
 @gloo
 @pytest.mark.slow
+def test_under_torchrun_a_sampled_teacher_is_cached_once_and_trains_both_ranks_alike(tmp_path):
+    llama = {"model_type": "llama", "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "max_position_embeddings": 32}
+    data = tiny_suite_data(
+        tmp_path, tmp_path / "cache", [{"name": "drawn", "method": "logit",
+                                        "params": {"temperature": 2.0, "teacher_samples": 4}}], name="ddp",
+        tasks=[{"name": "lm", "task": "generated_lm", "params": {"train_size": 64, "eval_size": 16}}],
+        pairs=[{"name": "llama",
+                "teacher": {"model": {**llama, "hidden_size": 16, "intermediate_size": 32},
+                            "finetune": {"max_steps": 2, "batch_size": 8}},
+                "student": {"model": {**llama, "hidden_size": 8, "intermediate_size": 16}}}],
+        training={"max_steps": 2, "batch_size": 4, "max_seq_length": 32})
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump(data, sort_keys=False))
+    done = torchrun(tmp_path, suite)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = results(tmp_path)
+    assert sorted(runs) == ["lm__llama__drawn__s0", "lm__llama__student__s0", "lm__llama__teacher"]
+    assert all(run["status"] == "ok" for run in runs.values()), [run["error"] for run in runs.values()]
+    [cached] = (tmp_path / "cache" / "sparse_teacher").iterdir()  # saved once, by rank 0, whole
+    assert [p.name for p in cached.iterdir()] == ["teacher_top_k.pt"]
+    trainings = [json.loads(line) for line in (tmp_path / "trainings.jsonl").read_text().splitlines()]
+    assert len(trainings) == 3  # teacher, student, drawn
+    for t in trainings:
+        assert len(set(t["digests"])) == 1, t["description"]
+
+
+@gloo
+@pytest.mark.slow
 def test_under_torchrun_a_failure_on_one_rank_fails_the_run_on_all_and_the_suite_goes_on(tmp_path):
     """A loss that is NaN on rank 1 alone stops both ranks at the same step; an error in rank 0's profiling reaches
     rank 1 too; neither hangs, and the run after them succeeds, in step."""
