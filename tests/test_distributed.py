@@ -15,7 +15,7 @@ import yaml
 
 from kdbench import distributed
 from kdbench.errors import KdbenchError
-from tiny import tiny_suite_data
+from tiny import LM_PAIR, LM_TASK, tiny_suite_data
 
 gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                           reason="torch.distributed with gloo is not available")
@@ -255,17 +255,10 @@ def test_a_suite_under_torchrun_runs_each_run_once_on_two_processes(tmp_path):
 @gloo
 @pytest.mark.slow
 def test_under_torchrun_a_sampled_teacher_is_cached_once_and_trains_both_ranks_alike(tmp_path):
-    llama = {"model_type": "llama", "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-             "max_position_embeddings": 32}
     data = tiny_suite_data(
         tmp_path, tmp_path / "cache", [{"name": "drawn", "method": "logit",
                                         "params": {"temperature": 2.0, "teacher_samples": 4}}], name="ddp",
-        tasks=[{"name": "lm", "task": "generated_lm", "params": {"train_size": 64, "eval_size": 16}}],
-        pairs=[{"name": "llama",
-                "teacher": {"model": {**llama, "hidden_size": 16, "intermediate_size": 32},
-                            "finetune": {"max_steps": 2, "batch_size": 8}},
-                "student": {"model": {**llama, "hidden_size": 8, "intermediate_size": 16}}}],
-        training={"max_steps": 2, "batch_size": 4, "max_seq_length": 32})
+        tasks=[LM_TASK], pairs=[LM_PAIR], training={"max_steps": 2, "batch_size": 4, "max_seq_length": 32})
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump(data, sort_keys=False))
     done = torchrun(tmp_path, suite)

@@ -17,7 +17,7 @@ from kdbench.runner import run_suite
 from kdbench.suite import TrainingSettings, load_suite
 from kdbench.tasks import load_task
 from kdbench.trainer import Distiller, training_arguments
-from tiny import FAST_PROFILING, T5, tiny_suite_data
+from tiny import FAST_PROFILING, LM_PAIR, T5, tiny_suite_data
 from tiny import tiny_t5 as t5
 
 TEXTS = ["the plot was not good => negative", "the cast seemed never dull but the music was fine => positive",
@@ -146,13 +146,6 @@ def test_defaults_are_gkds():
         "jsd", 0.5, 1.0, 1.0, 0.5, 1.0)
 
 
-LLAMA = {"model_type": "llama", "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-         "max_position_embeddings": 32}
-
-
-LM_PAIR = {"name": "llama", "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
-                                        "finetune": {"max_steps": 2, "batch_size": 8}},
-           "student": {"model": {**LLAMA, "hidden_size": 8, "intermediate_size": 16}}}
 T5_PAIR = {"name": "t5", "teacher": {"model": {**T5, "d_model": 16, "d_ff": 32},
                                      "finetune": {"max_steps": 2, "batch_size": 8}},
            "student": {"model": {**T5, "d_model": 8, "d_ff": 16}}}

@@ -13,7 +13,7 @@ from kdbench.methods import LogitKD, methods
 from kdbench.results import is_done, read_result, run_path, write_result
 from kdbench.runner import keep_finished, run_suite
 from kdbench.suite import expand, load_suite
-from tiny import FAST_PROFILING, tiny_suite_data
+from tiny import FAST_PROFILING, LM_PAIR, LM_TASK, tiny_suite_data
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -217,19 +217,11 @@ def test_every_student_gets_the_teacher_of_the_teacher_run(tmp_path, cache_dir):
     assert (w - reference.classifier.weight).abs().max() < (w - other.classifier.weight).abs().max()
 
 
-LLAMA = {"model_type": "llama", "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-         "max_position_embeddings": 32}
-
-
 def test_a_causal_lm_suite_runs_end_to_end_and_reports_perplexity(tmp_path, cache_dir):
     suite = tiny_suite(
         tmp_path, cache_dir,
         [KD, {"name": "hidden", "method": "hidden", "params": {"feature_weight": 1.0}}],
-        tasks=[{"name": "lm", "task": "generated_lm", "params": {"train_size": 64, "eval_size": 16}}],
-        pairs=[{"name": "llama",
-                "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
-                            "finetune": {"max_steps": 2, "batch_size": 8}},
-                "student": {"model": {**LLAMA, "hidden_size": 8, "intermediate_size": 16}}}],
+        tasks=[LM_TASK], pairs=[LM_PAIR],
         compression=[{"name": "int8", "steps": [{"compressor": "int8"}]}],
         profiling={**FAST_PROFILING, "generate_tokens": 4},
     )
@@ -260,11 +252,7 @@ def test_fused_linear_trains_a_causal_lm_student_as_the_logits_do(tmp_path, cach
     fused = {**KD, "name": "kd-fused", "params": {**KD["params"], "fused_linear": True}}
     suite = tiny_suite(
         tmp_path, cache_dir, [KD, fused],
-        tasks=[{"name": "lm", "task": "generated_lm", "params": {"train_size": 64, "eval_size": 16}}],
-        pairs=[{"name": "llama",
-                "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
-                            "finetune": {"max_steps": 2, "batch_size": 8}},
-                "student": {"model": {**LLAMA, "hidden_size": 8, "intermediate_size": 16}}}],
+        tasks=[LM_TASK], pairs=[LM_PAIR],
         training={"max_steps": 6, "batch_size": 4, "max_seq_length": 32},
     )
     outcome = run_suite(suite, show_progress=False)
@@ -298,11 +286,7 @@ def test_a_cached_top_k_teacher_trains_as_the_teacher_does_when_k_covers_the_voc
     drawn = {**KD, "name": "kd-drawn4", "params": {**KD["params"], "teacher_samples": 4}}
     suite = tiny_suite(
         tmp_path, cache_dir, [KD, everything, few, drawn],
-        tasks=[{"name": "lm", "task": "generated_lm", "params": {"train_size": 64, "eval_size": 16}}],
-        pairs=[{"name": "llama",
-                "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
-                            "finetune": {"max_steps": 2, "batch_size": 8}},
-                "student": {"model": {**LLAMA, "hidden_size": 8, "intermediate_size": 16}}}],
+        tasks=[LM_TASK], pairs=[LM_PAIR],
         training={"max_steps": 6, "batch_size": 4, "max_seq_length": 32},
         seeds=[0, 1],
     )
@@ -383,10 +367,6 @@ def test_a_method_can_start_from_the_trained_student_alone(tmp_path, cache_dir, 
 
 
 def test_sequence_level_kd_on_a_causal_lm_trains_on_the_teachers_continuations(tmp_path, cache_dir, monkeypatch):
-    lm_pair = {"name": "llama",
-               "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
-                           "finetune": {"max_steps": 2, "batch_size": 8}},
-               "student": {"model": {**LLAMA, "hidden_size": 8, "intermediate_size": 16}}}
     suite = tiny_suite(
         tmp_path, cache_dir,
         [{"name": "seq", "method": "sequence", "params": {"prompt_length": 12}},
@@ -394,7 +374,7 @@ def test_sequence_level_kd_on_a_causal_lm_trains_on_the_teachers_continuations(t
                                                                 "keep_references": True}},
          {"name": "seq-prompt", "method": "sequence", "params": {"prompt_length": 12, "prompt_loss": True}}],
         tasks=[{"name": "lm", "task": "generated_lm", "params": {"train_size": 64, "eval_size": 16}}],
-        pairs=[lm_pair], training={"epochs": 1, "batch_size": 1, "max_seq_length": 32},  # samples = rows
+        pairs=[LM_PAIR], training={"epochs": 1, "batch_size": 1, "max_seq_length": 32},  # samples = rows
     )
     from kdbench.heads.language_modeling import CausalLM
 

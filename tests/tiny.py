@@ -4,6 +4,13 @@ from pathlib import Path
 
 BERT = {"model_type": "bert", "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32}
 T5 = {"model_type": "t5", "num_layers": 1, "num_heads": 2, "d_kv": 8, "relative_attention_num_buckets": 8}
+LLAMA = {"model_type": "llama", "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+         "max_position_embeddings": 32}
+# a causal LM task and a Llama 1L/16 teacher (two fine-tuning steps) with a 1L/8 student, for tiny_suite_data
+LM_TASK = {"name": "lm", "task": "generated_lm", "params": {"train_size": 64, "eval_size": 16}}
+LM_PAIR = {"name": "llama", "teacher": {"model": {**LLAMA, "hidden_size": 16, "intermediate_size": 32},
+                                        "finetune": {"max_steps": 2, "batch_size": 8}},
+           "student": {"model": {**LLAMA, "hidden_size": 8, "intermediate_size": 16}}}
 FAST_PROFILING = {"batch_sizes": [1], "warmup": 0, "min_repeats": 1, "max_repeats": 1, "time_budget_s": 0.01,
                   "memory": False}
 
