@@ -112,7 +112,8 @@ def top_k_kd_loss(student_logits, teacher_log_probs, teacher_token_ids, labels=N
                                f"the tail), got {lp.shape[-1]}")
     if ids.is_floating_point():
         raise KdLossInputError(f"{name}: teacher_token_ids must be integers, got {ids.dtype}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+    # checked on the CPU only, as kd_loss's labels: on a GPU it would cost a host sync every step
+    if ids.numel() and not ids.is_cuda and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise KdLossInputError(f"{name}: teacher token id {int(ids.max())} is outside the student's vocabulary "
                                f"of {vocab}: teacher and student need one vocabulary")
     if labels is not None and tuple(labels.shape) != tuple(s.shape[:-1]):
@@ -157,12 +158,13 @@ class _TopKKd(torch.autograd.Function):
         ctx.reduction = reduction
         if reduction == "none":
             out = losses
-        else:
-            valid = n if labels is None else int((labels != options["ignore_index"]).sum())
-            scale = 1.0 if reduction == "sum" else 1.0 / max(1, valid)
-            out = losses.sum() * scale
-            if need_grad and scale != 1.0:
-                grad.mul_(scale)
+        elif reduction == "sum":
+            out = losses.sum()
+        else:  # batchmean: the count of valid rows stays on the device (no host sync)
+            valid = max(1, n) if labels is None else (labels != options["ignore_index"]).sum().clamp(min=1)
+            out = losses.sum() / valid
+            if need_grad:
+                grad.div_(valid)
         if need_grad:
             ctx.save_for_backward(grad)
         return out
