@@ -95,7 +95,8 @@ def top_k_kd_loss(student_logits, teacher_log_probs, teacher_token_ids, labels=N
     the same leading dims; labels (N,) or (B, L). The loss, valid rows, labels=None and reductions are kd_loss's
     (see KD_LOSS_DOC), with D taken over the k + 1 buckets; the teacher's log-probabilities must have been made at
     this `temperature`. Gradients flow to student_logits only. With k >= V, this is kd_loss(student_logits,
-    teacher_logits, ...) exactly.
+    teacher_logits, ...) exactly. A token id outside the student's vocabulary is refused on CPU tensors (on a GPU
+    that check would cost a host sync every step).
 
     tail: "bucket" (above), or "uniform": the teacher's tail mass spread evenly over the V - k other tokens and the
     full kd_loss taken against that (V,)-row teacher, one fused call. Against the bucket divergence, forward KL adds
