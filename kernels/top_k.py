@@ -1,4 +1,4 @@
-"""kd_loss against a cached teacher that kept only its k most likely tokens per row.
+"""kd_loss against a cached teacher that kept only k tokens per row: its k most likely, or k it drew.
 
 A frozen teacher's logits for a fixed input never change, so a suite could run the teacher once and reuse its
 outputs in every epoch, seed and method (as it does for classifiers, whose logits are a few numbers per example).
@@ -12,13 +12,15 @@ its own mass on all the others), and the divergence is taken between the two (k 
     loss_i = alpha * T^2 * D(p_buckets || q_buckets)  +  (1 - alpha) * CE(student_i at T = 1, label_i)
 
 - This is the divergence between the two distributions seen through the partition {each top-k token, the rest}.
-  It keeps the teacher's true probabilities, where renormalising the k kept logits would inflate them and teach
-  the student to be over-confident (Anshumann et al., 2025, "Sparse Logit Sampling").
+  It keeps the teacher's true probabilities, where renormalising the k kept logits would inflate them. Either way
+  a top-k teacher is a biased estimate of the whole one (Anshumann et al., 2025, "Sparse Logit Sampling", measure
+  the cost in accuracy and calibration).
 - It is a lower bound on the full divergence (data processing), and with k >= V it is the full kd_loss.
 - The student's tail is asked to hold the right total mass, not the right shape.
 
-`teacher_samples` fills the same format from n tokens drawn from the teacher instead of its k largest (random-
-sampling KD): with forward KL its gradient is unbiased, where top-k's is not.
+`teacher_samples` fills the same format from n tokens drawn from the teacher instead of its k largest (that
+paper's random-sampling KD, with the teacher itself as the proposal): with forward KL its gradient is unbiased,
+where top-k's is not.
 
 The bucket divergence is kd_loss itself, on (N, k + 1) log-probabilities at T = 1 (the Triton kernel on a GPU);
 the coarsening and the cross-entropy are PyTorch ops, differentiated by autograd. Like kd_loss, it walks the rows
@@ -55,9 +57,11 @@ def teacher_samples(teacher_logits: torch.Tensor, n: int, *, temperature: float 
     (log_probs (..., n + 1), token_ids (..., n)), each drawn token's log share of the draws; columns a row did not
     fill (fewer than n distinct tokens drawn) hold other tokens at log 0 = -inf, and so does the tail column.
 
-    Random-sampling KD (Anshumann et al., 2025, "Sparse Logit Sampling"): the shares are unbiased estimates of the
-    teacher's probabilities, so with forward KL the gradient of `top_k_kd_loss` against them is an unbiased
-    estimate of the full loss's, where a top-k teacher's is not. `generator` draws them (torch.multinomial)."""
+    Random-sampling KD (Anshumann et al., 2025, "Sparse Logit Sampling") with the teacher at T as its own proposal,
+    so every draw weighs the same (the paper's importance weights allow other proposals): the shares are unbiased
+    estimates of the teacher's probabilities, so with forward KL the gradient of `top_k_kd_loss` against them is
+    an unbiased estimate of the full loss's, where a top-k teacher's is not. `generator` draws them
+    (torch.multinomial)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise KdLossInputError(f"teacher_samples: n must be a positive integer, got {n!r}")
     if temperature <= 0:
