@@ -524,8 +524,8 @@ def check_and_bind(spec: RunSpec, ctx: Context, objective) -> None:
     cached sparse teacher on a classifier), and give on-policy KD the task's decoding."""
     from kdbench import trainer
 
-    trainer.fused_linear(objective, ctx.head(spec), spec.method.name, spec.task.name)
     head = ctx.head(spec)
+    trainer.fused_linear(objective, head, spec.method.name, spec.task.name)
     if objective.sparse_teacher is not None and not head.caches_teacher_top_k:
         raise KdbenchError(f"method {spec.method.name!r}: {objective.sparse_teacher[0]} caches a teacher's vocabulary "
                            f"logits at inputs that repeat every epoch (causal and seq2seq LM tasks); task "

@@ -368,7 +368,8 @@ def cache_teacher_top_k(teacher, rows: list[dict], collator, device: str, *, k: 
             log_probs, ids = log_probs.cpu(), ids.cpu()
             out += [{**r, TopKCollator.KEYS[0]: log_probs[j, : len(r["labels"])].clone(),
                      TopKCollator.KEYS[1]: ids[j, : len(r["labels"])].clone()} for j, r in enumerate(chunk)]
-    log.info("teacher top-%d cached for %d rows in %.1f s", k, len(rows), time.perf_counter() - start)
+    log.info("teacher %s %d cached for %d rows in %.1f s", "samples" if sampled else "top", k, len(rows),
+             time.perf_counter() - start)
     return out
 
 
