@@ -179,9 +179,22 @@ app.add_typer(bench_app, name="bench")
 def bench_kernels(
     out_dir: Path = typer.Option(Path("results/kernels"), "--out-dir", help="where <gpu>.md is written"),
     quick: bool = typer.Option(False, "--quick", help="small shapes only"),
+    static: bool = typer.Option(False, "--static", help="no GPU: compile the kernels for sm_90, count their SASS "
+                                "and predict H200 times (kernels/static_model.py)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="--static: the page to write (default "
+                                       "results/kernels/static-sm90.md)"),
 ):
     """Time the KD loss (eager, torch.compile, Liger-Kernel if installed, kdbench's kernel) and write a table."""
     _setup_logging(False)
+    if static:
+        from kdbench.kernels.static_model import static_table
+
+        try:
+            text, path = static_table(out, command="kdbench bench kernels --static" + (f" --out {out}" if out else ""))
+        except KdbenchError as e:
+            _fail(e)
+        typer.echo(f"{text}\nwritten to {path}")
+        return
     from kdbench.bench import bench_kernels as run_bench
 
     typer.echo(run_bench(out_dir, quick=quick))
