@@ -4,17 +4,18 @@
 #     bash .ci/gpu_check.sh            (through the device tool: results land in $OUT)
 # It needs torch, triton, pytest and pytest-benchmark, which the GPU image has; it does NOT install kdbench and
 # needs none of its heavy dependencies (pydantic, datasets, torchao): a shim package makes
-# `kdbench.kernels` (kernels/) and `kdbench.bench`, `kdbench.errors` (kdbench/) importable without running
+# `kdbench.kernels` (kernels/) and `kdbench.errors` (kdbench/) importable without running
 # kdbench/__init__.py. Wheels in .whl/ are installed first: liger-kernel (the Liger column), and pydantic,
 # pydantic-core, annotated-types, typing-inspection and torchao, which step 5 needs (the image has the rest). Fetch
 # them with the device README's `pip download` line and name `.whl` in `carry`; without them step 5 is skipped.
 # Steps, each under its own time limit, none stopping the next (360 s in all by default, issue 3's 6 minutes; run
 # it with the device tool's timeout_s about 380). The kernels table gets most of it; the smoke suite, what is left:
 #   1. environment report                      -> env.txt
-#   2. kdbench.bench.bench_kernels()            -> kernels/<gpu-slug>.md, bench_kernels.log
-#   3. pytest tests/test_kd_loss.py (GPU)       -> test_kd_loss.log
+#   2. kdbench.kernels.benchmark.bench_kernels() -> kernels/<gpu-slug>.md, bench_kernels.log
+#   3. pytest tests/kernels/test_kd_loss.py (GPU) -> test_kd_loss.log
 #   4. pytest tests/bench/test_bench_kd_loss.py, timed -> bench_pytest.log, bench.json
-#   4b. kdbench.bench_fused_linear (loss from hidden states, unfused vs fused) -> kernels/fused-linear-<gpu>.md
+#   4b. kdbench.kernels.benchmark_fused_linear (loss from hidden states, unfused vs fused)
+#                                               -> kernels/fused-linear-<gpu>.md
 #   5. kdbench run suites/gpu-smoke.yaml -v     -> suites/gpu-smoke/ (results, report), gpu_smoke.log
 #      every CUDA path of the pipeline: CUDA-event latency, peak memory, NVML energy, the Triton kd_loss in the
 #      Distiller, hidden-state KD, int8/bf16/fp16 and structured pruning on CUDA, decoding latency
@@ -22,7 +23,7 @@
 # 8 files at most). The last lines printed are the summary and the kernels table. Exit code: non-zero if the
 # kernel tests failed.
 # Local dry run of the non-GPU parts (kernel under the interpreter, small CPU shapes):
-#     PYTHON=/work/venv/bin/python OUT=/tmp/gpu_out KDBENCH_GPU_CHECK_BUDGET_S=200 bash .ci/gpu_check.sh
+#     PYTHON=.venv/bin/python OUT=/tmp/gpu_out KDBENCH_GPU_CHECK_BUDGET_S=200 bash .ci/gpu_check.sh
 
 set -u
 cd "$(dirname "$0")/.."
@@ -76,7 +77,7 @@ try:
     print("triton", triton.__version__)
 except ImportError as exc:
     print("triton: missing", exc)
-import kdbench, kdbench.kernels, kdbench.bench  # the shim must make these importable without pydantic
+import kdbench, kdbench.kernels, kdbench.kernels.benchmark  # the shim must make these importable without pydantic
 assert kdbench.__version__.endswith("+gpu-check"), f"kdbench came from {kdbench.__file__}, not the shim"
 assert "pydantic" not in sys.modules, "importing kdbench.kernels pulled in pydantic"
 print("kdbench.kernels from", kdbench.kernels.__file__)
@@ -115,7 +116,7 @@ QUICK=0
 timeout -k 10 "$T" "$PY" - "$OUT/kernels" "$QUICK" > "$OUT/bench_kernels.log" 2>&1 <<'EOF'
 import logging, sys
 from pathlib import Path
-from kdbench.bench import bench_kernels
+from kdbench.kernels.benchmark import bench_kernels
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 print(bench_kernels(out_dir=Path(sys.argv[1]), quick=sys.argv[2] == "1"))
@@ -124,8 +125,8 @@ KERN_RC=$?
 
 # --- 3. kernel tests ---------------------------------------------------------------------------------------
 T=$(limit 110 40)
-echo "gpu_check: pytest tests/test_kd_loss.py (limit ${T}s)"
-timeout -k 10 "$T" "$PY" -m pytest tests/test_kd_loss.py -p no:randomly -p no:cacheprovider -q -ra \
+echo "gpu_check: pytest tests/kernels/test_kd_loss.py (limit ${T}s)"
+timeout -k 10 "$T" "$PY" -m pytest tests/kernels/test_kd_loss.py -p no:randomly -p no:cacheprovider -q -ra \
     "${CONFTEST_OPT[@]}" "${XDIST_OPT[@]}" > "$OUT/test_kd_loss.log" 2>&1
 TEST_RC=$?
 tail -n 25 "$OUT/test_kd_loss.log"
@@ -145,7 +146,7 @@ echo "gpu_check: bench_fused_linear (limit ${T}s)"
 timeout -k 10 "$T" "$PY" - "$OUT/fused_linear" "$QUICK" > "$OUT/bench_fused_linear.log" 2>&1 <<'EOF'
 import sys
 from pathlib import Path
-from kdbench.bench_fused_linear import bench_fused_linear
+from kdbench.kernels.benchmark_fused_linear import bench_fused_linear
 
 print(bench_fused_linear(out_dir=Path(sys.argv[1]), quick=sys.argv[2] == "1"))
 EOF

@@ -1,4 +1,4 @@
-"""`kdbench` command line: a thin shell over the Python API (kdbench.suite, kdbench.runner, kdbench.report).
+"""`kdbench` command line: a thin shell over the Python API (kdbench.suite, kdbench.run, kdbench.report).
 
 Heavy libraries load inside the commands, so `kdbench --help` is instant. Bad input ends with one line naming
 the culprit and exit code 2; finished runs stay on disk.
@@ -17,8 +17,23 @@ import typer
 from kdbench.errors import KdbenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,  # plain help: rich panels label every flag `<bool>`
                   help="Benchmark knowledge distillation: distill, compress and profile students.")
 
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from kdbench import __version__
+
+        typer.echo(f"kdbench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print kdbench's version and exit")):
+    """Benchmark knowledge distillation: distill, compress and profile students."""
 
 def _setup_logging(verbose: bool) -> None:
     from rich.console import Console
@@ -56,46 +71,51 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and whether each would run, then stop"),
     only: Optional[List[str]] = typer.Option(None, "--only", help="run ids to run, as globs (repeatable), e.g. "
                                              "'sst2__*' or '*__kd__s0'; the teachers they need come along"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="if another `kdbench run` is writing to the same results "
+                                 "folder, stop (exit 2) instead of waiting for it"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log progress details; show tracebacks of bugs"),
+    ray: bool = typer.Option(False, "--ray", help="spread the runs over a Ray cluster (pip install kdbench[ray]); "
+                             "a local Ray unless --ray-address says which"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="with --ray: `auto` (the running cluster "
+                                              "this machine is in), `host:6379`, or `ray://host:10001` (Ray Client)"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="with --ray: an fsspec URL (s3://…, file://…) "
+                                          "for the teachers and students that travel between nodes"),
 ):
     """Run a suite: teachers, students alone, each method, compressed variants; write results and tables.
 
     Data parallel: `torchrun --nproc_per_node N $(which kdbench) run suite.yaml` (rank 0 prints and writes)."""
-    _setup_logging(verbose)
-    from kdbench import distributed
+    from kdbench.signals import Interrupted, stop_on_signals
 
+    where: dict = {}  # what an interruption reports: the results folder and the selected runs, once known
     try:
-        from kdbench.suite import expand, load_suite
-
-        s = load_suite(suite)
-        from kdbench.runner import select_runs
-
-        chosen = select_runs(s, only) if only else None
-        if dry_run:
-            from kdbench.runner import Context, finished, results_dir_for
-
-            out = results_dir_for(s, results_dir)
-            ctx = Context(s, out, "cpu")  # loads the data (the data key), builds no model
-            for spec in expand(s) if distributed.is_main() else []:
-                if chosen is not None and spec.run_id not in chosen:
-                    continue
-                done = not rerun and finished(out, spec, ctx)
-                typer.echo(f"{'done' if done else 'run '}  {spec.run_id}")
-            return
-        from kdbench.report import task_tables
-        from kdbench.results import read_results
-        from kdbench.runner import run_suite
-
-        outcome = run_suite(s, results_dir, rerun=rerun, only=chosen)
+        with stop_on_signals():
+            _setup_logging(verbose)
+            outcome = _run(suite, results_dir, rerun=rerun, dry_run=dry_run, only=only, wait=not no_wait,
+                           where=where, ray=ray or ray_address is not None, ray_address=ray_address,
+                           storage=storage)
     except KdbenchError as e:
         _fail(e)
+    except Interrupted as e:
+        _interrupted(e, where)
+    except Exception as e:  # a bug in kdbench: one line, the traceback with -v
+        if verbose:
+            raise
+        typer.echo(f"error: bug in kdbench: {type(e).__name__}: {e} (-v shows the traceback)", err=True)
+        raise typer.Exit(code=1) from None
+    from kdbench import distributed
+
+    if outcome is None:  # --dry-run
+        return
     if not distributed.is_main():  # every rank has the same outcome, hence the same exit code
         raise typer.Exit(code=outcome.exit_code)
-    for task, table in task_tables(read_results(outcome.results_dir)).items():
-        typer.echo(f"\n## {task}\n\n{table}")
-    ran = sum(r.status != "skipped" for r in outcome.runs)
-    typer.echo(f"\n{ran} run(s) executed, {len(outcome.runs) - ran} already done; "
-               f"report: {outcome.results_dir / 'README.md'}")
+    from kdbench.report import console_summary
+    from kdbench.results import read_results
+
+    typer.echo("\n" + console_summary(read_results(outcome.results_dir)))
+    counts = {status: sum(r.status == status for r in outcome.runs) for status in ("ok", "failed", "skipped")}
+    typer.echo(f"runs: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} already done")
+    typer.echo(f"full report and plots: {outcome.results_dir / 'README.md'}\n"
+               f"result JSONs: {outcome.results_dir / 'runs'}")
     for r in outcome.failed:
         typer.echo(f"error: run {r.run_id} failed: {r.error}", err=True)
     for r in outcome.runs:
@@ -104,15 +124,99 @@ def run(
     raise typer.Exit(code=outcome.exit_code)
 
 
+def _run(suite: Path, results_dir: Optional[Path], *, rerun: bool, dry_run: bool, only, wait: bool, where: dict,
+         ray: bool = False, ray_address: Optional[str] = None, storage: Optional[str] = None):
+    """Load, check (kdbench.preflight), then list (--dry-run: returns None) or run the suite under its results
+    folder's lock; `where` gets the folder and the selected runs as soon as they are known."""
+    from contextlib import nullcontext
+
+    from kdbench import distributed
+    from kdbench.lock import results_lock
+    from kdbench.run.runner import results_dir_for, select_runs
+    from kdbench.suite import expand, load_suite
+
+    s = load_suite(suite)
+    chosen = select_runs(s, only) if only else None
+    out = results_dir_for(s, results_dir)
+    specs = [spec for spec in expand(s) if chosen is None or spec.run_id in chosen]
+    where.update(out=out, specs=specs)
+    _preflight(suite, s, results_base=Path(results_dir or s.output_dir), results_dir=out, writable=not dry_run)
+    if dry_run:
+        from kdbench.run.context import Context
+        from kdbench.run.runner import finished
+
+        _warn_bad_results(out, "it is run again", {spec.run_id for spec in specs})
+        ctx = Context(s, out, "cpu")  # loads the data (the data key), builds no model
+        for spec in specs if distributed.is_main() else []:
+            done = not rerun and finished(out, spec, ctx)
+            typer.echo(f"{'done' if done else 'run '}  {spec.run_id}")
+        return None
+    from kdbench.run.runner import run_suite
+
+    # rank 0 alone holds the lock: the other ranks of a launch wait for it in their first collective
+    lock = (results_lock(out, wait=wait, on_wait=lambda m: typer.echo(f"kdbench: {m}", err=True))
+            if distributed.is_main() else nullcontext())
+    with lock:
+        if distributed.is_main():  # after the lock: the files another run wrote meanwhile are final
+            _warn_bad_results(out, "it is run again", {spec.run_id for spec in specs})
+        if ray:  # Ray is imported only here: without --ray nothing changes
+            from kdbench.run.ray_runs import run_suite_on_ray
+
+            return run_suite_on_ray(s, results_dir, address=ray_address, storage=storage, rerun=rerun, only=chosen)
+        return run_suite(s, results_dir, rerun=rerun, only=chosen)
+
+
+def _preflight(path: Path, s, **where) -> None:
+    from kdbench.preflight import check_suite
+
+    try:
+        check_suite(s, **where)
+    except KdbenchError as e:
+        raise KdbenchError(f"{path}: {e}") from None
+
+
+def _warn_bad_results(results_dir: Path, then: str, run_ids: Optional[set] = None) -> int:
+    """One warning line per file in runs/ that cannot be used (kdbench.results.bad_results), saying what happens
+    to it (`then`; a file that is no run of `run_ids` is only ignored); their count."""
+    from kdbench.results import bad_results
+
+    bad = bad_results(results_dir)
+    for b in bad:
+        fate = then if run_ids is None or b.path.stem in run_ids else "ignored"
+        typer.echo(f"warning: {b.path}: {b.reason}; {fate}", err=True)
+    return len(bad)
+
+
+def _interrupted(e, where: dict) -> None:
+    """The message after SIGINT or SIGTERM: which results are kept, and that the same command resumes."""
+    from kdbench.results import read_result, run_path
+
+    out, specs = where.get("out"), where.get("specs") or []
+    kept = 0
+    for spec in specs:
+        r = read_result(run_path(out, spec.run_id))
+        kept += bool(r) and r.get("status") == "ok" and r.get("spec_hash") == spec.spec_hash
+    if out is None:
+        typer.echo(f"interrupted ({e.name}) before any run started", err=True)
+    else:
+        typer.echo(f"interrupted ({e.name}): {kept} of {len(specs)} runs are finished and kept in {out / 'runs'}; "
+                   "run the same command again to resume (finished runs are not repeated)", err=True)
+    raise typer.Exit(code=e.exit_code)
+
+
 @app.command()
 def validate(suites: List[Path] = typer.Argument(..., help="suite YAML files")):
-    """Check suite files without running anything."""
+    """Check suite files without running anything: the schema, and what needs no training (data files and their
+    columns and labels, inline model configs, vocabularies)."""
     from kdbench.suite import expand, load_suite
+
+    _setup_logging(False)  # the model checks import transformers: keep its start-up chatter off the terminal
 
     bad = 0
     for path in suites:
         try:
             s = load_suite(path)
+            _preflight(path, s)
             typer.echo(f"ok  {path}: {len(expand(s))} runs")
         except KdbenchError as e:
             typer.echo(f"error: {e}", err=True)
@@ -138,9 +242,13 @@ def ls(what: Registries = typer.Argument(..., help="tasks | methods | compressor
         from kdbench.compress import compressors as reg
     else:
         from kdbench.models import model_types as reg
+    import textwrap
+
     for name in reg.names():
-        params = ", ".join(reg.params_schema(name).model_fields) if what is not Registries.models else ""
-        typer.echo(f"{name:26s} {reg.describe(name)}" + (f"\n{'':26s} params: {params}" if params else ""))
+        typer.echo(textwrap.fill(reg.describe(name), width=100, initial_indent=f"{name:26s} ",
+                                 subsequent_indent=" " * 27, break_on_hyphens=False))
+        for line in reg.describe_params(name) if what is not Registries.models else []:
+            typer.echo(f"{'':28s}{line}")
 
 
 @app.command()
@@ -150,7 +258,10 @@ def report(results_dir: Path = typer.Argument(..., help="a suite's results folde
 
     if not (results_dir / "runs").is_dir():
         _fail(KdbenchError(f"no results in {results_dir} (expected {results_dir / 'runs'})"))
+    left_out = _warn_bad_results(results_dir, "left out of the report")
     typer.echo(write_report(results_dir))
+    if left_out:
+        typer.echo(f"warning: {left_out} result file(s) in {results_dir / 'runs'} left out of the report", err=True)
 
 
 @app.command()
@@ -165,13 +276,14 @@ def compare(
     for d in (dir_a, dir_b):
         if not (d / "runs").is_dir():
             _fail(KdbenchError(f"no results in {d} (expected {d / 'runs'})"))
+        _warn_bad_results(d, "left out of the comparison")
     text = compare_dirs(dir_a, dir_b)
     if output:
         output.write_text(text)
     typer.echo(text)
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of kdbench's own kernels.")
+bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Benchmarks of kdbench's own kernels.")
 app.add_typer(bench_app, name="bench")
 
 
@@ -195,7 +307,7 @@ def bench_kernels(
             _fail(e)
         typer.echo(f"{text}\nwritten to {path}")
         return
-    from kdbench.bench import bench_kernels as run_bench
+    from kdbench.kernels.benchmark import bench_kernels as run_bench
 
     typer.echo(run_bench(out_dir, quick=quick))
 
@@ -208,7 +320,7 @@ def bench_fused_linear(
     """Time and measure the loss from hidden states: both models' logits then kd_loss, against
     fused_linear_kd_loss (the methods' `fused_linear`)."""
     _setup_logging(False)
-    from kdbench.bench_fused_linear import bench_fused_linear as run_bench
+    from kdbench.kernels.benchmark_fused_linear import bench_fused_linear as run_bench
 
     typer.echo(run_bench(out_dir, quick=quick))
 

@@ -200,16 +200,14 @@ def pair_tokenizer(teacher_ref, student_ref, train_texts: list[str], cache_dir: 
     return tok
 
 
+# What `head=None` builds: the classification head's model, named here so that models import no head.
+CLASSIFIER_KIND, CLASSIFIER_CLASS = "classification", "AutoModelForSequenceClassification"
+
+
 def _auto_class(head):
     import transformers
 
-    return getattr(transformers, head.auto_class)
-
-
-def _head(head):
-    from kdbench import heads
-
-    return head if head is not None else heads.get("classification")
+    return getattr(transformers, head.auto_class if head is not None else CLASSIFIER_CLASS)
 
 
 def build_model(ref, *, head=None, num_labels: int, vocab_size: int, seed: int, attention_maps: bool = False):
@@ -217,10 +215,10 @@ def build_model(ref, *, head=None, num_labels: int, vocab_size: int, seed: int, 
     a new head of `num_labels`; a causal LM keeps its own). `head=None` is a classifier."""
     import torch
 
-    head = _head(head)
     auto = _auto_class(head)
     extra: dict[str, Any] = {"attn_implementation": "eager"} if attention_maps else {}
-    labelled = {"num_labels": num_labels} if head.kind == "classification" else {}
+    kind = head.kind if head is not None else CLASSIFIER_KIND
+    labelled = {"num_labels": num_labels} if kind == CLASSIFIER_KIND else {}
     if is_pretrained(ref):
         if labelled:
             extra["ignore_mismatched_sizes"] = True
@@ -235,4 +233,4 @@ def build_model(ref, *, head=None, num_labels: int, vocab_size: int, seed: int, 
 
 
 def load_saved(path: Path, head=None):
-    return _auto_class(_head(head)).from_pretrained(str(path))
+    return _auto_class(head).from_pretrained(str(path))

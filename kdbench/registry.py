@@ -7,7 +7,7 @@ the suite schema.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -67,5 +67,17 @@ class Registry(Generic[T]):
         entry = self.get(name)
         if isinstance(entry, str):  # an entry that is a name (model types: a config class) describes itself
             return entry
-        doc = (getattr(entry, "__doc__", None) or "").strip().splitlines()
-        return doc[0] if doc else ""
+        doc = (getattr(entry, "__doc__", None) or "").strip()
+        return " ".join(doc.split("\n\n")[0].split())  # the first paragraph, whole: it may span lines
+
+    def describe_params(self, name: str) -> list[str]:
+        """One line per parameter of entry `name`: `name: type = default`, from its pydantic schema."""
+        lines = []
+        for field, info in self.params_schema(name).model_fields.items():
+            if get_origin(info.annotation) is Literal:
+                kind = " | ".join(map(str, get_args(info.annotation)))
+            else:
+                kind = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+            default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+            lines.append(f"{field}: {kind} = {default}")
+        return lines

@@ -10,28 +10,33 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_serializer, model_validator)
 
+from kdbench import suite_rules as rules
 from kdbench.errors import KdbenchError
-
+from kdbench.yamlfile import dotted, first_non_finite, line_of, one_line, read_yaml
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: `.inf`, `.nan` and strings such as "inf" are refused for every float setting
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class OptimSettings(Strict):
     """How a model is trained. Defaults suit tiny CPU models."""
 
-    epochs: float = 3.0
-    max_steps: int = -1  # > 0 overrides epochs
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1  # > 0 overrides epochs; -1: train for `epochs`
     batch_size: int = Field(32, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = 0.01
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    _epochs_bounded = field_validator("epochs")(rules.bounded_epochs)
+    _steps_bounded = field_validator("max_steps")(rules.bounded_steps)
 
 
 class TrainingSettings(OptimSettings):
@@ -54,13 +59,32 @@ class InlineConfig(BaseModel):
 ModelRef = Union[str, InlineConfig]  # a hub name or local path, or an inline config
 
 
+class FromTeacher(Strict):
+    """A student made of some of its teacher's layers (kdbench.student_init): `layers` or `every` for a one-stack
+    model; `encoder_layers`, `decoder_layers` (and `every` for a stack not listed) for an encoder-decoder."""
+
+    layers: list[int] | None = Field(None, min_length=1)
+    every: int | None = Field(None, ge=1)
+    encoder_layers: list[int] | None = Field(None, min_length=1)
+    decoder_layers: list[int] | None = Field(None, min_length=1)
+
+
 class ModelSpec(Strict):
-    model: ModelRef
+    model: ModelRef | None = None  # required, except for a student given `from_teacher` (which takes the teacher's)
     finetune: FinetuneSettings | None = None  # teachers only: fine-tune on the task first (cached)
+    from_teacher: FromTeacher | None = None  # students only
+
+    @model_serializer(mode="wrap")
+    def _without_absent_from_teacher(self, handler):
+        # left out when absent, so that every spec from before it existed keeps its hash (runs, cached teachers)
+        data = handler(self)
+        if isinstance(data, dict) and data.get("from_teacher") is None:
+            data.pop("from_teacher", None)
+        return data
 
 
 class PairSpec(Strict):
-    name: str
+    name: rules.Name
     teacher: ModelSpec
     student: ModelSpec
     # The names of the suite's tasks this pair runs on (default: every task), e.g. a BERT pair for the classification
@@ -74,17 +98,37 @@ class PairSpec(Strict):
     def _student_not_finetuned(self):
         if self.student.finetune is not None:
             raise ValueError("student.finetune is not allowed: students are trained by the methods")
+        if self.teacher.from_teacher is not None:
+            raise ValueError("teacher.from_teacher is not allowed: it is for students")
+        if self.teacher.model is None:
+            raise ValueError("teacher.model is required")
+        if self.student.from_teacher is None:
+            if self.student.model is None:
+                raise ValueError("student needs `model` or `from_teacher`")
+        elif self.student.model is None:
+            # The student shares the teacher's model reference (its tokenizer, its family) with fewer layers.
+            self.student.model = self.teacher.model.model_copy(deep=True) if isinstance(
+                self.teacher.model, BaseModel) else self.teacher.model
+        elif self.student.model != self.teacher.model:
+            raise ValueError("student: give `model` or `from_teacher`, not both")
         return self
 
 
 class TaskSpec(Strict):
-    name: str  # the name used in tables
+    name: rules.Name  # the name used in tables
     task: str  # registry key
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class ResourceSettings(Strict):
+    """What one run asks of a Ray cluster (`kdbench run --ray`); in-process runs ignore it."""
+
+    gpus_per_run: float | None = Field(None, ge=0)  # None: 1 if the driver sees CUDA, else 0
+    cpus_per_run: float = Field(1.0, gt=0)
+
+
 class MethodSpec(Strict):
-    name: str
+    name: rules.Name
     method: str  # registry key
     params: dict[str, Any] = Field(default_factory=dict)
     # Changes to the suite's `training` for this method's students (method_training), e.g. fewer epochs for a
@@ -98,6 +142,7 @@ class MethodSpec(Strict):
     # on the language-modelling tasks only. Which tasks it serves changes none of its runs. A multi-task group
     # names its own tasks.
     tasks: list[str] | None = Field(None, min_length=1)
+    resources: ResourceSettings | None = None  # under --ray: this method's runs ask for these instead of the suite's
 
     def runs_on(self, task_name: str) -> bool:
         return self.tasks is None or task_name in self.tasks
@@ -116,9 +161,9 @@ class CompressionSpec(Strict):
 
 class MultitaskSpec(Strict):
     """One student for several tasks: a shared encoder with a head per task, each task's examples distilled from
-    that task's teacher with the suite method `method` (see kdbench.multitask)."""
+    that task's teacher with the suite method `method` (see kdbench.train.multitask)."""
 
-    name: str  # the name used in tables: one row per task of the group
+    name: rules.Name  # the name used in tables: one row per task of the group
     tasks: list[str] = Field(min_length=2)  # names of the suite's tasks
     method: str  # name of one of the suite's methods
 
@@ -143,7 +188,7 @@ class ProfilingSettings(Strict):
 
 
 class Suite(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$"), AfterValidator(rules.path_component)]
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tasks: list[TaskSpec] = Field(min_length=1)
@@ -155,6 +200,8 @@ class Suite(Strict):
     profiling: ProfilingSettings = Field(default_factory=ProfilingSettings)
     output_dir: str = "results"  # results land in <output_dir>/<name>/
     cache_dir: str = ".kdbench_cache"  # fine-tuned teachers, tokenizers, trained students
+    resources: ResourceSettings = Field(default_factory=ResourceSettings)  # per run, under --ray
+    max_retries: int = Field(2, ge=0)  # under --ray: re-runs of a run whose worker died (not of a run that failed)
 
     @field_validator("tasks", "pairs", "methods", "compression", "multitask")
     @classmethod
@@ -171,22 +218,23 @@ class Suite(Strict):
 
 
 def load_suite(path: str | Path) -> Suite:
-    """Parse and validate a suite file; every problem is a KdbenchError naming the file, key path and line."""
-    path = Path(path)
+    """Parse and validate a suite file; every problem is a one-line KdbenchError naming the file, key path and
+    line."""
+    try:
+        return _load(Path(path))
+    except KdbenchError as e:
+        raise KdbenchError(one_line(str(e))) from None
+
+
+def _load(path: Path) -> Suite:
     if not path.is_file():
         raise KdbenchError(f"suite file not found: {path}")
-    text = path.read_text()
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = f" line {mark.line + 1}:" if mark else ""
-        raise KdbenchError(f"{path}:{line} invalid YAML: {e.problem or e}") from None
-    except yaml.YAMLError as e:
-        raise KdbenchError(f"{path}: invalid YAML: {e}") from None
+    data, root = read_yaml(path)
     if not isinstance(data, dict):
         raise KdbenchError(f"{path}: a suite must be a YAML mapping, got {type(data).__name__}")
+    bad = first_non_finite(data)  # params are free-form dicts here: their schemas see only what they declare
+    if bad is not None:
+        raise KdbenchError(f"{path}:{line_of(root, bad[0])}: {dotted(bad[0])}: must be a finite number, got {bad[1]}")
     try:
         suite = Suite.model_validate(data)
     except ValidationError as e:
@@ -194,13 +242,15 @@ def load_suite(path: str | Path) -> Suite:
         # A typo of a required key also makes that key missing: name the typo, which is what the user wrote.
         err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
         loc = [p for p in err["loc"] if not _is_union_tag(p)]
-        raise KdbenchError(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: {_message(err)}") from None
+        raise KdbenchError(f"{path}:{line_of(root, loc)}: {dotted(loc)}: {_message(err)}") from None
+    except RecursionError:
+        raise KdbenchError(f"{path}: nested too deeply") from None
     resolve_paths(suite, path.parent)
     try:
         check_registry_names(suite)
     except KdbenchError as e:
         loc = getattr(e, "loc", None)
-        where = f"{_line_of(root, loc)}: {_dotted(loc)}" if loc else ""
+        where = f"{line_of(root, loc)}: {dotted(loc)}" if loc else ""
         raise KdbenchError(f"{path}:{where}: {e}") from None
     return suite
 
@@ -217,23 +267,37 @@ def check_registry_names(suite: Suite) -> None:
 
     def check(loc: tuple, validate, *args):
         try:
-            validate(*args)
+            checked = validate(*args)
         except KdbenchError as e:
             e.loc = (*loc, *getattr(e, "loc", ()))
             raise
+        return checked
+
+    def check_params(loc: tuple, registry, name: str, params: dict):
+        # a string such as "inf" passes a params schema's float field unless the schema forbids it: refuse it here
+        bad = first_non_finite(check(loc, registry.validate_params, name, params))
+        if bad is not None:
+            raise _at((*loc, "params", *bad[0]), f"must be a finite number, got {bad[1]}")
 
     for i, t in enumerate(suite.tasks):
-        check(("tasks", i), tasks.validate_params, t.task, t.params)
+        check_params(("tasks", i), tasks, t.task, t.params)
     for i, m in enumerate(suite.methods):
-        check(("methods", i), methods.validate_params, m.method, m.params)
+        check_params(("methods", i), methods, m.method, m.params)
         check(("methods", i, "training"), method_training, suite.training, m)
     for i, c in enumerate(suite.compression):
         for j, step in enumerate(c.steps):
-            check(("compression", i, "steps", j), compressors.validate_params, step.compressor, step.params)
+            check_params(("compression", i, "steps", j), compressors, step.compressor, step.params)
     for i, p in enumerate(suite.pairs):
         for role in ("teacher", "student"):
             ref = getattr(p, role).model
             check(("pairs", i, role, "model"), check_model_ref, ref, f"pairs.{p.name}.{role}")
+        if p.student.from_teacher is not None:
+            from kdbench.student_init import check_selection
+
+            check(("pairs", i, "student", "from_teacher"), check_selection, p.teacher.model, p.student.from_teacher)
+            if suite.multitask:
+                raise _at(("pairs", i, "student", "from_teacher"), "a multitask suite builds its students from "
+                          "their own model; from_teacher is for single-task students")
     task_names, method_names = [t.name for t in suite.tasks], [m.name for m in suite.methods]
     for i, p in enumerate(suite.pairs):
         for j, name in enumerate(p.tasks or []):
@@ -321,35 +385,10 @@ def _is_union_tag(part) -> bool:
     return isinstance(part, str) and (part in ("str", "InlineConfig") or part.startswith("function-"))
 
 
-def _dotted(loc) -> str:
-    out = ""
-    for p in loc:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "(top level)"
-
-
 def _message(err) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown key"
     return err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own ValueError
-
-
-def _line_of(node, loc) -> str:
-    """Line number of the deepest YAML node reachable along `loc` (1-based), as ' line N'."""
-    best = node
-    for part in loc:
-        nxt = None
-        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
-            for k, v in node.value:
-                if k.value == part:
-                    nxt, best = v, k  # the key's own line is what a user looks for
-                    break
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            nxt = best = node.value[part]
-        if nxt is None:
-            break
-        node = nxt
-    return f" line {best.start_mark.line + 1}" if best is not None else ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -384,9 +423,10 @@ class RunSpec(BaseModel):
         # so are the pair's and the method's task lists, which decide whether a run exists, not what it does,
         # and so is the method's `training`: what it changes is in `training` itself
         # and so is a default `start_from`, so that runs from before it existed keep their hashes
-        exclude: dict = {"pair": {"tasks"}, "method": {"training", "tasks"}}
+        # and so are the method's `resources`, which say where it runs, not what it computes
+        exclude: dict = {"pair": {"tasks"}, "method": {"training", "tasks", "resources"}}
         if self.method is not None and self.method.start_from == "init":
-            exclude["method"] = {"training", "tasks", "start_from"}
+            exclude["method"] = {"training", "tasks", "start_from", "resources"}
         if not self.group:
             exclude["group"] = True
         return spec_hash(self.model_dump(mode="json", exclude=exclude))

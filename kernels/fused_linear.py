@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdbench.kernels.reference import KdLossInputError
+from kdbench.kernels.front import KdLossInputError, kd_loss
 
 FUSED_LINEAR_DOC = """kd_loss of logits = hidden @ weight.T + bias, computed chunk by chunk over the rows.
 
@@ -108,8 +108,6 @@ def _check(hs, ws, bs, ht, wt, bt, labels, reduction, chunk_rows) -> None:
 class _FusedLinearKd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, labels, options):
-        from kdbench.kernels import kd_loss
-
         opts = dict(options)
         chunk_rows, reduction, ignore_index = opts.pop("chunk_rows"), opts.pop("reduction"), opts["ignore_index"]
         grad_on = opts.pop("grad_on")  # apply() runs forward under no_grad; needs_input_grad ignores the grad mode

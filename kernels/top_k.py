@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kdbench.kernels.reference import DIVERGENCES, REDUCTIONS, KdLossInputError
+from kdbench.kernels.front import DIVERGENCES, REDUCTIONS, KdLossInputError, kd_loss
 
 
 def teacher_top_k(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0):
@@ -186,8 +186,6 @@ class _TopKKd(torch.autograd.Function):
 
 def _row_losses(rows, lp, ids, labels, *, temperature, alpha, divergence, beta, ignore_index, tail):
     """(n,) per-row losses of `rows` (n, V) against the cached teacher rows `lp` (n, k + 1), `ids` (n, k)."""
-    from kdbench.kernels import kd_loss
-
     k, vocab = ids.shape[-1], rows.shape[-1]
     if tail == "uniform":
         return kd_loss(rows, uniform_tail(lp, ids, vocab) * temperature, labels, temperature=temperature,

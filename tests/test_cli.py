@@ -43,6 +43,14 @@ def table_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("|")]
 
 
+def summary_lines(text: str) -> list[str]:
+    """The console summary after a run: from the first task heading to the run counts."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("== "))
+    end = next(i for i, line in enumerate(lines) if line.startswith("runs: "))
+    return lines[start:end]
+
+
 def runs_of(results_dir: Path) -> dict[str, bytes]:
     return {p.stem: p.read_bytes() for p in sorted((results_dir / "runs").glob("*.json"))}
 
@@ -89,15 +97,16 @@ def test_smoke_suite_is_tiny():
 def test_smoke_run_succeeds_and_prints_the_table(smoke):
     assert smoke.first.exit_code == 0, smoke.first.output
     assert error_lines(smoke.first) == []
-    printed = table_lines(smoke.first.stdout)
     suite = load_suite(smoke.suite_file)
     rows = ["teacher", "student alone", suite.methods[0].name] + [
         f"{suite.methods[0].name} + {c.name}" for c in suite.compression]
-    for row in rows:
-        assert any(f"| {row} " in line for line in printed), (row, smoke.first.stdout)
-    # The printed table is the one written to README.md.
-    assert set(printed) <= set(smoke.first_readme.splitlines())
-    assert f"{len(smoke.specs)} run(s) executed, 0 already done" in smoke.first.stdout
+    lines = smoke.first.stdout.splitlines()
+    for row in rows:  # the narrow summary: one line per variant, starting with its name
+        assert any(line.startswith(f"{row}  ") for line in lines), (row, smoke.first.stdout)
+    assert "What should I ship?" in smoke.first.stdout and "- Best student: " in smoke.first.stdout
+    assert max(map(len, lines)) <= 100, smoke.first.stdout
+    assert f"full report and plots: " in smoke.first.stdout and "result JSONs: " in smoke.first.stdout
+    assert f"runs: {len(smoke.specs)} ok, 0 failed, 0 already done" in smoke.first.stdout
 
 
 def test_smoke_run_writes_one_result_per_run(smoke):
@@ -119,11 +128,11 @@ def test_smoke_run_writes_one_result_per_run(smoke):
 
 def test_second_run_executes_nothing_and_keeps_results_byte_identical(smoke):
     assert smoke.second.exit_code == 0, smoke.second.output
-    assert f"0 run(s) executed, {len(smoke.specs)} already done" in smoke.second.stdout
+    assert f"runs: 0 ok, 0 failed, {len(smoke.specs)} already done" in smoke.second.stdout
     assert smoke.second_runs == smoke.first_runs
     assert smoke.second_report == smoke.first_report  # the report is re-rendered to the same bytes
     assert any(name.endswith(".png") for name in smoke.first_report)
-    assert table_lines(smoke.second.stdout) == table_lines(smoke.first.stdout)
+    assert summary_lines(smoke.second.stdout) == summary_lines(smoke.first.stdout)
 
 
 def test_dry_run_lists_the_runs(smoke):
@@ -165,7 +174,7 @@ def test_dry_run_before_any_run(tmp_path):
 
 def test_rerun_executes_every_run_again(smoke):
     assert smoke.rerun.exit_code == 0, smoke.rerun.output
-    assert f"{len(smoke.specs)} run(s) executed, 0 already done" in smoke.rerun.stdout
+    assert f"runs: {len(smoke.specs)} ok, 0 failed, 0 already done" in smoke.rerun.stdout
     assert sorted(smoke.rerun_runs) == sorted(smoke.first_runs)
     for run_id, blob in smoke.rerun_runs.items():
         before, after = json.loads(smoke.first_runs[run_id]), json.loads(blob)
@@ -181,7 +190,7 @@ def test_report_re_renders_from_the_results(smoke):
     assert readme.is_file()
     assert table_lines(result.stdout)
     assert set(table_lines(result.stdout)) <= set(readme.read_text().splitlines())
-    assert set(table_lines(smoke.rerun.stdout)) <= set(readme.read_text().splitlines())
+    assert "What should I ship?" in "\n".join(summary_lines(smoke.rerun.stdout))
 
 
 def test_report_on_a_folder_without_results(tmp_path):
@@ -199,10 +208,17 @@ def test_report_on_a_folder_without_results(tmp_path):
 def test_ls_lists_every_entry(what, registry):
     result = kdbench("ls", what)
     assert result.exit_code == 0
-    entries = [line.split(None, 1) for line in result.stdout.splitlines() if line and not line.startswith(" ")]
-    assert [e[0] for e in entries] == registry.names()
-    # Each entry says what it is: the first line of its docstring.
-    assert all(len(e) == 2 and e[1] == registry.describe(e[0]) for e in entries), entries
+    entries = {}  # name -> its description, rejoined from the wrapped lines (parameter lines are indented more)
+    for line in result.stdout.splitlines():
+        if line and not line.startswith(" "):
+            name, text = line.split(None, 1)
+            entries[name] = text
+        elif line.startswith(" " * 27) and not line.startswith(" " * 28):
+            entries[name] += " " + line.strip()
+    assert list(entries) == registry.names()
+    # Each entry says what it is: the whole first paragraph of its docstring, never cut mid-sentence.
+    assert all(text == registry.describe(name) for name, text in entries.items()), entries
+    assert all(len(line) <= 100 for line in result.stdout.splitlines())
 
 
 def test_ls_models_names_the_config_classes():
@@ -213,7 +229,10 @@ def test_ls_models_names_the_config_classes():
 
 def test_ls_shows_params():
     result = kdbench("ls", "methods")
-    assert "params: temperature, alpha, divergence, beta" in result.stdout
+    # each parameter with its type and default, from the method's pydantic schema
+    for line in ["temperature: float = 4.0", "alpha: float = 0.7", "divergence: forward_kl | reverse_kl | jsd = "
+                 "'forward_kl'", "teacher_top_k: int | None = None"]:
+        assert line in result.stdout
 
 
 def test_ls_unknown_registry_is_a_usage_error():
@@ -242,7 +261,8 @@ def test_missing_suite_file_in_a_real_process(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Bad input at run time: the failing run is recorded, its error is one line, exit code 2
+# Bad input: refused before any run when it can be checked without training (kdbench.preflight), else the
+# failing run is recorded; either way its error is one line, exit code 2
 
 
 
@@ -283,23 +303,34 @@ def assert_run_fails(path: Path, culprit: str):
     return result
 
 
+def assert_refused_before_running(path: Path, culprit: str):
+    """Preflight: `run` refuses the suite in one line naming it and the culprit; no run starts, none is recorded."""
+    result = kdbench("run", path)
+    assert result.exit_code == 2, result.output
+    assert error_lines(result) == [f"error: {path}: {culprit}"], result.stderr
+    assert "Traceback" not in result.output
+    suite = load_suite(path)
+    assert not (Path(suite.output_dir) / suite.name / "runs").exists()
+    return result
+
+
 def test_missing_local_data_file(tmp_path):
     missing = tmp_path / "data" / "train.tsv"
     path = bad_suite(tmp_path, task={"train_file": str(missing), "eval_file": str(missing)})
-    assert_run_fails(path, f"task data file not found: {missing}")
+    assert_refused_before_running(path, f"tasks.local: task data file not found: {missing}")
 
 
 def test_local_data_file_lacking_the_named_columns(tmp_path):
     data = write_tsv(tmp_path / "train.tsv", ["sentence\tlabel", "good\tpos", "bad\tneg"])
     path = bad_suite(tmp_path, task={"train_file": str(data), "eval_file": str(data)})
-    assert_run_fails(path, f"{data}: no column 'text'; columns are: sentence, label")
+    assert_refused_before_running(path, f"tasks.local: {data}: no column 'text'; columns are: sentence, label")
 
 
 def test_label_column_with_unexpected_values(tmp_path):
     data = write_tsv(tmp_path / "train.tsv", ["text\tlabel", "good\tpos", "bad\tneg", "meh\tneutral"])
     task = {"train_file": str(data), "eval_file": str(data), "labels": ["neg", "pos"]}
-    assert_run_fails(bad_suite(tmp_path, task=task),
-                     f"{data}: train label 'neutral' is not one of the task's labels: neg, pos")
+    assert_refused_before_running(bad_suite(tmp_path, task=task), f"tasks.local: {data}: train label 'neutral' is not "
+                                                                  "one of the task's labels: neg, pos")
 
 
 def test_hub_model_that_cannot_be_reached_offline(tmp_path, no_network):
@@ -314,13 +345,14 @@ def test_teacher_and_student_with_different_vocabularies(tmp_path):
     t = train_tokenizer(["the plot was good", "the acting was bad"] * 3, 60, teacher_dir)
     s = train_tokenizer(["an entirely different corpus", "with other words"] * 3, 60, student_dir)
     path = bad_suite(tmp_path, teacher=str(teacher_dir), student=str(student_dir))
-    assert_run_fails(path, f"teacher '{teacher_dir}' and student '{student_dir}' have different vocabularies "
-                           f"({len(t)} vs {len(s)} tokens); logit distillation needs a shared tokenizer")
+    assert_refused_before_running(path, f"pairs.bert-1L32-to-1L16: teacher '{teacher_dir}' and student "
+                                        f"'{student_dir}' have different vocabularies ({len(t)} vs {len(s)} tokens); "
+                                        "logit distillation needs a shared tokenizer")
 
 
 def test_nan_loss_fails_its_run_and_the_suite_goes_on(tmp_path, monkeypatch):
     """A method whose loss is NaN: its run is recorded as failed, the runs before and after it finish."""
-    from kdbench.methods import LogitKD
+    from kdbench.methods.logit import LogitKD
 
     class NanKD(LogitKD):
         def loss(self, student_out, teacher_out, labels):
@@ -339,6 +371,7 @@ def test_nan_loss_fails_its_run_and_the_suite_goes_on(tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     nan_id = next(s.run_id for s in expand(load_suite(path)) if s.method and s.method.name == "nan")
     assert error_lines(result) == [f"error: run {nan_id} failed: loss is nan at step 1; run stopped"]
+    assert f"runs: {len(expand(load_suite(path))) - 1} ok, 1 failed, 0 already done" in result.stdout
     runs = {k: json.loads(v) for k, v in runs_of(tmp_path / "results" / data["name"]).items()}
     assert {k: r["status"] for k, r in runs.items()} == {
         s.run_id: "failed" if s.run_id == nan_id else "ok" for s in expand(load_suite(path))}

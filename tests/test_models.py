@@ -10,7 +10,8 @@ from kdbench.errors import KdbenchError
 from kdbench.heads import get as get_head
 from kdbench.models import model_inputs
 from kdbench.suite import InlineConfig, TrainingSettings, load_suite
-from kdbench.trainer import Distiller, training_arguments
+from kdbench.train.distiller import Distiller
+from kdbench.train.loop import training_arguments
 
 TEXTS = [
     "the plot was not good",

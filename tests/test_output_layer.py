@@ -18,19 +18,16 @@ from transformers import (
 
 from kdbench import heads, models, output_layer
 from kdbench.errors import KdbenchError
-from kdbench.methods import (
-    AttentionKD,
-    AttentionParams,
-    DistillationConfig,
-    HiddenParams,
-    HiddenStateKD,
-    LogitKD,
-    methods,
-)
+from kdbench.methods import methods
+from kdbench.methods.attention import AttentionKD, AttentionParams
+from kdbench.methods.base import DistillationConfig
+from kdbench.methods.hidden import HiddenParams, HiddenStateKD
+from kdbench.methods.logit import LogitKD
 from kdbench.suite import TrainingSettings
 from kdbench.tasks import load_task
-from kdbench.trainer import Distiller, training_arguments
-from tiny import tiny_t5
+from kdbench.train.distiller import Distiller
+from kdbench.train.loop import training_arguments
+from tiny import labelled_batch, tiny_bert, tiny_t5
 
 TEXTS = ["the plot was not good => negative", "the cast seemed never dull but the music was fine => positive",
          "the film was great => positive", "the story felt hardly brilliant => negative"] * 4
@@ -232,13 +229,11 @@ def test_bart_with_a_final_logits_bias_is_refused_and_without_one_accepted(tok, 
 
 
 def test_a_classifier_is_refused_in_one_line(tmp_path):
-    from test_distiller import inputs_for, tiny_bert
-
     trainer = distiller(tmp_path, tiny_bert(0), tiny_bert(1), heads.get("classification"),
                         LogitKD(DistillationConfig(fused_linear=True)))
     with pytest.raises(KdbenchError,
                        match="^fused_linear is for language-model tasks .*; this task has a classification head$"):
-        trainer.compute_loss(trainer.student, inputs_for(3, [0, 1, 2]))
+        trainer.compute_loss(trainer.student, labelled_batch(3, [0, 1, 2]))
 
 
 def test_progressive_has_no_fused_linear():

@@ -155,9 +155,14 @@ def test_a_pair_serves_all_of_a_multitask_group_or_none(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(SUITES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_suite_validates(path):
-    """`kdbench validate suites/*.yaml`: no network needed, even for suites that name hub models."""
+    """`kdbench validate suites/*.yaml`: no network needed, even for suites that name hub models. Validation reads
+    the local data files, so a suite on the copies in ../shared/data is skipped where they are absent."""
     suite = load_suite(path)
     assert expand(suite)
+    files = [v for t in suite.tasks for k, v in t.params.items() if k.endswith("_file") and isinstance(v, str)]
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        pytest.skip(f"data file {missing[0]} is absent")
     result = validate_cli(path)
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"ok  {path}")

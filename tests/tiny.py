@@ -1,4 +1,5 @@
-"""Settings shared by the tests that run suites end to end: models and profiling small enough for seconds."""
+"""What tests in several folders share: tiny suites (as YAML dicts and loaded), models and profiling small enough for
+seconds."""
 
 from pathlib import Path
 
@@ -35,6 +36,23 @@ def tiny_suite_data(folder: Path, cache_dir: Path, methods: list[dict], **overri
         "cache_dir": str(cache_dir),
         **overrides,
     }
+
+
+def tiny_suite(folder: Path, cache_dir: Path, methods: list[dict], **overrides):
+    """tiny_suite_data written as a YAML file in `folder` (a new name each time) and loaded as a user's suite is."""
+    from kdbench.suite import load_suite
+
+    data = tiny_suite_data(folder, cache_dir, methods, **overrides)
+    return load_suite(write_suite(folder, data, f"suite-{len(list(folder.glob('suite-*.yaml')))}.yaml"))
+
+
+def write_suite(folder: Path, data: dict, name: str = "suite.yaml") -> Path:
+    """A suite's dict written as YAML to `folder`/`name`."""
+    import yaml
+
+    path = folder / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
 
 
 def tiny_t5(tok, seed: int = 0, **fields):
@@ -77,3 +95,33 @@ def save_tiny_bart(folder: Path, texts: list[str], *, d_model: int = 16, seed: i
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     return folder
+
+
+def save_tiny_bart_pair(folder: Path, texts: list[str]) -> tuple[str, str]:
+    """Two local BART-style folders under `folder` sharing one tokenizer: a 16-wide teacher and an 8-wide
+    student (save_tiny_bart), as (teacher path, student path)."""
+    return (str(save_tiny_bart(folder / "teacher", texts, d_model=16, seed=0)),
+            str(save_tiny_bart(folder / "student", texts, d_model=8, seed=1)))
+
+
+def tiny_bert(seed: int, hidden: int = 16, vocab: int = 40):
+    """A 1-layer BERT classifier (3 labels) of `hidden` wide, no dropout, its weights fixed by `seed`."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=16, num_labels=3,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config)
+
+
+def labelled_batch(n: int, labels, seq: int = 6, vocab: int = 40) -> dict:
+    """A classifier's batch of `n` random rows with `labels`; the first row ends in two padding positions."""
+    import torch
+
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(5, vocab, (n, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # some padding
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(labels)}

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from kdbench.heads import Head, heads
+from kdbench.heads.base import TEACHER_LABEL, Head, heads
+from kdbench.models import CLASSIFIER_CLASS, CLASSIFIER_KIND
 
 
-@heads.register("classification")
+@heads.register(CLASSIFIER_KIND)
 class Classification(Head):
-    """One label per example (or sentence pair): AutoModelForSequenceClassification, scored by accuracy."""
+    """One label per example (or sentence pair): AutoModelForSequenceClassification, scored by accuracy.
 
-    kind = "classification"
-    auto_class = "AutoModelForSequenceClassification"
+    Rows a Distiller trains on: `input_ids` and `attention_mask` (L,) (`token_type_ids` if the model takes them)
+    and `labels`, one int class; TEACHER_LABEL (-1) marks a transfer-set row that takes the teacher's argmax.
+    """
+
+    kind = CLASSIFIER_KIND
+    auto_class = CLASSIFIER_CLASS  # also what kdbench.models builds when given no head
     metric_name = "accuracy"
     caches_teacher_logits = True
 
@@ -30,8 +35,6 @@ class Classification(Head):
 
     def fill_teacher_labels(self, labels, teacher_logits):
         import torch
-
-        from kdbench.tasks import TEACHER_LABEL
 
         return torch.where(labels == TEACHER_LABEL, teacher_logits.argmax(-1), labels)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from kdbench.heads import IGNORE, Head, heads
+from kdbench.heads.base import IGNORE, Head, heads
+from kdbench.heads.generation import METRIC_NAMES, decoding, end_token_id, score_generations
 
 
 def pack(rows, tokenizer, max_len: int) -> list[list[int]]:
@@ -13,7 +14,7 @@ def pack(rows, tokenizer, max_len: int) -> list[list[int]]:
     every block is full; a split shorter than one block gives one shorter block; a ragged tail is dropped)."""
     if not rows:
         return []
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    eos = end_token_id(tokenizer)
     stream: list[int] = []
     for ids in tokenizer([r["text"] for r in rows])["input_ids"]:
         stream += ids if (eos is None or (ids and ids[-1] == eos)) else ids + [eos]
@@ -70,6 +71,9 @@ class CausalLM(Perplexity):
     blocks of `max_len` tokens (the usual "group texts" packing, so no position is padding and every block is full;
     a split shorter than one block gives one shorter block). Position i predicts token i + 1; the loss and the
     perplexity average over every predicted token of the split.
+
+    Rows a Distiller trains on: `input_ids` and `attention_mask` (L,), and `labels` (L,): the tokens themselves
+    (the head shifts them), IGNORE (-100) where no loss is wanted. Without `labels` there is nothing to align.
     """
 
     kind = "causal_lm"
@@ -78,8 +82,6 @@ class CausalLM(Perplexity):
     caches_teacher_top_k = True
 
     def __init__(self, continuation_metric: str | None = None):
-        from kdbench.heads.seq2seq import METRIC_NAMES
-
         if continuation_metric not in (None, "rouge_l", "exact_match"):
             raise ValueError(f"continuation_metric {continuation_metric!r}: expected rouge_l or exact_match")
         self.continuation_metric = continuation_metric
@@ -98,8 +100,6 @@ class CausalLM(Perplexity):
         against its gold second half, both cut after their first end-of-sequence token: the model finishes the
         document it was given, as far as the block holds it. The texts compared are the tokens decoded without
         special tokens."""
-        from kdbench.heads.seq2seq import end_token_id, score_generations
-
         eos = end_token_id(tokenizer)
         blocks = [list(r["input_ids"]) for r in rows if len(r["input_ids"]) >= 2]
         prompts = [b[: len(b) // 2] for b in blocks]
@@ -170,8 +170,6 @@ class CausalLM(Perplexity):
         blocks all have one length)."""
         import torch
 
-        from kdbench.heads.seq2seq import decoding, end_token_id
-
         eos = end_token_id(tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         by_length: dict[int, list[int]] = {}
@@ -203,6 +201,9 @@ class MaskedLM(Perplexity):
     training batch gets a fresh random mask (from torch's generator, which the Trainer seeds), shared by teacher
     and student inside one step, so the distillation loss, like the hard loss, counts the masked positions only
     (as DistilBERT did). A batch without labels (a profiling batch) is only padded.
+
+    Rows a Distiller trains on: `input_ids` (L,) and `labels` (L,), the clean tokens, batched by MaskingCollator
+    (which masks them); already-masked rows need `labels` IGNORE (-100) except at the masked positions.
 
     The metric masks the eval split with a fixed mask instead: row i is masked by a generator seeded with
     `eval_seed + i`, so every model of every run is scored on the same masked tokens whatever the batch size.

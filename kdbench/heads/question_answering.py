@@ -16,7 +16,7 @@ import re
 import string
 
 from kdbench.errors import KdbenchError
-from kdbench.heads import Head, heads
+from kdbench.heads.base import TEACHER_LABEL, Head, heads
 from kdbench.heads.classification import Classification
 
 MAX_ANSWER_TOKENS = 30  # the longest span decoding considers, as HF's run_qa and the SQuAD baselines
@@ -67,6 +67,9 @@ class MultipleChoice(Classification):
     Rows: `question`, `choices` (C strings, the same C for every row of a task) and `label` (the right choice's index,
     or TEACHER_LABEL for a transfer-set row). Each choice is encoded as the pair (question, choice), the longer of the
     two truncated first.
+
+    Encoded rows a Distiller trains on: `input_ids` and `attention_mask` (C, L) per row (MultipleChoiceCollator
+    pads them to (B, C, L)) and `labels`, the right choice's index.
     """
 
     kind = "multiple_choice"
@@ -190,6 +193,9 @@ class ExtractiveQA(Head):
 
     Decoding: the span with the best start + end score, start <= end, at most MAX_ANSWER_TOKENS tokens, inside the
     context; its text is the context's characters under those tokens.
+
+    Encoded rows a Distiller trains on: `input_ids` and `attention_mask` (L,) and `labels` = [start, end] token
+    positions ([TEACHER_LABEL, TEACHER_LABEL] for a transfer-set row), batched by SpanCollator.
     """
 
     kind = "extractive_qa"
@@ -198,8 +204,6 @@ class ExtractiveQA(Head):
     caches_teacher_logits = False  # (2, L) per example, padded per batch: not worth the bookkeeping
 
     def encode(self, rows, tokenizer, max_len):
-        from kdbench.tasks import TEACHER_LABEL
-
         if not rows:
             return []
         if not getattr(tokenizer, "is_fast", False):
@@ -240,8 +244,6 @@ class ExtractiveQA(Head):
 
     def fill_teacher_labels(self, labels, teacher_logits):
         import torch
-
-        from kdbench.tasks import TEACHER_LABEL
 
         predicted = teacher_logits.argmax(-1).reshape(2, -1).transpose(0, 1)  # (B, 2)
         return torch.where(labels == TEACHER_LABEL, predicted, labels)

@@ -3,14 +3,9 @@ what greedy/beam decoding produces (exact match, ROUGE-L)."""
 
 from __future__ import annotations
 
-import re
-from typing import Literal
-
-from kdbench.heads import IGNORE, heads
+from kdbench.heads.base import IGNORE, heads
+from kdbench.heads.generation import METRIC_NAMES, Seq2SeqMetric, decoding, end_token_id, score_generations
 from kdbench.heads.language_modeling import Perplexity
-
-Seq2SeqMetric = Literal["perplexity", "exact_match", "rouge_l"]
-METRIC_NAMES = {"perplexity": "perplexity", "exact_match": "exact match", "rouge_l": "ROUGE-L"}
 
 
 @heads.register("seq2seq")
@@ -42,6 +37,9 @@ class Seq2Seq(Perplexity):
     longest reference of the split), and compare against the reference as the model was trained on it: the
     target's tokens decoded back to text (so truncated at max_seq_length, and passed through the same tokenizer as
     the output). Whatever the metric, a variant also records its target perplexity and token accuracy (`measure`).
+
+    Encoded rows a Distiller trains on: `input_ids` and `attention_mask` (the source), `decoder_input_ids` and
+    `labels` (the target, IGNORE-padded), batched by Seq2SeqCollator.
     """
 
     kind = "seq2seq"
@@ -148,14 +146,6 @@ class Seq2Seq(Perplexity):
         return [t for r in rows for t in (r["source"], r["target"])]
 
 
-def decoding(num_beams: int, sample_temperature: float | None) -> dict:
-    """generate() settings: greedy or beam search, or (with a temperature) plain sampling from the model's
-    distribution at that temperature, with no top-k or top-p cut (a model's generation config may set some)."""
-    if sample_temperature is None:
-        return {"num_beams": num_beams, "do_sample": False}
-    return {"num_beams": 1, "do_sample": True, "temperature": sample_temperature, "top_k": 0, "top_p": 1.0}
-
-
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -176,11 +166,6 @@ def target_prefix(tokenizer) -> list[int]:
     return []
 
 
-def end_token_id(tokenizer) -> int | None:
-    """The token that ends a target: end-of-sequence, or the separator of a tokenizer that has none."""
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-
-
 def reference_ids(labels, tokenizer) -> list[int]:
     """A row's labels as the reference tokens: padding and the end token removed."""
     eos = end_token_id(tokenizer)
@@ -193,22 +178,6 @@ def target_row(row: dict, target: list[int], tokenizer, max_len: int, start: int
     eos = end_token_id(tokenizer)
     labels = (list(target) + ([eos] if eos is not None else []))[:max_len]
     return {**row, "decoder_input_ids": [start] + labels[:-1], "labels": labels}
-
-
-def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text.strip().lower())
-
-
-def score_generations(metric: str, hypotheses: list[str], references: list[str]) -> float:
-    """Mean exact match or ROUGE-L F1 of `hypotheses` against `references` (same length)."""
-    if not references:
-        return float("nan")
-    if metric == "exact_match":
-        return sum(_normalise(h) == _normalise(r) for h, r in zip(hypotheses, references)) / len(references)
-    from torchmetrics.text import ROUGEScore
-
-    rouge = ROUGEScore(rouge_keys=("rougeL",))
-    return float(rouge(hypotheses, references)["rougeL_fmeasure"])
 
 
 class Seq2SeqCollator:

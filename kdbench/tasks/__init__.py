@@ -2,11 +2,9 @@
 
 A task is a small class with a pydantic `Params` and a `load()` returning `TaskData`: a `train` split, an optional
 unlabelled `transfer` split (inputs the teacher labels for the student), an `eval` split, the label names of a
-classifier, and the name of its head (kdbench.heads: how models are built, trained and scored for it). Heavy
-imports (datasets, torch) happen inside functions so that `kdbench --help` stays instant.
+classifier, and the name of its head (kdbench.heads: how models are built, trained and scored for it).
 
-The registry lives here with what every task family shares (local files, hub loading, presets); the families are
-modules of this package, one per kind of task:
+    base                 the registry, TaskData, local files, hub loading, presets
     generated            the embedded offline tasks (the quickstart's)
     classification       text classification from local files or the hub (SST-2, IMDB, AG News, MNLI, SNLI)
     language_modeling    texts for language models (local files, WikiText-2)
@@ -16,158 +14,9 @@ modules of this package, one per kind of task:
 
 from __future__ import annotations
 
-import csv
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, create_model
-
-from kdbench.errors import KdbenchError
-from kdbench.registry import Registry
-
-tasks: Registry = Registry("task")
-
-# A training row whose label is TEACHER_LABEL has no gold label: the Distiller substitutes the teacher's
-# prediction (the classic "transfer set"); a student trained alone never sees such rows.
-TEACHER_LABEL = -1
-
-
-@dataclass
-class TaskData:
-    """Splits as lists of dicts with keys `text`, optional `text_pair`, and `label` (int; classification only).
-
-    `head` names the kdbench.heads entry that builds, trains and scores models for the task; `head_params` are
-    its settings (a seq2seq task's metric).
-    """
-
-    train: list[dict[str, Any]]
-    eval: list[dict[str, Any]]
-    label_names: list[str] = field(default_factory=list)
-    transfer: list[dict[str, Any]] = field(default_factory=list)
-    head: str = "classification"
-    head_params: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
-
-
-class TaskParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-
-def load_local_file(path_str: str, fmt: str, text_column: str = "text"):
-    """A local TSV/CSV/JSON(L) file as a `datasets.Dataset`; a `txt` file is one text per non-empty line, in
-    column `text_column`."""
-    import datasets
-
-    path = Path(path_str).expanduser()
-    if not path.is_file():
-        raise KdbenchError(f"task data file not found: {path}")
-    if fmt == "auto":
-        fmt = {".tsv": "tsv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".txt": "txt"}.get(path.suffix.lower())
-        if fmt is None:
-            raise KdbenchError(f"{path}: cannot tell the format from the suffix; set params.format")
-    datasets.disable_progress_bars()
-    try:
-        if fmt == "txt":
-            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-            return datasets.Dataset.from_dict({text_column: [line for line in lines if line]})
-        if fmt == "json":
-            return datasets.load_dataset("json", data_files=str(path), split="train")
-        # Tab files in the wild are unquoted (SST-2's phrases contain quote characters).
-        kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
-        return datasets.load_dataset("csv", data_files=str(path), split="train", **kwargs)
-    except UnicodeDecodeError as e:
-        raise KdbenchError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except Exception as e:  # datasets wraps parser errors in several types
-        raise KdbenchError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
-
-
-class LocalParams(TaskParams):
-    """Two local files, read with `datasets`."""
-
-    train_file: str
-    eval_file: str
-    format: Literal["auto", "tsv", "csv", "json"] = "auto"
-
-
-class LocalTask:
-    """Base of the local-file families: reads both files and hands them, with their paths for error messages, to
-    the family's `build`."""
-
-    path_params = ("train_file", "eval_file")  # relative to the suite file (see suite.resolve_paths)
-
-    def __init__(self, params):
-        self.params = params
-
-    def read(self, path: str):
-        return load_local_file(path, self.params.format)
-
-    def load(self) -> TaskData:
-        p = self.params
-        return self.build(self.read(p.train_file), self.read(p.eval_file), p.train_file, p.eval_file)
-
-    def build(self, train, eval_, train_where: str, eval_where: str) -> TaskData:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
-class HubParams(TaskParams):
-    """Where a hub task's data is: a dataset name (or a local dataset folder), its config and two splits."""
-
-    dataset: str
-    config: str | None = None
-    train_split: str = "train"
-    eval_split: str = "validation"
-
-
-class HubTask:
-    """Base of the hub families: loads the dataset and hands its two splits to the family's `build`."""
-
-    local_task: str  # the family's local-files task, named when the hub cannot be reached
-
-    def __init__(self, params):
-        self.params = params
-
-    def load(self) -> TaskData:
-        import datasets
-
-        p = self.params
-        where = f"dataset {p.dataset!r}"
-        try:
-            ds = datasets.load_dataset(p.dataset, p.config)
-        except Exception as e:
-            raise KdbenchError(
-                f"{where}: cannot load ({type(e).__name__}); hub datasets need a network, "
-                f"or use the {self.local_task} task with local files"
-            ) from None
-        for split in (p.train_split, p.eval_split):
-            if split not in ds:
-                raise KdbenchError(f"{where}: no split {split!r}; splits are: {', '.join(ds)}")
-        return self.build(ds[p.train_split], ds[p.eval_split], where)
-
-    def build(self, train, eval_, where: str) -> TaskData:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
-def preset(key: str, doc: str, family: type, **defaults) -> None:
-    """A hub task preset: a family's task with defaults filled in; twenty lines of data, like lm-eval-harness
-    task YAMLs."""
-    base = family.Params.model_fields
-    # a field of the family keeps its annotation (a Literal stays checked); a new one is typed by its default
-    fields = {k: (base[k].annotation if k in base else type(v) if v is not None else str | None, v)
-              for k, v in defaults.items()}
-    params = create_model(f"{key}_params", __base__=family.Params, **fields)
-    cls = type(key, (family,), {"Params": params, "__doc__": doc})
-    tasks.register(key)(cls)
-
-
-def load_task(name: str, params: dict) -> TaskData:
-    cls = tasks.get(name)
-    return cls(tasks.validate_params(name, params)).load()
-
+from kdbench.tasks.base import TaskData, load_task, tasks
 
 # The families register their tasks on import.
-from kdbench.tasks import classification, generated, language_modeling, question_answering, seq2seq  # noqa: E402, F401
+from kdbench.tasks import classification, generated, language_modeling, question_answering, seq2seq  # noqa: F401, I001
+
+__all__ = ["TaskData", "load_task", "tasks"]

@@ -7,7 +7,8 @@ import random
 from pydantic import Field
 
 from kdbench.errors import KdbenchError
-from kdbench.tasks import TEACHER_LABEL, HubParams, HubTask, LocalParams, LocalTask, TaskData, TaskParams, preset, tasks
+from kdbench.heads.base import TEACHER_LABEL
+from kdbench.tasks.base import HubParams, HubTask, LocalParams, LocalTask, TaskData, TaskParams, preset, tasks
 
 
 class _TextClassificationParams(TaskParams):
@@ -87,7 +88,7 @@ class _HubTextClassification(HubTask):
     class Params(_TextClassificationParams, HubParams):
         pass
 
-    def build(self, train_ds, eval_ds, where: str) -> TaskData:
+    def build(self, train_ds, eval_ds, where: str, _eval_where: str) -> TaskData:
         p = self.params
         feature = train_ds.features.get(p.label_column)
         label_names = list(feature.names) if getattr(feature, "names", None) else None

@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from kdbench.tasks import TEACHER_LABEL, TaskData, TaskParams, tasks
+from kdbench.heads.base import TEACHER_LABEL
+from kdbench.tasks.base import Task, TaskData, TaskParams, tasks
 from kdbench.tasks.language_modeling import ObjectiveParams
 
 # The quickstart: sentiment whose label hinges on negation scope and contrast clauses.
@@ -58,7 +59,7 @@ def generate_sentiment_example(rng: random.Random, forms: tuple[str, ...] = FORM
 
 
 @tasks.register("generated_sentiment")
-class GeneratedSentiment:
+class GeneratedSentiment(Task):
     """Embedded offline sentiment task with negation and contrast clauses (the quickstart)."""
 
     class Params(TaskParams):
@@ -68,9 +69,6 @@ class GeneratedSentiment:
         label_noise: float = Field(0.1, ge=0, lt=0.5)  # flipped gold labels in train (eval stays clean)
         forms: list[Literal[FORMS]] = Field(default_factory=lambda: ["single", "but"], min_length=1)
         seed: int = 1234  # fixes the data; independent of the run seeds
-
-    def __init__(self, params: Params):
-        self.params = params
 
     def load(self) -> TaskData:
         p = self.params
@@ -94,7 +92,7 @@ class GeneratedSentiment:
 
 
 @tasks.register("generated_lm")
-class GeneratedLM:
+class GeneratedLM(Task):
     """Embedded offline language-modelling task: the quickstart's reviews, each followed by its verdict.
 
     'the plot was not bad but the music was dull => negative'. Most tokens follow a small grammar that any
@@ -108,9 +106,6 @@ class GeneratedLM:
         eval_size: int = Field(500, gt=0)
         forms: list[Literal[FORMS]] = Field(default_factory=lambda: ["single", "but"], min_length=1)
         seed: int = 1234
-
-    def __init__(self, params: Params):
-        self.params = params
 
     def load(self) -> TaskData:
         p = self.params

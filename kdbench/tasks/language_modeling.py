@@ -11,8 +11,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kdbench.errors import KdbenchError
-from kdbench.tasks import (
-    HubParams, HubTask, LocalParams, LocalTask, TaskData, TaskParams, load_local_file, preset, tasks,
+from kdbench.tasks.base import (
+    HubParams, HubTask, LocalParams, LocalTask, SplitsTask, TaskData, TaskParams, load_local_file, preset, tasks,
 )
 
 OBJECTIVES = {"causal": "causal_lm", "masked": "masked_lm"}  # a task's `objective` -> its head (kdbench.heads)
@@ -59,8 +59,17 @@ def _lm_rows(ds, p: _LMParams, where: str, limit: int | None) -> list[dict]:
     return [{"text": t} for t in texts[:limit]]
 
 
+class _TextLM(SplitsTask):
+    """What the file and hub families share: a text column per split."""
+
+    def build(self, train_ds, eval_ds, train_where: str, eval_where: str) -> TaskData:
+        p = self.params
+        train = _lm_rows(train_ds, p, train_where, p.max_train)
+        return p.task_data(train, _lm_rows(eval_ds, p, eval_where, p.max_eval))
+
+
 @tasks.register("text_lm")
-class LocalTextLM(LocalTask):
+class LocalTextLM(_TextLM, LocalTask):
     """Language modelling (causal or masked) on local text: .txt (one text per non-empty line), or TSV/CSV/JSON(L)
     with a text column."""
 
@@ -70,14 +79,8 @@ class LocalTextLM(LocalTask):
     def read(self, path: str):
         return load_local_file(path, self.params.format, self.params.text_column)  # a .txt's lines are the texts
 
-    def build(self, train_ds, eval_ds, train_where: str, eval_where: str) -> TaskData:
-        p = self.params
-        train = _lm_rows(train_ds, p, train_where, p.max_train)
-        eval_ = _lm_rows(eval_ds, p, eval_where, p.max_eval)
-        return p.task_data(train, eval_)
 
-
-class _HubTextLM(HubTask):
+class _HubTextLM(_TextLM, HubTask):
     """Language modelling (causal or masked) on a hub dataset's text column (needs a network, or the datasets
     cache)."""
 
@@ -85,12 +88,6 @@ class _HubTextLM(HubTask):
 
     class Params(_LMParams, HubParams):
         pass
-
-    def build(self, train_ds, eval_ds, where: str) -> TaskData:
-        p = self.params
-        train = _lm_rows(train_ds, p, where, p.max_train)
-        eval_ = _lm_rows(eval_ds, p, where, p.max_eval)
-        return p.task_data(train, eval_)
 
 
 tasks.register("hub_text_lm")(_HubTextLM)

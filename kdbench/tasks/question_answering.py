@@ -17,7 +17,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kdbench.errors import KdbenchError
-from kdbench.tasks import TEACHER_LABEL, HubParams, HubTask, LocalParams, LocalTask, TaskData, TaskParams, preset, tasks
+from kdbench.heads.base import TEACHER_LABEL
+from kdbench.tasks.base import (
+    HubParams, HubTask, LocalParams, LocalTask, SplitsTask, Task, TaskData, TaskParams, preset, tasks,
+)
 from kdbench.tasks.generated import _INTENSIFIERS, _NEGATIVE, _NEGATORS, _NOUNS, _POSITIVE
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -88,14 +91,11 @@ class _GeneratedQAParams(TaskParams):
 
 
 @tasks.register("generated_qa")
-class GeneratedQA:
+class GeneratedQA(Task):
     """Embedded offline extractive QA: questions about generated reviews, answered by a span (the QA quickstart)."""
 
     class Params(_GeneratedQAParams):
         pass
-
-    def __init__(self, params):
-        self.params = params
 
     def load(self) -> TaskData:
         p = self.params
@@ -115,14 +115,11 @@ class GeneratedQA:
 
 
 @tasks.register("generated_multiple_choice")
-class GeneratedMultipleChoice:
+class GeneratedMultipleChoice(Task):
     """Embedded offline multiple choice: generated_qa's questions, with the answer among `num_choices` choices."""
 
     class Params(_GeneratedQAParams):
         num_choices: int = Field(4, ge=2, le=8)
-
-    def __init__(self, params):
-        self.params = params
 
     def load(self) -> TaskData:
         p = self.params
@@ -212,13 +209,8 @@ def _no_answers(row: dict) -> dict:
     return {**row, "answers": {"text": [], "answer_start": []}}
 
 
-@tasks.register("extractive_qa")
-class LocalExtractiveQA(LocalTask):
-    """Extractive QA from local JSON(L) files in SQuAD's flattened format: question, context,
-    answers {text: [...], answer_start: [...]} per row (HF datasets' `squad` layout)."""
-
-    class Params(_SpanParams, LocalParams):
-        format: Literal["auto", "json"] = "auto"
+class _ExtractiveQA(SplitsTask):
+    """What the file and hub families share: SQuAD-format rows per split."""
 
     def build(self, train_ds, eval_ds, train_where: str, eval_where: str) -> TaskData:
         p = self.params
@@ -227,19 +219,22 @@ class LocalExtractiveQA(LocalTask):
         return _split_rows(train, eval_, p, train_where, "extractive_qa", _no_answers)
 
 
-class _HubExtractiveQA(HubTask):
+@tasks.register("extractive_qa")
+class LocalExtractiveQA(_ExtractiveQA, LocalTask):
+    """Extractive QA from local JSON(L) files in SQuAD's flattened format: question, context,
+    answers {text: [...], answer_start: [...]} per row (HF datasets' `squad` layout)."""
+
+    class Params(_SpanParams, LocalParams):
+        format: Literal["auto", "json"] = "auto"
+
+
+class _HubExtractiveQA(_ExtractiveQA, HubTask):
     """Extractive QA from a hub dataset in SQuAD's format (needs a network, or the datasets cache)."""
 
     local_task = "extractive_qa"
 
     class Params(_SpanParams, HubParams):
         pass
-
-    def build(self, train_ds, eval_ds, where: str) -> TaskData:
-        p = self.params
-        train = _span_rows(train_ds, p, where, "train")
-        eval_ = _span_rows(eval_ds, p, where, "eval")
-        return _split_rows(train, eval_, p, where, "extractive_qa", _no_answers)
 
 
 tasks.register("hub_extractive_qa")(_HubExtractiveQA)
@@ -324,35 +319,34 @@ def _same_choice_count(data: TaskData, where: str) -> TaskData:
     return data
 
 
+class _MultipleChoice(SplitsTask):
+    """What the file and hub families share: a question, its choices and the answer per row (hub test splits,
+    which hide their answers, lose their unlabelled rows)."""
+
+    def build(self, train_ds, eval_ds, train_where: str, eval_where: str) -> TaskData:
+        p = self.params
+        train = _choice_rows(train_ds, p, train_where, "train", drop_unlabelled=self.from_hub)
+        eval_ = _choice_rows(eval_ds, p, eval_where, "eval", drop_unlabelled=self.from_hub)
+        data = _split_rows(train, eval_, p, train_where, "multiple_choice", _unlabelled)
+        return _same_choice_count(data, train_where)
+
+
 @tasks.register("multiple_choice")
-class LocalMultipleChoice(LocalTask):
+class LocalMultipleChoice(_MultipleChoice, LocalTask):
     """Multiple choice from local JSON(L)/CSV/TSV files: a question, its choices (a list column, or one column per
     choice), and the right choice's index or label."""
 
     class Params(_ChoiceParams, LocalParams):
         pass
 
-    def build(self, train_ds, eval_ds, train_where: str, eval_where: str) -> TaskData:
-        p = self.params
-        train = _choice_rows(train_ds, p, train_where, "train")
-        eval_ = _choice_rows(eval_ds, p, eval_where, "eval")
-        data = _split_rows(train, eval_, p, train_where, "multiple_choice", _unlabelled)
-        return _same_choice_count(data, train_where)
 
-
-class _HubMultipleChoice(HubTask):
+class _HubMultipleChoice(_MultipleChoice, HubTask):
     """Multiple choice from a hub dataset (needs a network, or the datasets cache)."""
 
     local_task = "multiple_choice"
 
     class Params(_ChoiceParams, HubParams):
         pass
-
-    def build(self, train_ds, eval_ds, where: str) -> TaskData:
-        p = self.params
-        train = _choice_rows(train_ds, p, where, "train", drop_unlabelled=True)
-        eval_ = _choice_rows(eval_ds, p, where, "eval", drop_unlabelled=True)
-        return _same_choice_count(_split_rows(train, eval_, p, where, "multiple_choice", _unlabelled), where)
 
 
 tasks.register("hub_multiple_choice")(_HubMultipleChoice)

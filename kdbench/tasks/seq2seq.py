@@ -16,8 +16,10 @@ from typing import Literal
 from pydantic import Field
 
 from kdbench.errors import KdbenchError
-from kdbench.heads.seq2seq import Seq2SeqMetric
-from kdbench.tasks import HubParams, HubTask, LocalParams, LocalTask, TaskData, TaskParams, preset, tasks
+from kdbench.heads.generation import Seq2SeqMetric
+from kdbench.tasks.base import (
+    HubParams, HubTask, LocalParams, LocalTask, SplitsTask, Task, TaskData, TaskParams, preset, tasks,
+)
 from kdbench.tasks.generated import _NEGATORS, _POSITIVE, FORMS, generate_sentiment_example
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -65,7 +67,7 @@ class ScoringParams(TaskParams):
 
 
 @tasks.register("generated_seq2seq")
-class GeneratedSeq2Seq:
+class GeneratedSeq2Seq(Task):
     """Embedded offline seq2seq task: the quickstart's reviews, rewritten as what each clause says and the verdict.
 
     source 'the plot was not bad but the music was dull'  ->  target 'plot positive ; music negative => negative'.
@@ -82,9 +84,6 @@ class GeneratedSeq2Seq:
         label_noise: float = Field(0.1, ge=0, lt=0.5)  # train verdicts flipped (eval stays clean)
         forms: list[Literal[FORMS]] = Field(default_factory=lambda: ["single", "but"], min_length=1)
         seed: int = 1234  # fixes the data; independent of the run seeds
-
-    def __init__(self, params: Params):
-        self.params = params
 
     def load(self) -> TaskData:
         p = self.params
@@ -129,12 +128,8 @@ def _seq2seq_rows(ds, p: _Seq2SeqParams, where: str, limit: int | None) -> list[
     return rows[:limit]
 
 
-@tasks.register("text_seq2seq")
-class LocalTextSeq2Seq(LocalTask):
-    """Sequence-to-sequence from local TSV/CSV/JSON(L) files with a source and a target column."""
-
-    class Params(_Seq2SeqParams, LocalParams):
-        pass
+class _Seq2Seq(SplitsTask):
+    """What the file and hub families share: a source and a target column per split."""
 
     def build(self, train_ds, eval_ds, train_where: str, eval_where: str) -> TaskData:
         p = self.params
@@ -143,7 +138,15 @@ class LocalTextSeq2Seq(LocalTask):
         return TaskData(train=train, eval=eval_, head="seq2seq", head_params=p.head_params())
 
 
-class _HubSeq2Seq(HubTask):
+@tasks.register("text_seq2seq")
+class LocalTextSeq2Seq(_Seq2Seq, LocalTask):
+    """Sequence-to-sequence from local TSV/CSV/JSON(L) files with a source and a target column."""
+
+    class Params(_Seq2SeqParams, LocalParams):
+        pass
+
+
+class _HubSeq2Seq(_Seq2Seq, HubTask):
     """Sequence-to-sequence from a hub dataset's source and target columns (needs a network, or the datasets
     cache)."""
 
@@ -151,12 +154,6 @@ class _HubSeq2Seq(HubTask):
 
     class Params(_Seq2SeqParams, HubParams):
         pass
-
-    def build(self, train_ds, eval_ds, where: str) -> TaskData:
-        p = self.params
-        train = _seq2seq_rows(train_ds, p, where, p.max_train)
-        eval_ = _seq2seq_rows(eval_ds, p, where, p.max_eval)
-        return TaskData(train=train, eval=eval_, head="seq2seq", head_params=p.head_params())
 
 
 tasks.register("hub_seq2seq")(_HubSeq2Seq)

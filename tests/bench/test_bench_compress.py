@@ -12,7 +12,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from kdbench.compress import apply_variant, example_inputs
-from kdbench.profiler import count_parameters
+from kdbench.introspect import count_parameters
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 models' logits, then kd_loss) against fused_linear_kd_loss, forward + backward, each checked against the other.
 
 CI smoke run: pytest tests/bench -p no:randomly --benchmark-disable. The table with peak memory is
-kdbench.bench_fused_linear.bench_fused_linear (`kdbench bench fused-linear`).
+kdbench.kernels.benchmark_fused_linear.bench_fused_linear (`kdbench bench fused-linear`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdbench.bench_fused_linear import IMPLEMENTATIONS, bench_fused_linear
+from kdbench.kernels.benchmark_fused_linear import IMPLEMENTATIONS, bench_fused_linear
 
 CUDA = torch.cuda.is_available()
 

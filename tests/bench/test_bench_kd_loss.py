@@ -3,7 +3,7 @@
 CI smoke run (each benchmark runs once, untimed):  pytest tests/bench -p no:randomly --benchmark-disable
 GPU session, save a baseline:   pytest tests/bench -p no:randomly --benchmark-enable --benchmark-autosave
 and compare with it later:      ... --benchmark-enable --benchmark-compare --benchmark-compare-fail=median:10%
-The full comparison table (eager, torch.compile, Liger, ours; GB/s, memory) is kdbench.bench.bench_kernels.
+The full comparison table (eager, torch.compile, Liger, ours; GB/s, memory) is kdbench.kernels.benchmark.bench_kernels.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdbench.bench import ALPHA, TEMPERATURE, bench_kernels, eager_kd_loss, float64_check
+from kdbench.kernels.benchmark import ALPHA, TEMPERATURE, bench_kernels, eager_kd_loss, float64_check
 
 CUDA = torch.cuda.is_available()
 
@@ -80,29 +80,29 @@ def test_bench_kernels_writes_a_table(tmp_path):
 
 
 def test_a_candidate_changes_the_kernel_settings_for_its_call_only(monkeypatch):
-    """The table's candidate rows run kd_loss with kernels/kd_loss.py settings changed, and put them back."""
+    """The table's candidate rows run kd_loss with kernels/kd_loss_triton.py settings changed, and put them back."""
     import importlib
 
-    from kdbench import bench
+    from kdbench.kernels import benchmark as bench
 
-    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    kmod = importlib.import_module("kdbench.kernels.kd_loss_triton")
     seen = []
-    monkeypatch.setattr(bench, "_ours", lambda s, t, labels: seen.append((kmod.CE_FROM_SOFT, kmod.SINGLE_WARPS)))
-    bench._ours_with(CE_FROM_SOFT=True, SINGLE_WARPS=2)(None, None, None)
-    assert seen == [(True, 2)] and (kmod.CE_FROM_SOFT, kmod.SINGLE_WARPS) == (False, None)
+    monkeypatch.setattr(bench, "_ours", lambda s, t, labels: seen.append((kmod.SINGLE_WARPS, kmod.MAX_FUSED_V)))
+    bench._ours_with(SINGLE_WARPS=2, MAX_FUSED_V=64)(None, None, None)
+    assert seen == [(2, 64)] and (kmod.SINGLE_WARPS, kmod.MAX_FUSED_V) == (None, 8192)
 
 
 def test_precompiling_collects_each_setting_and_survives_a_failed_compile(monkeypatch, caplog):
     import importlib
     import logging
 
-    from kdbench import bench
+    from kdbench.kernels import benchmark as bench
 
-    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    kmod = importlib.import_module("kdbench.kernels.kd_loss_triton")
     ran = []
 
     def thunks(s, t, labels, **kw):  # one per "config", recording the settings they were planned under
-        planned = (kmod.L2_ORDER, kmod.WARP_TILES)
+        planned = kmod.SINGLE_WARPS
 
         def boom():
             raise RuntimeError("ptxas died")
@@ -110,30 +110,22 @@ def test_precompiling_collects_each_setting_and_survives_a_failed_compile(monkey
         return [lambda: ran.append(planned), boom]
 
     monkeypatch.setattr(kmod, "precompile_tiled", thunks)
-    with caplog.at_level(logging.WARNING, logger="kdbench.bench"):
-        bench._precompile([{}, {"L2_ORDER": True}, {"WARP_TILES": True}], None, None, None)
-    assert sorted(ran) == [(False, False), (False, True), (True, False)]
-    assert (kmod.L2_ORDER, kmod.WARP_TILES) == (False, False)
+    with caplog.at_level(logging.WARNING, logger="kdbench.kernels.benchmark"):
+        bench._precompile([{}, {"SINGLE_WARPS": 1}, {"SINGLE_WARPS": 2}], None, None, None)
+    assert sorted(ran, key=str) == [1, 2, None]
+    assert kmod.SINGLE_WARPS is None
     assert [r.getMessage() for r in caplog.records].count("kd_loss bench: precompiling failed: ptxas died") == 3
 
 
 def test_each_candidate_is_timed_only_on_the_shapes_it_changes():
     import importlib
 
-    from kdbench import bench
+    from kdbench.kernels import benchmark as bench
 
     timed = {c.name: [v for v in (1000, 8192, 8193, 32000, 50257, 128256) if c.applies(v)] for c in bench.CANDIDATES}
     assert timed == {
-        "kd_loss (triton, CE from T-softmax)": [1000, 8192, 8193, 32000, 50257, 128256],
         "kd_loss (triton, whole rows at 1 warp)": [1000, 8192],
         "kd_loss (triton, whole rows at 2 warps)": [1000, 8192],
-        "kd_loss (triton, L2 order)": [8193, 32000, 50257, 128256],
-        "kd_loss (triton, row-align hints)": [1000, 8193, 50257],
-        "kd_loss (triton, aligned loads)": [8193, 50257],
-        "kd_loss (triton, warp tiles)": [8193, 32000, 50257, 128256],
-        "kd_loss (triton, whole-row candidates together, 1 warp)": [1000, 8192],
-        "kd_loss (triton, whole-row candidates together, 2 warps)": [1000, 8192],
-        "kd_loss (triton, tiled candidates together)": [8193, 32000, 50257, 128256],
     }
-    kmod = importlib.import_module("kdbench.kernels.kd_loss")
+    kmod = importlib.import_module("kdbench.kernels.kd_loss_triton")
     assert all(hasattr(kmod, k) for c in bench.CANDIDATES for k in c.settings)  # no setting misspelt

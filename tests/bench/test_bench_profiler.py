@@ -12,14 +12,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from kdbench.profiler import (
-    count_parameters,
-    measure_latency,
-    measure_peak_memory,
-    size_on_disk,
-    start_memory_server,
-    tensor_bytes,
-)
+from kdbench.introspect import count_parameters, tensor_bytes
+from kdbench.profile import Timing, measure_latency, measure_peak_memory, size_on_disk, start_memory_server
 
 
 class Free(torch.nn.Module):
@@ -48,8 +42,8 @@ def bert():
 @pytest.mark.benchmark(group="profiler")
 def test_latency_overhead(benchmark):
     res = benchmark(
-        measure_latency, Free(), make_inputs, batch_sizes=(1, 8), warmup=1, min_repeats=20, max_repeats=20,
-        time_budget_s=0.0,
+        measure_latency, Free(), make_inputs, Timing(batch_sizes=(1, 8), warmup=1, min_repeats=20, max_repeats=20,
+                                                     time_budget_s=0.0),
     )
     assert [r["repeats"] for r in res.values()] == [20, 20]
     assert all(0 < r["median_ms"] <= r["p90_ms"] for r in res.values())

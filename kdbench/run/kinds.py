@@ -1,0 +1,90 @@
+"""One function per kind of run: the teacher, the student alone, a distilled student, a multi-task group's.
+
+Each returns the body of its RunResult (its profiled variants and training); `RUNNERS` maps a RunSpec's kind to it.
+"""
+
+from __future__ import annotations
+
+from kdbench.errors import KdbenchError
+from kdbench.run.context import Context, for_task, teacher_run_id
+from kdbench.run.measure import compressed_variants, profile_variant
+from kdbench.run.prepare import distiller
+from kdbench.student_init import build_student
+from kdbench.suite import RunSpec
+
+
+def run_teacher(spec: RunSpec, ctx: Context) -> dict:
+    model, stats = ctx.teacher(spec)
+    variant = profile_variant("teacher", "teacher", model, spec, ctx, teacher_metric=None,
+                              training=stats.as_dict() if stats else None)
+    variant["retention"] = 1.0
+    return {"variants": [variant], "training": variant["training"]}
+
+
+def _require_teacher_metric(spec: RunSpec, ctx: Context) -> float:
+    metric = ctx.teacher_metric(spec)
+    if metric is None:
+        raise KdbenchError(f"teacher run {teacher_run_id(spec)} did not succeed; its students cannot run")
+    return metric
+
+
+def run_student(spec: RunSpec, ctx: Context) -> dict:
+    teacher_metric = _require_teacher_metric(spec, ctx)
+    # kept on disk when a method of the suite starts from it
+    keep = any(m.start_from == "student" for m in ctx.suite.methods)
+    student, stats = ctx.student_alone(spec, keep=keep)
+    teacher, _ = ctx.teacher(spec)
+    variant = profile_variant("student", "student", student, spec, ctx, teacher_metric=teacher_metric,
+                              teacher=teacher, training=stats.as_dict())
+    return {"variants": [variant], "training": stats.as_dict()}
+
+
+def run_distill(spec: RunSpec, ctx: Context) -> dict:
+    from kdbench.methods import make_objective
+
+    teacher_metric = _require_teacher_metric(spec, ctx)
+    data = ctx.task_data(spec)
+    teacher, _ = ctx.teacher(spec)
+    objective = make_objective(spec.method.method, spec.method.params)
+    # Built like every other student (default attention): the Distiller switches it to eager attention only while
+    # an objective that needs attention maps trains it, so all students are profiled the same way.
+    before = None
+    if spec.method.start_from == "student":
+        student, before = ctx.student_alone(spec, keep=True)
+    else:
+        student = build_student(spec.pair, head=ctx.head(spec), num_labels=data.num_labels,
+                                vocab_size=len(ctx.tokenizer(spec)), seed=spec.seed)
+    distill = distiller(spec, ctx, objective)
+    stats = distill(student, f"{spec.method.name}, seed {spec.seed}")
+    if before is not None:  # the row's training is both: the student alone's, then the distillation's
+        stats = before.then(stats)
+    variants = [profile_variant("distilled", "distilled", student, spec, ctx, teacher_metric=teacher_metric,
+                                teacher=teacher, training=stats.as_dict())]
+    more, failed = compressed_variants(student, spec, ctx, teacher_metric, distill)
+    return {"variants": variants + more, "failed_variants": failed, "training": stats.as_dict()}
+
+
+def run_multitask(spec: RunSpec, ctx: Context) -> dict:
+    """This task's part of the group's multi-task student (trained once per group, pair and seed, and cached on
+    disk: kdbench.run.group.train_group)."""
+    from kdbench.methods import make_objective
+    from kdbench.run import group  # imports torch and transformers: only when a group runs
+    from kdbench.train.multitask import describe_sharing
+
+    teacher_metric = _require_teacher_metric(spec, ctx)
+    for task in spec.group:
+        _require_teacher_metric(for_task(spec, task), ctx)
+    students, stats = ctx.memo(("multitask", spec.method.name, spec.pair.name, spec.seed),
+                               lambda: group.train_group(spec, ctx))
+    student = students[spec.task.name]
+    teacher, _ = ctx.teacher(spec)
+    variant = profile_variant("distilled", "distilled", student, spec, ctx, teacher_metric=teacher_metric,
+                              teacher=teacher, training=stats.as_dict())
+    variant["multitask"] = describe_sharing(students, spec.task.name)
+    # recovery after pruning: this task's model alone, from its own teacher, with the group's method
+    distill = distiller(spec, ctx, make_objective(spec.method.method, spec.method.params))
+    more, failed = compressed_variants(student, spec, ctx, teacher_metric, distill)
+    return {"variants": [variant] + more, "failed_variants": failed, "training": stats.as_dict()}
+
+
+RUNNERS = {"teacher": run_teacher, "student": run_student, "distill": run_distill, "multitask": run_multitask}
