@@ -196,6 +196,10 @@ def _interrupted(e, where: dict) -> None:
     for spec in specs:
         r = read_result(run_path(out, spec.run_id))
         kept += bool(r) and r.get("status") == "ok" and r.get("spec_hash") == spec.spec_hash
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank gets the signal; rank 0 speaks for all
+        raise typer.Exit(code=e.exit_code)
     if out is None:
         typer.echo(f"interrupted ({e.name}) before any run started", err=True)
     else:

@@ -224,3 +224,23 @@ def test_validate_writes_nothing(tmp_path):
     path = suite_file(tmp_path)
     assert kdbench("validate", path).exit_code == 0
     assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input errors are exit 2; a bug of kdbench's own is exit 1, one line, its traceback with -v
+
+
+def test_a_bug_before_any_run_is_one_line_and_exit_1_with_the_traceback_under_v(tmp_path, monkeypatch):
+    import kdbench.preflight
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal mistake")
+
+    monkeypatch.setattr(kdbench.preflight, "check_suite", broken)
+    path = suite_file(tmp_path)
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == ["error: bug in kdbench: RuntimeError: an internal mistake (-v shows the "
+                                          "traceback)"]
+    verbose = CliRunner().invoke(app, ["run", str(path), "-v"])
+    assert isinstance(verbose.exception, RuntimeError) and verbose.exc_info[2] is not None
