@@ -11,8 +11,9 @@
 # Steps, each under its own time limit, none stopping the next (360 s in all by default, issue 3's 6 minutes; run
 # it with the device tool's timeout_s about 380). The kernels table gets most of it; the smoke suite, what is left:
 #   1. environment report                      -> env.txt
+#   1b. kdbench.kernels.gpu_variants: old vs split/persistent kd_loss, torch.compile, copy -> kernels/variants.md
 #   2. kdbench.kernels.benchmark.bench_kernels() -> kernels/<gpu-slug>.md, bench_kernels.log
-#   3. pytest tests/kernels/test_kd_loss.py (GPU) -> test_kd_loss.log
+#   3. pytest tests/kernels/test_kd_loss{,_split,_persistent}.py (GPU) -> test_kd_loss.log
 #   4. pytest tests/bench/test_bench_kd_loss.py, timed -> bench_pytest.log, bench.json
 #   4b. kdbench.kernels.benchmark_fused_linear (loss from hidden states, unfused vs fused)
 #                                               -> kernels/fused-linear-<gpu>.md
@@ -108,8 +109,18 @@ if "$PY" -c "import xdist" > /dev/null 2>&1 && "$PY" -c "import torch, sys; sys.
     XDIST_OPT=(-n 4)  # Triton compiles dominate; 4 workers share the GPU
 fi
 
-# --- 2. the kernels table (first: it is what the call is for) ---------------------------------------------------
-T=$(limit 230 100)
+# --- 1b. old vs new kd_loss kernels (issue 18), torch.compile and a 3 N V copy, each checked against float64 first
+T=$(limit 150 200)
+echo "gpu_check: kernel variants (limit ${T}s)"
+VARIANT_OPT=(--budget-s $((T - 30)))
+"$PY" -c "import torch, sys; sys.exit(torch.cuda.is_available())" && VARIANT_OPT=(--dry-run)  # CPU: interpreter
+timeout -k 10 "$T" "$PY" -m kdbench.kernels.gpu_variants "${VARIANT_OPT[@]}" --out "$OUT/kernels/variants.md" \
+    > "$OUT/gpu_variants.log" 2>&1
+VARIANTS_RC=$?
+tail -n 30 "$OUT/gpu_variants.log"
+
+# --- 2. the kernels table ---------------------------------------------------------------------------------------
+T=$(limit 150 100)
 echo "gpu_check: bench_kernels (limit ${T}s)"
 QUICK=0
 "$PY" -c "import torch, sys; sys.exit(torch.cuda.is_available())" && QUICK=1  # CPU dry run: quick shapes
@@ -126,7 +137,8 @@ KERN_RC=$?
 # --- 3. kernel tests ---------------------------------------------------------------------------------------
 T=$(limit 110 40)
 echo "gpu_check: pytest tests/kernels/test_kd_loss.py (limit ${T}s)"
-timeout -k 10 "$T" "$PY" -m pytest tests/kernels/test_kd_loss.py -p no:randomly -p no:cacheprovider -q -ra \
+timeout -k 10 "$T" "$PY" -m pytest tests/kernels/test_kd_loss.py tests/kernels/test_kd_loss_split.py \
+    tests/kernels/test_kd_loss_persistent.py -p no:randomly -p no:cacheprovider -q -ra \
     "${CONFTEST_OPT[@]}" "${XDIST_OPT[@]}" > "$OUT/test_kd_loss.log" 2>&1
 TEST_RC=$?
 tail -n 25 "$OUT/test_kd_loss.log"
@@ -180,6 +192,7 @@ fi
 # --- summary -----------------------------------------------------------------------------------------------
 {
     echo "gpu_check summary ($(( SECONDS - START ))s):"
+    echo "  variants:       rc=$VARIANTS_RC   (124 = ran out of time)"
     echo "  bench_kernels:  rc=$KERN_RC   (124 = ran out of time)"
     echo "  kernel tests:   rc=$TEST_RC   $(grep -E '(passed|failed|error)' "$OUT/test_kd_loss.log" | tail -n 1)"
     echo "  bench pytest:   rc=$BENCH_RC  $(grep -E '(passed|failed|error)' "$OUT/bench_pytest.log" | tail -n 1)"
