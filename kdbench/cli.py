@@ -133,7 +133,8 @@ def _run(suite: Path, results_dir: Optional[Path], *, rerun: bool, dry_run: bool
     from kdbench import distributed
     from kdbench.lock import results_lock
     from kdbench.run.runner import results_dir_for, select_runs
-    from kdbench.suite import expand, load_suite
+    from kdbench.plan import expand
+    from kdbench.suite import load_suite
 
     s = load_suite(suite)
     chosen = select_runs(s, only) if only else None
@@ -212,7 +213,8 @@ def _interrupted(e, where: dict) -> None:
 def validate(suites: List[Path] = typer.Argument(..., help="suite YAML files")):
     """Check suite files without running anything: the schema, and what needs no training (data files and their
     columns and labels, inline model configs, vocabularies)."""
-    from kdbench.suite import expand, load_suite
+    from kdbench.plan import expand
+    from kdbench.suite import load_suite
 
     _setup_logging(False)  # the model checks import transformers: keep its start-up chatter off the terminal
 

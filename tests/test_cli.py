@@ -19,7 +19,8 @@ from kdbench.cli import app
 from kdbench.compress import compressors
 from kdbench.methods import methods
 from kdbench.models import model_types, train_tokenizer
-from kdbench.suite import expand, load_suite
+from kdbench.plan import expand
+from kdbench.suite import load_suite
 from kdbench.tasks import tasks
 
 REPO = Path(__file__).resolve().parents[1]

@@ -233,7 +233,7 @@ def test_a_suite_student_from_teacher_takes_the_teachers_model(tmp_path):
     assert pair.student.model == pair.teacher.model
     assert pair.student.from_teacher.layers == [0, 2]
     other = load_suite(_suite(tmp_path, {"from_teacher": {"layers": [1, 3]}}))
-    from kdbench.suite import expand
+    from kdbench.plan import expand
 
     hashes = lambda s: {r.spec_hash for r in expand(s) if r.kind != "teacher"}  # noqa: E731
     assert not hashes(suite) & hashes(other)  # the selection is part of the students' specs

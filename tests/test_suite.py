@@ -16,7 +16,8 @@ from kdbench.compress import compressors
 from kdbench.errors import KdbenchError
 from kdbench.methods import methods
 from kdbench.models import model_types
-from kdbench.suite import expand, load_suite
+from kdbench.plan import expand
+from kdbench.suite import load_suite
 from kdbench.tasks import tasks
 
 SUITES = Path(__file__).resolve().parents[1] / "suites"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from kdbench.errors import KdbenchError
 from kdbench.preflight import data_files, folders, model_configs
-from kdbench.suite import Suite, expand, group_of
+from kdbench.plan import expand, group_of
+from kdbench.suite import Suite
 
 
 def check_suite(suite: Suite, *, results_base: Path | None = None, results_dir: Path | None = None,

@@ -15,7 +15,8 @@ from kdbench import distributed
 from kdbench.errors import KdbenchError
 from kdbench.results import read_result, run_path
 from kdbench.student_init import build_student
-from kdbench.suite import RunSpec, Suite, group_of, spec_hash
+from kdbench.plan import RunSpec, group_of, spec_hash
+from kdbench.suite import Suite
 
 log = logging.getLogger(__name__)
 

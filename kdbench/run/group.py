@@ -11,7 +11,7 @@ from kdbench.errors import KdbenchError
 from kdbench.methods import make_objective
 from kdbench.run.context import for_task
 from kdbench.run.prepare import check_and_bind, distillation_rows
-from kdbench.suite import spec_hash
+from kdbench.plan import spec_hash
 from kdbench.train import loop
 from kdbench.train.multitask import MultiTaskDistiller, MultiTaskStudent, build_students
 

@@ -10,7 +10,7 @@ from kdbench.run.context import Context, for_task, teacher_run_id
 from kdbench.run.measure import compressed_variants, profile_variant
 from kdbench.run.prepare import distiller
 from kdbench.student_init import build_student
-from kdbench.suite import RunSpec
+from kdbench.plan import RunSpec
 
 
 def run_teacher(spec: RunSpec, ctx: Context) -> dict:

@@ -11,7 +11,7 @@ from kdbench import distributed
 from kdbench.errors import KdbenchError
 from kdbench.models import model_inputs
 from kdbench.run.context import Context
-from kdbench.suite import RunSpec
+from kdbench.plan import RunSpec
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import logging
 from kdbench import distributed
 from kdbench.errors import KdbenchError
 from kdbench.run.context import Context
-from kdbench.suite import RunSpec, spec_hash
+from kdbench.plan import RunSpec, spec_hash
 
 log = logging.getLogger(__name__)
 

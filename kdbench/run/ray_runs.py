@@ -17,7 +17,8 @@ from pathlib import Path
 
 from kdbench.results import read_result, run_path, write_result
 from kdbench.run.context import Context, for_task, teacher_run_id
-from kdbench.suite import RunSpec, Suite
+from kdbench.plan import RunSpec
+from kdbench.suite import Suite
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def run_suite_on_ray(suite: Suite, results_dir=None, *, address: str | None = No
     from kdbench import report
     from kdbench.run import ray_cluster
     from kdbench.run.runner import RunOutcome, SuiteOutcome, finished, keep_finished, results_dir_for
-    from kdbench.suite import expand
+    from kdbench.plan import expand
 
     out = results_dir_for(suite, results_dir)
     specs = [s for s in expand(suite) if only is None or s.run_id in only]

@@ -32,7 +32,8 @@ from kdbench.errors import KdbenchError, RanksOutOfStepError
 from kdbench.results import device_info, is_done, read_result, run_path, versions, write_result
 from kdbench.run.context import Context, for_task, teacher_run_id
 from kdbench.run.kinds import RUNNERS
-from kdbench.suite import RunSpec, Suite, expand
+from kdbench.plan import RunSpec, expand
+from kdbench.suite import Suite
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ def main():
     from kdbench.run.context import Context
     from kdbench.run.ray_runs import plan_jobs
     from kdbench.run.runner import run_suite
-    from kdbench.suite import expand
+    from kdbench.plan import expand
 
     torch.set_num_threads(1)  # as a Ray worker with 1 CPU: the same arithmetic on both sides
     root = Path(tempfile.mkdtemp(prefix="kdray-measure-"))

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kdbench.errors import KdbenchError
-from kdbench.suite import expand, load_suite
+from kdbench.plan import expand
+from kdbench.suite import load_suite
 
 SUITES = sorted((Path(__file__).resolve().parents[2] / "suites").glob("*.yaml"))
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,7 +8,8 @@ import yaml
 from kdbench.errors import KdbenchError
 from kdbench.results import read_result, run_path
 from kdbench.run.runner import run_suite
-from kdbench.suite import expand, load_suite
+from kdbench.plan import expand
+from kdbench.suite import load_suite
 from tiny import BERT, FAST_PROFILING
 
 

@@ -10,7 +10,8 @@ from kdbench.results import read_result, run_path
 from kdbench.run.context import Context
 from kdbench.run.measure import example_batch
 from kdbench.run.runner import run_suite
-from kdbench.suite import expand, load_suite
+from kdbench.plan import expand
+from kdbench.suite import load_suite
 from tiny import T5
 
 

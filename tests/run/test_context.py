@@ -7,7 +7,7 @@ from kdbench import models
 from kdbench.results import read_result, run_path
 from kdbench.run.context import Context
 from kdbench.run.runner import run_suite
-from kdbench.suite import expand
+from kdbench.plan import expand
 from tiny import tiny_suite
 
 

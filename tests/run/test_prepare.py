@@ -11,7 +11,7 @@ from kdbench.results import read_result, run_path
 from kdbench.run.context import Context
 from kdbench.run.prepare import check_and_bind, distiller, distillation_rows
 from kdbench.run.runner import run_suite
-from kdbench.suite import expand
+from kdbench.plan import expand
 from tiny import LM_PAIR, LM_TASK, tiny_suite
 
 

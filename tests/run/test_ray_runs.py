@@ -98,7 +98,7 @@ def test_with_no_retries_the_killed_run_is_recorded_failed_and_the_others_finish
 def test_the_plan_orders_runs_and_takes_resources_from_the_suite_or_the_method(tmp_path):
     from kdbench.run.context import Context
     from kdbench.run.ray_runs import plan_jobs
-    from kdbench.suite import expand
+    from kdbench.plan import expand
 
     gpu_kd = {**KD, "resources": {"gpus_per_run": 0.5, "cpus_per_run": 2}}
     suite = tiny_suite(tmp_path, tmp_path / "cache", [gpu_kd, KD_SFT], max_retries=3,

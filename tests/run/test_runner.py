@@ -14,7 +14,7 @@ from kdbench.results import is_done, read_result, run_path, write_result
 from kdbench.run import kinds, runner
 from kdbench.run.context import Context
 from kdbench.run.runner import keep_finished, run_suite
-from kdbench.suite import expand
+from kdbench.plan import expand
 from tiny import tiny_suite
 
 
