@@ -130,7 +130,7 @@ from pathlib import Path
 from kdbench.kernels.benchmark import bench_kernels
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-print(bench_kernels(out_dir=Path(sys.argv[1]), quick=sys.argv[2] == "1"))
+print(bench_kernels(out_dir=Path(sys.argv[1]), quick=sys.argv[2] == "1")[0])
 EOF
 KERN_RC=$?
 
@@ -160,7 +160,7 @@ import sys
 from pathlib import Path
 from kdbench.kernels.benchmark_fused_linear import bench_fused_linear
 
-print(bench_fused_linear(out_dir=Path(sys.argv[1]), quick=sys.argv[2] == "1"))
+print(bench_fused_linear(out_dir=Path(sys.argv[1]), quick=sys.argv[2] == "1")[0])
 EOF
 FUSED_RC=$?
 for f in "$OUT"/fused_linear/*.md; do [[ -f "$f" ]] && cp "$f" "$OUT/kernels/fused-linear-$(basename "$f")"; done

@@ -7,6 +7,7 @@ the culprit and exit code 2; finished runs stay on disk.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -16,7 +17,35 @@ import typer
 
 from kdbench.errors import KdbenchError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# What may follow `--ray` as its address: `auto`, `local`, `host:port` or `ray://host:port`, never a suite file.
+_RAY_ADDRESS = re.compile(r"^(auto|local|ray://\S+|[\w.-]+:\d+)$")
+
+
+def ray_address_as_option(args: list[str]) -> list[str]:
+    """`--ray [ADDRESS]`: click has no option with an optional value, so `--ray ADDR` (or `--ray=ADDR`) becomes
+    `--ray --ray-address ADDR` before parsing; `--ray` alone stays a flag (a local Ray)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--ray="):
+            out += ["--ray", "--ray-address", arg.removeprefix("--ray=")]
+        elif arg == "--ray" and i + 1 < len(args) and _RAY_ADDRESS.match(args[i + 1]):
+            out += ["--ray", "--ray-address", args[i + 1]]
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+class _Typer(typer.Typer):
+    def __call__(self, *args, **kwargs):
+        sys.argv[1:] = ray_address_as_option(sys.argv[1:])
+        return super().__call__(*args, **kwargs)
+
+
+app = _Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,  # plain help: rich panels label every flag `<bool>`
                   help="Benchmark knowledge distillation: distill, compress and profile students.")
 
@@ -74,10 +103,11 @@ def run(
     no_wait: bool = typer.Option(False, "--no-wait", help="if another `kdbench run` is writing to the same results "
                                  "folder, stop (exit 2) instead of waiting for it"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log progress details; show tracebacks of bugs"),
-    ray: bool = typer.Option(False, "--ray", help="spread the runs over a Ray cluster (pip install kdbench[ray]); "
-                             "a local Ray unless --ray-address says which"),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="with --ray: `auto` (the running cluster "
-                                              "this machine is in), `host:6379`, or `ray://host:10001` (Ray Client)"),
+    ray: bool = typer.Option(False, "--ray", metavar="[ADDRESS]", help="`--ray [ADDRESS]`: spread the runs over a "
+                             "Ray cluster (pip install kdbench[ray]): alone, a local Ray; `--ray auto`, the running cluster this "
+                             "machine is in; `--ray host:6379`; `--ray ray://host:10001`, through Ray Client"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", hidden=True,
+                                              help="the address of `--ray ADDRESS`, as its own option"),
     storage: Optional[str] = typer.Option(None, "--storage", help="with --ray: an fsspec URL (s3://…, file://…) "
                                           "for the teachers and students that travel between nodes"),
 ):
@@ -293,42 +323,58 @@ bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Bench
 app.add_typer(bench_app, name="bench")
 
 
+def _bench_progress() -> None:
+    # The benchmarks log each shape and implementation as they go: minutes on a CPU must not pass in silence.
+    _setup_logging(False)
+    logging.getLogger("kdbench.kernels").setLevel(logging.INFO)
+    logging.getLogger().setLevel(logging.INFO)
+
+
 @bench_app.command("kernels")
 def bench_kernels(
-    out_dir: Path = typer.Option(Path("results/kernels"), "--out-dir", help="where <gpu>.md is written"),
+    out: Optional[Path] = typer.Option(None, "--out", help="the page to write (default: <out-dir>/<gpu>.md, or "
+                                       "results/kernels/static-sm90.md with --static)"),
+    out_dir: Path = typer.Option(Path("results/kernels"), "--out-dir", help="where <gpu>.md is written when "
+                                 "--out is not given"),
     quick: bool = typer.Option(False, "--quick", help="small shapes only"),
     static: bool = typer.Option(False, "--static", help="no GPU: compile the kernels for sm_90, count their SASS "
                                 "and predict H200 times (kernels/static_model.py)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="--static: the page to write (default "
-                                       "results/kernels/static-sm90.md)"),
 ):
     """Time the KD loss (eager, torch.compile, Liger-Kernel if installed, kdbench's kernel) and write a table."""
-    _setup_logging(False)
-    if static:
-        from kdbench.kernels.static_model import static_table
+    _bench_progress()
+    try:
+        if static:
+            from kdbench.kernels.static_model import static_table
 
-        try:
             text, path = static_table(out, command="kdbench bench kernels --static" + (f" --out {out}" if out else ""))
-        except KdbenchError as e:
-            _fail(e)
-        typer.echo(f"{text}\nwritten to {path}")
-        return
-    from kdbench.kernels.benchmark import bench_kernels as run_bench
+        else:
+            from kdbench.kernels.benchmark import bench_kernels as run_bench
 
-    typer.echo(run_bench(out_dir, quick=quick))
+            text, path = run_bench(out_dir, quick=quick, out_file=out)
+    except KdbenchError as e:
+        _fail(e)
+    typer.echo(text)
+    typer.echo(f"written to {path}", err=True)
 
 
 @bench_app.command("fused-linear")
 def bench_fused_linear(
-    out_dir: Path = typer.Option(Path("results/fused-linear"), "--out-dir", help="where <device>.md is written"),
+    out: Optional[Path] = typer.Option(None, "--out", help="the page to write (default: <out-dir>/<device>.md)"),
+    out_dir: Path = typer.Option(Path("results/fused-linear"), "--out-dir", help="where <device>.md is written "
+                                 "when --out is not given"),
     quick: bool = typer.Option(False, "--quick", help="a small shape only"),
 ):
     """Time and measure the loss from hidden states: both models' logits then kd_loss, against
     fused_linear_kd_loss (the methods' `fused_linear`)."""
-    _setup_logging(False)
+    _bench_progress()
     from kdbench.kernels.benchmark_fused_linear import bench_fused_linear as run_bench
 
-    typer.echo(run_bench(out_dir, quick=quick))
+    try:
+        text, path = run_bench(out_dir, quick=quick, out_file=out)
+    except KdbenchError as e:
+        _fail(e)
+    typer.echo(text)
+    typer.echo(f"written to {path}", err=True)
 
 
 def main() -> None:  # pragma: no cover

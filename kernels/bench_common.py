@@ -6,6 +6,7 @@ import gc
 import re
 import statistics
 import time
+from pathlib import Path
 
 
 def median_ms(step, cuda: bool, *, warmup: int, rep: int, cpu_runs: int, grad_to_none=()) -> float:
@@ -65,6 +66,20 @@ def cpu_peak_extra_mib(step, *leaves) -> float:
     base = _proc_status_kb("VmRSS")
     step()
     return max(0, _proc_status_kb("VmHWM") - base) / 1024
+
+
+def bench_page(out_file: Path | None, out_dir: Path, slug: str) -> Path:
+    """The page a benchmark writes: `out_file`, or <out_dir>/<slug>.md; its folder is made here, before any timing,
+    so an unwritable one fails in one line at once rather than after minutes of measuring."""
+    from kdbench.errors import KdbenchError
+
+    page = Path(out_file) if out_file is not None else Path(out_dir) / f"{slug}.md"
+    try:
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.touch()
+    except OSError as e:
+        raise KdbenchError(f"cannot write {page}: {e.strerror or e}") from None
+    return page
 
 
 def device_slug(name: str) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdbench.kernels.bench_common import cuda_peak_extra_mib, device_slug, median_ms, triton_version
+from kdbench.kernels.bench_common import bench_page, cuda_peak_extra_mib, device_slug, median_ms, triton_version
 
 log = logging.getLogger(__name__)
 
@@ -227,10 +227,12 @@ def _copy_gbps(n: int, v: int, dtype, device: str, quick: bool) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False) -> str:
-    """Time kd_loss forward+backward against eager, torch.compile and Liger; return a markdown table.
+def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False,
+                  out_file: Path | None = None) -> tuple[str, Path]:
+    """Time kd_loss forward+backward against eager, torch.compile and Liger; return (markdown table, its file).
 
     out_dir: where <device-slug>.md (or cpu.md) is written; default results/kernels under the current directory.
+    out_file: the file to write instead.
     shapes: [(rows, vocab, dtype name), ...]; default GPU_SHAPES on CUDA, CPU_SHAPES (CPU_QUICK_SHAPES) on CPU.
     quick: fewer repetitions; on the CPU also smaller shapes and no torch.compile (its C++ build takes minutes).
     """
@@ -257,13 +259,11 @@ def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False)
             impls.append((cand.name, _ours_with(**cand.settings)))
             applies[cand.name] = cand.applies
 
-    out_dir = Path("results") / "kernels" if out_dir is None else Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_file = out_dir / f"{slug}.md"
+    out_file = bench_page(out_file, Path("results") / "kernels" if out_dir is None else Path(out_dir), slug)
     rows = []
-    for n, v, dtype_name in shapes:
+    for k, (n, v, dtype_name) in enumerate(shapes, 1):
         dtype = getattr(torch, dtype_name)
-        log.info("kd_loss bench: %d x %d %s", n, v, dtype_name)
+        log.info("kd_loss bench: shape %d of %d, %d x %d %s", k, len(shapes), n, v, dtype_name)
         copy_gbps = _copy_gbps(n, v, dtype, device, quick)
         min_bytes = 3 * n * v * torch.empty((), dtype=dtype).element_size()  # read s, t; write grad
         g = torch.Generator(device=device).manual_seed(0)
@@ -294,6 +294,7 @@ def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False)
                 err = float64_check(s, t, labels, loss.detach(), s_run.grad)
                 s_run.grad = None
                 ms = _time_ms(step, s_run, cuda, quick)
+                log.info("  %s: %.4g ms", name, ms)
                 gbps = min_bytes / (ms * 1e-3) / 1e9
                 cells.update(
                     ms=f"{ms:.4g}",
@@ -319,8 +320,7 @@ def bench_kernels(out_dir: Path | None = None, shapes=None, quick: bool = False)
 
     table = _markdown(rows, dev_name, cuda, quick, liger is not None)
     out_file.write_text(table)
-    log.info("kd_loss bench: wrote %s", out_file)
-    return table
+    return table, out_file
 
 
 def _markdown(rows, dev_name: str, cuda: bool, quick: bool, has_liger: bool) -> str:
@@ -372,4 +372,4 @@ if __name__ == "__main__":  # python -m kdbench.kernels.benchmark [--quick]
     import sys
 
     logging.basicConfig(level=logging.INFO)
-    print(bench_kernels(quick="--quick" in sys.argv))
+    print(bench_kernels(quick="--quick" in sys.argv)[0])

@@ -14,7 +14,8 @@ import datetime
 import logging
 from pathlib import Path
 
-from kdbench.kernels.bench_common import cpu_peak_extra_mib, cuda_peak_extra_mib, device_slug, median_ms, triton_version
+from kdbench.kernels.bench_common import (bench_page, cpu_peak_extra_mib, cuda_peak_extra_mib, device_slug, median_ms,
+                                          triton_version)
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +61,22 @@ def _rel(a, b) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30))
 
 
-def bench_fused_linear(out_dir: Path | None = None, shapes=None, quick: bool = False) -> str:
-    """Time and measure both implementations on each shape; return (and write) the markdown table."""
+def bench_fused_linear(out_dir: Path | None = None, shapes=None, quick: bool = False,
+                       out_file: Path | None = None) -> tuple[str, Path]:
+    """Time and measure both implementations on each shape; write the markdown table to `out_file` (default
+    <out_dir>/<device>.md) and return (table, file)."""
     import torch
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     shapes = shapes or (GPU_SHAPES if cuda else (CPU_QUICK_SHAPES if quick else CPU_SHAPES))
     dev_name = torch.cuda.get_device_name() if cuda else "CPU"
-    out_dir = Path("results") / "fused-linear" if out_dir is None else Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_file = out_dir / f"{device_slug(dev_name) if cuda else 'cpu'}.md"
+    out_file = bench_page(out_file, Path("results") / "fused-linear" if out_dir is None else Path(out_dir),
+                          device_slug(dev_name) if cuda else "cpu")
     rows = []
-    for n, h, ht, v, dtype_name in shapes:
+    for k, (n, h, ht, v, dtype_name) in enumerate(shapes, 1):
+        log.info("fused-linear bench: shape %d of %d, %d x %d (teacher %d) -> %d %s", k, len(shapes), n, h, ht, v,
+                 dtype_name)
         dtype = getattr(torch, dtype_name)
         g = torch.Generator(device=device).manual_seed(0)
         hs = torch.randn(n, h, device=device, generator=g).to(dtype).requires_grad_()
@@ -113,7 +117,7 @@ def bench_fused_linear(out_dir: Path | None = None, shapes=None, quick: bool = F
         out_file.write_text(_markdown(rows, dev_name, cuda, quick))
     table = _markdown(rows, dev_name, cuda, quick)
     out_file.write_text(table)
-    return table
+    return table, out_file
 
 
 def _markdown(rows, dev_name: str, cuda: bool, quick: bool) -> str:

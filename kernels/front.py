@@ -69,7 +69,11 @@ needs at least one finite logit in each distribution. A divergence that is truly
 p_t > 0 where p_s = 0) is returned as inf, not NaN.
 Non-finite teacher logits: in a valid row, NaN, +inf, or a row that is entirely -inf raise KdLossInputError for
 CPU tensors (reference path, and Triton under the interpreter). On CUDA they are not checked (a host sync every
-step): there such a row gives a finite loss with NaN gradients. NaN in the student's logits gives a NaN loss.
+step): there every backend (each Triton kernel, and the reference) makes such a row's loss NaN, at no extra pass
+(its teacher log-sum-exp is not finite), so "none" holds NaN in that row and "batchmean" and "sum" are NaN, and
+the trainer's NaN check stops the run: never a finite loss over NaN gradients. At alpha = 0 the teacher is not
+read. fused_linear_kd_loss and top_k_kd_loss (teacher_top_k's log-probs of such a row are NaN) do the same.
+NaN in the student's logits gives a NaN loss.
 Errors (KdLossInputError, a ValueError and a KdbenchError, one line): inputs that are not tensors, teacher vocab
 larger than the student's (slicing teacher_logits[..., :V] is the caller's choice), other shape mismatches, labels
 of the wrong shape or out of range and non-finite teacher rows (both checked on CPU only: the CUDA kernel skips
@@ -269,6 +273,15 @@ def _triton_variant(student_logits) -> str:
     return "split" if variant == "split" or variant == "new" else "triton"
 
 
+def reduce_rows(rows, scale, feature_part, reduction: str):
+    """A backend forward's outputs as kd_loss's result: (the loss, the feature gradient or None)."""
+    loss = rows if reduction == "none" else (rows.sum() if reduction == "sum" else rows.sum() * scale)
+    if feature_part is None:
+        return loss, None
+    term, grad_f = feature_part
+    return loss + term, grad_f
+
+
 class KdLossFunction(torch.autograd.Function):
     """Runs a backend's forward, which computes the loss and its gradient at once; backward scales the saved
     gradient by grad_output, in place (nothing at all when grad_output == 1, the usual loss.backward())."""
@@ -278,14 +291,9 @@ class KdLossFunction(torch.autograd.Function):
         features = (fs, ft) if fs is not None else None
         rows, grad, scale, feature_part = backend.kd_loss_forward(s, t, labels, opts, want_grad_s, features,
                                                                   want_grad_f)
-        reduction = opts["reduction"]
-        loss = rows if reduction == "none" else (rows.sum() if reduction == "sum" else rows.sum() * scale)
-        grad_f = None
-        if feature_part is not None:
-            term, grad_f = feature_part
-            loss = loss + term
+        loss, grad_f = reduce_rows(rows, scale, feature_part, opts["reduction"])
         ctx.backend = backend
-        ctx.reduction = reduction
+        ctx.reduction = opts["reduction"]
         ctx.scaled = False
         ctx.save_for_backward(grad, grad_f)
         return loss

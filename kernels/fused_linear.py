@@ -13,11 +13,12 @@ Like kd_loss, it computes the gradients in the forward pass, so its backward onl
 
 from __future__ import annotations
 
+import inspect
 
 import torch
 import torch.nn.functional as F
 
-from kdbench.kernels.front import KdLossInputError, kd_loss
+from kdbench.kernels.front import DEFAULTS, KdLossInputError, kd_loss
 
 FUSED_LINEAR_DOC = """kd_loss of logits = hidden @ weight.T + bias, computed chunk by chunk over the rows.
 
@@ -131,7 +132,10 @@ class _FusedLinearKd(torch.autograd.Function):
             if want_any:
                 s.requires_grad_(True)
             with torch.enable_grad():
-                part = kd_loss(s, t, None if y is None else y[i:j], reduction="sum", **opts)
+                try:
+                    part = kd_loss(s, t, None if y is None else y[i:j], reduction="sum", **opts)
+                except KdLossInputError as err:  # its rows count from the chunk's first
+                    raise KdLossInputError(f"fused_linear_kd_loss: in the chunk of rows from {i}: {err}") from None
                 g = torch.autograd.grad(part, s)[0] if want_any else None
             total = part.detach() if total is None else total + part.detach()
             if g is None:
@@ -175,30 +179,29 @@ class _FusedLinearKd(torch.autograd.Function):
         return out[0], out[1], out[2], None, None, None, None, None
 
 
-def fused_linear_kd_loss(
-    student_hidden,
-    student_weight,
-    teacher_hidden,
-    teacher_weight,
-    labels=None,
-    *,
-    student_bias=None,
-    teacher_bias=None,
-    temperature=1.0,
-    alpha=0.5,
-    divergence="forward_kl",
-    beta=0.5,
-    ignore_index=-100,
-    reduction="batchmean",
-    chunk_rows=None,
-):
+# The options fused_linear_kd_loss hands on to kd_loss: their defaults are kd_loss's (front.DEFAULTS).
+LOSS_OPTIONS = ("temperature", "alpha", "divergence", "beta", "ignore_index", "reduction")
+
+
+def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
+                         student_bias=None, teacher_bias=None, chunk_rows=None, **loss_options):
+    unknown = set(loss_options) - set(LOSS_OPTIONS)
+    if unknown:
+        raise KdLossInputError(f"fused_linear_kd_loss: unknown argument(s) {', '.join(sorted(unknown))}")
+    options = {name: loss_options.get(name, DEFAULTS[name]) for name in LOSS_OPTIONS}
     _check(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-           reduction, chunk_rows)
-    options = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
-                   ignore_index=ignore_index, reduction=reduction, chunk_rows=chunk_rows,
-                   grad_on=torch.is_grad_enabled())
+           options["reduction"], chunk_rows)
+    options.update(chunk_rows=chunk_rows, grad_on=torch.is_grad_enabled())
     teacher = [None if t is None else t.detach() for t in (teacher_hidden, teacher_weight, teacher_bias)]
     return _FusedLinearKd.apply(student_hidden, student_weight, student_bias, *teacher, labels, options)
 
 
+def _signature() -> inspect.Signature:
+    """fused_linear_kd_loss's signature as help() should show it: the loss options named, with their defaults."""
+    params = list(inspect.signature(fused_linear_kd_loss).parameters.values())[:-1]  # without **loss_options
+    named = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=DEFAULTS[name]) for name in LOSS_OPTIONS]
+    return inspect.Signature(params[:-1] + named + params[-1:])  # chunk_rows last, as FUSED_LINEAR_DOC has it
+
+
+fused_linear_kd_loss.__signature__ = _signature()
 fused_linear_kd_loss.__doc__ = FUSED_LINEAR_DOC

@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kdbench.kernels.kd_features import feature_row
+
 _NEG_BIG = tl.constexpr(-3.0e38)  # running-max floor: finite, so exp(m_old - m_new) is never exp(-inf + inf) = NaN
 
 
@@ -28,6 +30,23 @@ _NEG_BIG = tl.constexpr(-3.0e38)  # running-max floor: finite, so exp(m_old - m_
 def _mass_times(p, x):
     """p * x, but 0 where p == 0 (x may then be +-inf or NaN)."""
     return tl.where(p > 0, p * x, 0.0)
+
+
+@triton.jit
+def _nan_unless_finite(loss, lse_t):
+    """loss, but NaN where the teacher's log-sum-exp is not finite: NaN or +inf in the row, or nothing but -inf.
+    Such a row's soft term would otherwise drop out (every p_t is NaN, and NaN > 0 is false) over NaN gradients."""
+    return tl.where(tl.abs(lse_t) < float("inf"), loss, float("nan"))
+
+
+@triton.jit
+def _softmax_row(z):
+    """(log-sum-exp, log-softmax, softmax) of a whole row z in registers (-inf outside the row)."""
+    m = tl.max(z, 0)
+    e = tl.exp(z - m)
+    d = tl.sum(e, 0)
+    lse = m + tl.log(d)
+    return lse, z - lse, e / d
 
 
 @triton.jit
@@ -69,31 +88,6 @@ def _soft_grad(ls, lt, ps, pt, D, kl_sm, beta, log_beta, log_1m_beta, DIVERGENCE
 
 
 @triton.jit
-def _feature_row(
-    row,
-    fs_ptr, fs_stride_r, fs_stride_h,
-    ft_ptr, ft_stride_r, ft_stride_h,
-    grad_ptr,  # (M, H) contiguous, student feature dtype
-    sq_ptr,  # (M,) fp32: sum_h (fs - ft)^2
-    H, grad_coef,
-    WRITE_GRAD: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    """One row of the feature MSE: its sum of squared differences, and its gradient grad_coef * (fs - ft)."""
-    acc = tl.zeros([], tl.float32)
-    for start in range(0, H, BLOCK_H):
-        offs = start + tl.arange(0, BLOCK_H)
-        mask = offs < H
-        a = tl.load(fs_ptr + row * fs_stride_r + offs * fs_stride_h, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(ft_ptr + row * ft_stride_r + offs * ft_stride_h, mask=mask, other=0.0).to(tl.float32)
-        diff = a - b
-        acc += tl.sum(diff * diff, 0)
-        if WRITE_GRAD:
-            tl.store(grad_ptr + row * H + offs, (grad_coef * diff).to(grad_ptr.dtype.element_ty), mask=mask)
-    tl.store(sq_ptr + row, acc)
-
-
-@triton.jit
 def _kd_loss_fwd_kernel(
     s_ptr, s_stride_r, s_stride_v,
     t_ptr, t_stride_r, t_stride_v,
@@ -110,7 +104,7 @@ def _kd_loss_fwd_kernel(
     WRITE_GRAD: tl.constexpr,
     SINGLE: tl.constexpr,  # BLOCK_V >= V: the whole row in registers
     BLOCK_V: tl.constexpr,
-    # The feature MSE, in the same launch: programs N .. N + M - 1 take its M rows (_feature_row).
+    # The feature MSE, in the same launch: programs N .. N + M - 1 take its M rows (feature_row).
     fs_ptr=None, fs_stride_r=0, fs_stride_h=0, ft_ptr=None, ft_stride_r=0, ft_stride_h=0, fgrad_ptr=None,
     sq_ptr=None, N=0, H=0, f_coef=0.0,
     HAS_FEATURES: tl.constexpr = False,
@@ -119,8 +113,8 @@ def _kd_loss_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     if HAS_FEATURES and row >= N:
-        _feature_row(row - N, fs_ptr, fs_stride_r, fs_stride_h, ft_ptr, ft_stride_r, ft_stride_h, fgrad_ptr, sq_ptr,
-                     H, f_coef, WRITE_FGRAD, BLOCK_H)
+        feature_row(row - N, fs_ptr, fs_stride_r, fs_stride_h, ft_ptr, ft_stride_r, ft_stride_h, fgrad_ptr, sq_ptr,
+                    H, f_coef, WRITE_FGRAD, BLOCK_H)
         return
     s_row = s_ptr + row * s_stride_r
     t_row = t_ptr + row * t_stride_r
@@ -147,17 +141,8 @@ def _kd_loss_fwd_kernel(
                 t = tl.load(t_row + offs * t_stride_v, mask=mask, other=float("-inf")).to(tl.float32)
                 zs = s * inv_T
                 zt = t * inv_T
-                m_s = tl.max(zs, 0)
-                e_s = tl.exp(zs - m_s)
-                d_s = tl.sum(e_s, 0)
-                lse_s = m_s + tl.log(d_s)
-                ls = zs - lse_s
-                ps = e_s / d_s
-                m_t = tl.max(zt, 0)
-                e_t = tl.exp(zt - m_t)
-                d_t = tl.sum(e_t, 0)
-                lt = zt - (m_t + tl.log(d_t))
-                pt = e_t / d_t
+                lse_s, ls, ps = _softmax_row(zs)
+                lse_t, lt, pt = _softmax_row(zt)
                 kl_sm = 0.0
                 if DIVERGENCE == 0:
                     D = tl.sum(_mass_times(pt, lt - ls), 0)
@@ -167,7 +152,7 @@ def _kd_loss_fwd_kernel(
                     lm = _log_mixture(lt, ls, log_beta, log_1m_beta)
                     kl_sm = tl.sum(_mass_times(ps, ls - lm), 0)
                     D = beta * tl.sum(_mass_times(pt, lt - lm), 0) + (1.0 - beta) * kl_sm
-                row_loss += alpha * T * T * D
+                row_loss = _nan_unless_finite(row_loss + alpha * T * T * D, lse_t)
                 if WRITE_GRAD:
                     g += (alpha * T) * _soft_grad(ls, lt, ps, pt, D, kl_sm, beta, log_beta, log_1m_beta, DIVERGENCE)
             if DO_CE:
@@ -175,11 +160,7 @@ def _kd_loss_fwd_kernel(
                     lse_1 = lse_s
                     q = ps
                 else:
-                    m_1 = tl.max(s, 0)
-                    e_1 = tl.exp(s - m_1)
-                    d_1 = tl.sum(e_1, 0)
-                    lse_1 = m_1 + tl.log(d_1)
-                    q = e_1 / d_1
+                    lse_1, _, q = _softmax_row(s)
                 in_range = (lab >= 0) & (lab < V)
                 s_lab = tl.load(s_row + lab * s_stride_v, mask=in_range, other=0.0).to(tl.float32)
                 row_loss += (1.0 - alpha) * (lse_1 - s_lab)
@@ -238,7 +219,7 @@ def _kd_loss_fwd_kernel(
                         kl_tm += tl.sum(_mass_times(tl.exp(lt), lt - lm), 0)
                         kl_sm += tl.sum(_mass_times(tl.exp(ls), ls - lm), 0)
                     D = beta * kl_tm + (1.0 - beta) * kl_sm
-                row_loss += alpha * T * T * D
+                row_loss = _nan_unless_finite(row_loss + alpha * T * T * D, lse_t)
             if DO_CE:
                 in_range = (lab >= 0) & (lab < V)
                 s_lab = tl.load(s_row + lab * s_stride_v, mask=in_range, other=0.0).to(tl.float32)

@@ -1,8 +1,9 @@
 """The lean math shared by the split-row (kd_loss_split.py) and persistent (kd_loss_persistent.py) kd_loss kernels.
 
-It covers a chunk's statistics, their merge into a row's, the per-row and per-chunk coefficients, the gradient
-from what a program keeps in registers, and the feature MSE rows. It also holds the launchers' common host-side
-pieces. The loss contract is KD_LOSS_DOC (kernels/reference.py).
+It covers a chunk's statistics, their merge into a row's, the per-row and per-chunk coefficients, and the gradient
+from what a program keeps in registers. It also holds the two launchers' common host-side pieces (those they share
+with the committed kernel are kd_loss_triton.py's, the feature term is kd_features.py). The loss contract is
+KD_LOSS_DOC (kernels/front.py).
 
 Math, in base-2 units, so that every exp is one FFMA and one MUFU.EX2: c = log2(e) / T.
     per chunk (a whole row for the persistent kernel), on s, t as fp32 with -inf outside the row:
@@ -26,11 +27,13 @@ A term p x with p = 0 is 0 (a where on p > 0), so -inf logits never make 0 * -in
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kdbench.kernels.kd_features import feature_args, no_features
+from kdbench.kernels.kd_loss_triton import row_scale
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -42,10 +45,6 @@ DIVERGENCE_CODE = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JS
 # round (each chunk's share of sum p log2(p / m)), in slots of their own.
 MU_S, MU_T, MU_1, D_S, D_T, D_1, ACC, KL_TM, KL_SM = (tl.constexpr(k) for k in range(9))
 N_STATS = tl.constexpr(9)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -62,6 +61,11 @@ def _ipow(x, N: tl.constexpr):
 
 
 @triton.jit
+def add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
     return a0 + b0, a1 + b1, a2 + b2, a3 + b3
 
@@ -69,6 +73,17 @@ def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
 @triton.jit
 def _max2(a0, a1, b0, b1):
     return tl.maximum(a0, b0), tl.maximum(a1, b1)
+
+
+@triton.jit
+def row_aligned(s_stride_r, t_stride_r, V, ROW_MULT: tl.constexpr):
+    """The row strides and V as x // m * m: the same integers (the launcher checked that m divides each, see
+    row_multiple) in the form Triton's alignment analysis reads, so rows load 16 bytes per instruction."""
+    if ROW_MULT > 1:
+        s_stride_r = s_stride_r // ROW_MULT * ROW_MULT
+        t_stride_r = t_stride_r // ROW_MULT * ROW_MULT
+        V = V // ROW_MULT * ROW_MULT
+    return s_stride_r, t_stride_r, V
 
 
 @triton.jit
@@ -248,13 +263,17 @@ def grad(x1, x2, e_1, A_s, A_t, A_1, P, Q, DIVERGENCE: tl.constexpr, DO_SOFT: tl
 
 
 @triton.jit
-def row_loss(D, L_1, s_lab, alpha, T, valid, DO_SOFT: tl.constexpr, DO_CE: tl.constexpr):
-    """alpha T^2 D + (1 - alpha) (lse_1 - s[label]), 0 on an ignored row."""
+def row_loss(D, L_t, L_1, s_lab, alpha, T, valid, DO_SOFT: tl.constexpr, DO_CE: tl.constexpr):
+    """alpha T^2 D + (1 - alpha) (lse_1 - s[label]), 0 on an ignored row; NaN on a valid row whose teacher L_t is
+    not finite (NaN or +inf in it, or nothing but -inf), whatever D came to (issue 14: never a finite loss over
+    NaN gradients)."""
     loss = 0.0
     if DO_SOFT:
         loss += alpha * T * T * D
     if DO_CE:
         loss += (1.0 - alpha) * (LN2 * L_1 - s_lab)
+    if DO_SOFT:
+        loss = tl.where(tl.abs(L_t) < float("inf"), loss, float("nan"))
     return tl.where(valid, loss, 0.0)
 
 
@@ -270,41 +289,9 @@ def label_grad(s_l, t_l, c, mu_s, mu_t, mu_1, L_s, L_t, beta, A_s, A_t, A_1, P, 
     return grad(x1, x2, e_1, A_s, A_t, A_1, P, Q, DIVERGENCE, DO_SOFT, DO_CE, SAME_T, T_POW) - b
 
 
-@triton.jit
-def feature_row(row, fs_ptr, fs_stride_r, fs_stride_h, ft_ptr, ft_stride_r, ft_stride_h, fgrad_ptr, sq_ptr, H,
-                f_coef, WRITE_FGRAD: tl.constexpr, BLOCK_H: tl.constexpr):
-    """One row (an int64 scalar) of the feature MSE: sum_h (fs - ft)^2 into sq_ptr[row], and its gradient
-    f_coef (fs - ft)."""
-    acc = tl.zeros([BLOCK_H], tl.float32)
-    for start in range(0, H, BLOCK_H):
-        offs = start + tl.arange(0, BLOCK_H)
-        mask = offs < H
-        x = tl.load(fs_ptr + row * fs_stride_r + offs * fs_stride_h, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(ft_ptr + row * ft_stride_r + offs * ft_stride_h, mask=mask, other=0.0).to(tl.float32)
-        diff = x - y
-        acc += diff * diff
-        if WRITE_FGRAD:
-            tl.store(fgrad_ptr + row * H + offs, (f_coef * diff).to(fgrad_ptr.dtype.element_ty), mask=mask)
-    tl.store(sq_ptr + row, tl.sum(acc, 0))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Host side, shared by both launchers
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def check_inputs(s, t, features, who: str) -> None:
-    """Refuse what the kernels cannot take: dtypes other than fp32/bf16/fp16, CPU tensors without the interpreter."""
-    from kdbench.kernels.front import KdLossInputError
-
-    named = [(s, "student_logits"), (t, "teacher_logits")]
-    if features is not None:
-        named += [(features[0], "student_features"), (features[1], "teacher_features")]
-    for x, what in named:
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise KdLossInputError(f"kd_loss ({who}): {what} must be fp32, bf16 or fp16, got {x.dtype}")
-        if not x.is_cuda and not interpreting():
-            raise KdLossInputError(f"kd_loss ({who}): {what} is on {x.device}; CPU tensors need TRITON_INTERPRET=1")
 
 
 def row_multiple(s: torch.Tensor, t: torch.Tensor) -> int:
@@ -336,40 +323,36 @@ def scalar_args(s, t, labels, opts, want_grad: bool, t_pow: bool) -> tuple[tuple
     return scalars, meta
 
 
-def row_scale(labels, opts, n: int, device) -> torch.Tensor:
-    """(1,) fp32 on the device, for the kernel to load: 1 / n_valid for batchmean, else 1 (no host sync). The
-    launchers return it 0-d (scale[0]), as the front's interface has it."""
-    if opts["reduction"] == "batchmean" and labels is not None:
-        return 1.0 / (labels != opts["ignore_index"]).sum().clamp_min(1).to(torch.float32).reshape(1)
-    if opts["reduction"] == "batchmean":
-        return torch.full((1,), 1.0 / max(n, 1), dtype=torch.float32, device=device)
-    return torch.ones(1, dtype=torch.float32, device=device)
+def launch_parts(s, t, labels, opts, want_grad: bool, features, want_grad_f: bool, t_pow: bool):
+    """What a launch of either kernel on s, t (N, V) shares: (outputs, head, scalars, tail, meta), outputs =
+    (rows (N,) fp32, grad (N, V) or None, scale (1,), feature arguments); head the arguments before the kernel's
+    own (logits, labels, outputs), scalars scalar_args', tail the feature arguments; meta the constexprs."""
+    n, v = s.shape
+    rows = torch.empty(n, dtype=torch.float32, device=s.device)
+    grad = torch.empty((n, v), dtype=s.dtype, device=s.device) if want_grad else None
+    scale = row_scale(labels, opts, n, s.device)
+    fargs = feature_args(features, opts, want_grad_f, max_block=1024)
+    scalars, meta = scalar_args(s, t, labels, opts, want_grad, t_pow)
+    f = fargs or no_features(rows)
+    head = (s, s.stride(0), s.stride(1), t, t.stride(0), t.stride(1), labels if labels is not None else rows,
+            grad if want_grad else rows, rows, scale)
+    tail = tuple(f[k] for k in ("fs_ptr", "fs_stride_r", "fs_stride_h", "ft_ptr", "ft_stride_r", "ft_stride_h",
+                                "fgrad_ptr", "sq_ptr", "M", "H", "f_coef"))
+    meta.update(HAS_FEATURES=f["HAS_FEATURES"], WRITE_FGRAD=f["WRITE_FGRAD"], BLOCK_H=f["BLOCK_H"])
+    return (rows, grad, scale, fargs), head, scalars, tail, meta
 
 
-def feature_args(features, opts, want_grad: bool) -> dict:
-    """The feature MSE's kernel arguments for (fs, ft) (M, H); empty without features."""
-    if features is None:
-        return {}
-    fs, ft = features
-    m, h = fs.shape
-    sq = torch.empty(m, dtype=torch.float32, device=fs.device)
-    fgrad = torch.empty((m, h), dtype=fs.dtype, device=fs.device) if want_grad else sq
-    denom = h if opts["reduction"] == "none" else m * h
-    return dict(fs_ptr=fs, fs_stride_r=fs.stride(0), fs_stride_h=fs.stride(1), ft_ptr=ft, ft_stride_r=ft.stride(0),
-                ft_stride_h=ft.stride(1), fgrad_ptr=fgrad, sq_ptr=sq, M=m, H=h,
-                f_coef=2.0 * float(opts["feature_weight"]) / max(denom, 1), HAS_FEATURES=True,
-                WRITE_FGRAD=want_grad, BLOCK_H=min(triton.next_power_of_2(h), 1024))
+_RESIDENT: dict[tuple, int] = {}  # (kernel, device, options, constexprs) -> programs per SM of the compiled kernel
 
 
-def feature_term(fargs: dict, opts, features):
-    """(the feature term: (M,) for 'none', else a scalar; its gradient (M, H) or None), or None without features."""
-    if features is None:
-        return None
-    m, h = features[0].shape
-    weight = float(opts["feature_weight"])
-    sq = fargs["sq_ptr"]
-    term = sq * (weight / h) if opts["reduction"] == "none" else sq.sum() * (weight / max(m * h, 1))
-    return term, (fargs["fgrad_ptr"] if fargs["WRITE_FGRAD"] else None)
+def resident_programs(kernel, device, args, meta: dict, options: dict) -> int:
+    """How many programs of `kernel`, compiled for these constexprs and options, the GPU holds at once (the first
+    call for them compiles it)."""
+    key = (kernel, device.index, tuple(sorted(options.items())), tuple(sorted(meta.items())))
+    if key not in _RESIDENT:
+        compiled = kernel.warmup(*args, grid=(1,), **options, **meta)
+        _RESIDENT[key] = programs_per_sm(compiled, options["num_warps"])
+    return sm_count(device) * _RESIDENT[key]
 
 
 def sm_count(device) -> int:

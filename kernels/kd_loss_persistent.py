@@ -21,17 +21,19 @@ Offsets are int64 (program ids and rows cast before any multiply by a stride). L
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from kdbench.kernels import kd_loss_lean
+from kdbench.kernels.front import KdLossInputError
+from kdbench.kernels.kd_features import feature_row, feature_term
 from kdbench.kernels.kd_loss_lean import (
-    LN2, chunk_stats, feature_args, feature_row, feature_term, grad, grad_coefs, interpreting,
-    jsd_elems, label_grad, programs_per_sm, row_loss, row_scale, scalar_args, sm_count, soft_divergence,
+    LN2, add2, chunk_stats, grad, grad_coefs, jsd_elems, label_grad, launch_parts, resident_programs, row_aligned,
+    row_loss, soft_divergence,
 )
-# scale_rows_ (grad *= grad_output, in place) is the front's backend interface; the old kernel's does it.
-from kdbench.kernels.kd_loss_triton import scale_rows_  # noqa: F401
+# The front's backend interface (scale_rows_: grad *= grad_output, in place) and the input checks of every Triton
+# launcher are the committed kernel's.
+from kdbench.kernels.kd_loss_triton import check_inputs as _check_triton_inputs
+from kdbench.kernels.kd_loss_triton import interpreting, scale_rows_  # noqa: F401
 
 MAX_V = 8192  # wider rows go to the split-row kernel
 INTERPRET_GRID = 3  # programs under the interpreter (it runs them one after another)
@@ -45,11 +47,6 @@ def num_warps_for(block: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _add2(a0, a1, b0, b1):
-    return a0 + b0, a1 + b1
 
 
 @triton.jit
@@ -100,10 +97,7 @@ def _kd_loss_persistent_kernel(
     BLOCK_V: tl.constexpr,
     HAS_FEATURES: tl.constexpr, WRITE_FGRAD: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    if ROW_MULT > 1:  # x // m * m is x (the launcher checked), and tells the compiler rows are 16-byte aligned
-        s_stride_r = s_stride_r // ROW_MULT * ROW_MULT
-        t_stride_r = t_stride_r // ROW_MULT * ROW_MULT
-        V = V // ROW_MULT * ROW_MULT
+    s_stride_r, t_stride_r, V = row_aligned(s_stride_r, t_stride_r, V, ROW_MULT)
     JSD_ROUND: tl.constexpr = DO_SOFT and DIVERGENCE == 2
     pid = tl.program_id(0).to(tl.int64)
     step = tl.num_programs(0).to(tl.int64)
@@ -133,12 +127,12 @@ def _kd_loss_persistent_kernel(
         kl_sm = 0.0
         if JSD_ROUND:
             ps, u, part_s, part_t = jsd_elems(s, t, c, L_s, L_t, beta)
-            sm, tm = tl.reduce((part_s, part_t), 0, _add2)
+            sm, tm = tl.reduce((part_s, part_t), 0, add2)
             kl_sm = LN2 * sm
             D = beta * LN2 * tm + (1.0 - beta) * kl_sm
             x1 = ps
             x2 = u
-        tl.store(loss_ptr + row, row_loss(D, L_1, s_l, alpha, T, valid, DO_SOFT, DO_CE))
+        tl.store(loss_ptr + row, row_loss(D, L_t, L_1, s_l, alpha, T, valid, DO_SOFT, DO_CE))
         if WRITE_GRAD:
             A_s, A_t, A_1, P, Q = grad_coefs(mu_s, mu_t, mu_1, L_s, L_t, L_1, D, kl_sm, a_coef, b_coef, inv_T,
                                              beta, valid, DIVERGENCE, DO_SOFT, DO_CE, SAME_T)
@@ -177,15 +171,10 @@ def _kd_loss_persistent_kernel(
 
 def check_inputs(s, t, features) -> None:
     """The front's hook: fp32/bf16/fp16 only, CPU tensors only under the interpreter, rows of at most MAX_V."""
-    from kdbench.kernels.front import KdLossInputError
-
-    kd_loss_lean.check_inputs(s, t, features, "persistent")
+    _check_triton_inputs(s, t, features, "persistent")
     if triton.next_power_of_2(s.shape[1]) > MAX_V:
         raise KdLossInputError(f"kd_loss (persistent): rows of {s.shape[1]} logits are over {MAX_V}; "
                                "KDBENCH_KERNEL=split takes them")
-
-
-_RESIDENT: dict[tuple, int] = {}  # (device, options, constexprs) -> programs per SM of the compiled kernel
 
 
 def launch_args(s, t, labels, opts, want_grad: bool, features=None, want_grad_f: bool = False, *,
@@ -193,23 +182,9 @@ def launch_args(s, t, labels, opts, want_grad: bool, features=None, want_grad_f:
     """(outputs, args, meta) of a launch of the persistent kernel on s, t (N, V <= MAX_V); the grid and the warps
     are the caller's. outputs = (rows (N,) fp32, grad (N, V) or None, scale (1,), feature arguments)."""
     n, v = s.shape
-    dev = s.device
-    rows = torch.empty(n, dtype=torch.float32, device=dev)
-    grad = torch.empty((n, v), dtype=s.dtype, device=dev) if want_grad else None
-    scale = row_scale(labels, opts, n, dev)
-    fargs = feature_args(features, opts, want_grad_f)
-    scalars, meta = scalar_args(s, t, labels, opts, want_grad, t_pow)
-    f = fargs or dict(fs_ptr=rows, fs_stride_r=0, fs_stride_h=0, ft_ptr=rows, ft_stride_r=0, ft_stride_h=0,
-                      fgrad_ptr=rows, sq_ptr=rows, M=0, H=0, f_coef=0.0, HAS_FEATURES=False, WRITE_FGRAD=False,
-                      BLOCK_H=16)
-    args = (s, s.stride(0), s.stride(1), t, t.stride(0), t.stride(1),
-            labels if labels is not None else rows, grad if want_grad else rows, rows, scale,
-            n, v, *scalars,
-            f["fs_ptr"], f["fs_stride_r"], f["fs_stride_h"], f["ft_ptr"], f["ft_stride_r"], f["ft_stride_h"],
-            f["fgrad_ptr"], f["sq_ptr"], f["M"], f["H"], f["f_coef"])
-    meta.update(BLOCK_V=triton.next_power_of_2(v), HAS_FEATURES=f["HAS_FEATURES"], WRITE_FGRAD=f["WRITE_FGRAD"],
-                BLOCK_H=f["BLOCK_H"])
-    return (rows, grad, scale, fargs), args, meta
+    outputs, head, scalars, tail, meta = launch_parts(s, t, labels, opts, want_grad, features, want_grad_f, t_pow)
+    meta.update(BLOCK_V=triton.next_power_of_2(v))
+    return outputs, (*head, n, v, *scalars, *tail), meta
 
 
 def kd_loss_forward(s, t, labels, opts, want_grad: bool, features=None, want_grad_f: bool = False, *,
@@ -233,11 +208,7 @@ def kd_loss_forward(s, t, labels, opts, want_grad: bool, features=None, want_gra
     if interpreting():
         grid = INTERPRET_GRID
     else:
-        key = (s.device.index, tuple(sorted(options.items())), tuple(sorted(meta.items())))
-        if key not in _RESIDENT:
-            compiled = _kd_loss_persistent_kernel.warmup(*args, grid=(1,), **options, **meta)
-            _RESIDENT[key] = programs_per_sm(compiled, warps)
-        grid = sm_count(s.device) * _RESIDENT[key]
+        grid = resident_programs(_kd_loss_persistent_kernel, s.device, args, meta, options)
     grid = max(1, min(grid, max(n, m)))
     _kd_loss_persistent_kernel[(grid,)](*args, **options, **meta)
     return rows, grad, scale[0], feature_term(fargs, opts, features)

@@ -37,14 +37,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kdbench.kernels import kd_loss_lean
+from kdbench.kernels.kd_features import feature_row, feature_term
 from kdbench.kernels.kd_loss_lean import (
-    ACC, D_1, D_S, D_T, JSD, KL_SM, KL_TM, LN2, MU_1, MU_S, MU_T, N_STATS, NEG_BIG, chunk_stats, feature_args,
-    feature_row, feature_term, grad, grad_coefs, interpreting, jsd_elems, label_grad, merge, programs_per_sm,
-    row_loss, row_scale, scalar_args, sm_count, soft_divergence,
+    ACC, D_1, D_S, D_T, JSD, KL_SM, KL_TM, LN2, MU_1, MU_S, MU_T, NEG_BIG, N_STATS, add2, chunk_stats, grad,
+    grad_coefs, jsd_elems, label_grad, launch_parts, row_aligned, merge, resident_programs, row_loss, soft_divergence,
 )
-# scale_rows_ (grad *= grad_output, in place) is the front's backend interface; the old kernel's does it.
-from kdbench.kernels.kd_loss_triton import scale_rows_  # noqa: F401
+# The front's backend interface (scale_rows_: grad *= grad_output, in place) and the input checks of every Triton
+# launcher are the committed kernel's.
+from kdbench.kernels.kd_loss_triton import check_inputs as _check_triton_inputs
+from kdbench.kernels.kd_loss_triton import interpreting, scale_rows_  # noqa: F401
 
 # Elements per program on a GPU, by divergence, at 4 warps: forward KL keeps 2 fp32 arrays (e_s, e_t) of 64 per
 # thread in 168-170 registers, no spills (sm_90, cuobjdump -res-usage); reverse KL at 8192 needs 245 and jsd
@@ -57,11 +58,6 @@ INTERPRET_GRID = 3  # programs under the interpreter (it runs them one after ano
 # ----------------------------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _add2(a0, a1, b0, b1):
-    return a0 + b0, a1 + b1
 
 
 @triton.jit
@@ -97,10 +93,7 @@ def _kd_loss_split_kernel(
     CHUNK: tl.constexpr, CMAX: tl.constexpr,  # CMAX = next_pow2(C)
     HAS_FEATURES: tl.constexpr, WRITE_FGRAD: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    if ROW_MULT > 1:  # x // m * m is x (the launcher checked), and tells the compiler rows are 16-byte aligned
-        s_stride_r = s_stride_r // ROW_MULT * ROW_MULT
-        t_stride_r = t_stride_r // ROW_MULT * ROW_MULT
-        V = V // ROW_MULT * ROW_MULT
+    s_stride_r, t_stride_r, V = row_aligned(s_stride_r, t_stride_r, V, ROW_MULT)
     JSD_ROUND: tl.constexpr = DO_SOFT and DIVERGENCE == 2
     LAST: tl.constexpr = PHASE == 0 or PHASE == 3  # the launch that writes the loss and the gradient
     total = N * C
@@ -164,7 +157,7 @@ def _kd_loss_split_kernel(
                     x1 = ps
                     x2 = u
                     if PHASE == 0 or PHASE == 2:
-                        sm, tm = tl.reduce((part_s, part_t), 0, _add2)
+                        sm, tm = tl.reduce((part_s, part_t), 0, add2)
                         tl.store(ws_row + KL_TM * C + chunk, tm)
                         tl.store(ws_row + KL_SM * C + chunk, sm)
                         if PHASE == 0:
@@ -180,7 +173,7 @@ def _kd_loss_split_kernel(
                     lab_col = tl.where(lab_ok, lab, 0)
                     if chunk == 0:
                         s_lab = tl.load(s_row + lab_col * s_stride_v).to(tl.float32) if DO_CE else 0.0
-                        tl.store(loss_ptr + row, row_loss(D, L_1, s_lab, alpha, T, valid, DO_SOFT, DO_CE))
+                        tl.store(loss_ptr + row, row_loss(D, L_t, L_1, s_lab, alpha, T, valid, DO_SOFT, DO_CE))
                     if WRITE_GRAD:
                         A_s, A_t, A_1, P, Q = grad_coefs(mu_s, mu_t, mu_1, L_s, L_t, L_1, D, kl_sm, a_coef, b_coef,
                                                          inv_T, beta, valid, DIVERGENCE, DO_SOFT, DO_CE, SAME_T)
@@ -212,10 +205,7 @@ def _kd_loss_split_kernel(
 
 def check_inputs(s, t, features) -> None:
     """The front's hook: fp32/bf16/fp16 only, CPU tensors only under the interpreter."""
-    kd_loss_lean.check_inputs(s, t, features, "split")
-
-
-_RESIDENT: dict[tuple, int] = {}  # (device, constexprs) -> programs per SM of the compiled kernel
+    _check_triton_inputs(s, t, features, "split")
 
 
 def launch_args(s, t, labels, opts, want_grad: bool, features=None, want_grad_f: bool = False, *,
@@ -223,27 +213,14 @@ def launch_args(s, t, labels, opts, want_grad: bool, features=None, want_grad_f:
     """(outputs, args, meta) of one launch of the split kernel on s, t (N, V); PHASE and the grid are the
     caller's. outputs = (rows (N,) fp32, grad (N, V) or None, scale (1,), ws, sync, feature arguments)."""
     n, v = s.shape
-    dev = s.device
     chunk = chunk or CHUNKS[opts["divergence"]]
     n_chunks = triton.cdiv(v, chunk)
-    rows = torch.empty(n, dtype=torch.float32, device=dev)
-    grad = torch.empty((n, v), dtype=s.dtype, device=dev) if want_grad else None
-    scale = row_scale(labels, opts, n, dev)
-    ws = torch.empty((n, N_STATS.value, n_chunks), dtype=torch.float32, device=dev)
-    sync = torch.zeros(n + 4, dtype=torch.int32, device=dev)
-    fargs = feature_args(features, opts, want_grad_f)
-    scalars, meta = scalar_args(s, t, labels, opts, want_grad, t_pow)
-    f = fargs or dict(fs_ptr=rows, fs_stride_r=0, fs_stride_h=0, ft_ptr=rows, ft_stride_r=0, ft_stride_h=0,
-                      fgrad_ptr=rows, sq_ptr=rows, M=0, H=0, f_coef=0.0, HAS_FEATURES=False, WRITE_FGRAD=False,
-                      BLOCK_H=16)
-    args = (s, s.stride(0), s.stride(1), t, t.stride(0), t.stride(1),
-            labels if labels is not None else rows, grad if want_grad else rows, rows, scale, ws, sync,
-            n, v, n_chunks, scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5],
-            f["fs_ptr"], f["fs_stride_r"], f["fs_stride_h"], f["ft_ptr"], f["ft_stride_r"], f["ft_stride_h"],
-            f["fgrad_ptr"], f["sq_ptr"], f["M"], f["H"], f["f_coef"])
-    meta.update(CHUNK=chunk, CMAX=triton.next_power_of_2(n_chunks), HAS_FEATURES=f["HAS_FEATURES"],
-                WRITE_FGRAD=f["WRITE_FGRAD"], BLOCK_H=f["BLOCK_H"])
-    return (rows, grad, scale, ws, sync, fargs), args, meta
+    (rows, grad, scale, fargs), head, scalars, tail, meta = launch_parts(s, t, labels, opts, want_grad, features,
+                                                                         want_grad_f, t_pow)
+    ws = torch.empty((n, N_STATS.value, n_chunks), dtype=torch.float32, device=s.device)
+    sync = torch.zeros(n + 4, dtype=torch.int32, device=s.device)
+    meta.update(CHUNK=chunk, CMAX=triton.next_power_of_2(n_chunks))
+    return (rows, grad, scale, ws, sync, fargs), (*head, ws, sync, n, v, n_chunks, *scalars, *tail), meta
 
 
 def kd_loss_forward(s, t, labels, opts, want_grad: bool, features=None, want_grad_f: bool = False, *,
@@ -265,11 +242,7 @@ def kd_loss_forward(s, t, labels, opts, want_grad: bool, features=None, want_gra
     if interpreting():
         grid, resident = INTERPRET_GRID, 1  # one program at a time
     else:
-        key = (s.device.index, tuple(sorted(meta.items())))
-        if key not in _RESIDENT:
-            compiled = _kd_loss_split_kernel.warmup(*args, PHASE=0, grid=(1,), num_warps=warps, **meta)
-            _RESIDENT[key] = programs_per_sm(compiled, warps)
-        resident = sm_count(s.device) * _RESIDENT[key]
+        resident = resident_programs(_kd_loss_split_kernel, s.device, args, dict(meta, PHASE=0), {"num_warps": warps})
         grid = max(1, min(resident, n * n_chunks + m))
     if two_launch is None:
         two_launch = resident < n_chunks  # always under the interpreter

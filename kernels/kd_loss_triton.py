@@ -15,6 +15,7 @@ import torch
 import triton
 
 from kdbench.kernels.front import KdLossInputError, front_with_backend, validate_call
+from kdbench.kernels.kd_features import feature_args, feature_term
 from kdbench.kernels.kd_loss_jit import _kd_loss_fwd_kernel, _scale_rows_kernel
 
 # Rows with next_pow2(V) <= MAX_FUSED_V take the single-read path; tests lower it to exercise the tiled path.
@@ -27,7 +28,7 @@ SINGLE_WARPS: int | None = None
 _DIVERGENCE_CODE = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -47,17 +48,18 @@ def _single_num_warps(block: int) -> int:
     return SINGLE_WARPS or max(4, min(16, block // 512))
 
 
-def check_inputs(s, t, features) -> None:
-    """Refuse what the kernel cannot take: dtypes other than fp32/bf16/fp16, CPU tensors without the interpreter."""
+def check_inputs(s, t, features, who: str = "triton") -> None:
+    """Refuse what no Triton kernel takes (`who` names the kernel in the message; the opt-in ones check here too):
+    dtypes other than fp32/bf16/fp16, CPU tensors without the interpreter."""
     named = [(s, "student_logits"), (t, "teacher_logits")]
     if features is not None:
         named += [(features[0], "student_features"), (features[1], "teacher_features")]
     for x, what in named:
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise KdLossInputError(f"kd_loss (triton): {what} must be fp32, bf16 or fp16, got {x.dtype}")
-        if not x.is_cuda and not _interpreting():
+            raise KdLossInputError(f"kd_loss ({who}): {what} must be fp32, bf16 or fp16, got {x.dtype}")
+        if not x.is_cuda and not interpreting():
             raise KdLossInputError(
-                f"kd_loss (triton): {what} is on {x.device}; CPU tensors need TRITON_INTERPRET=1 "
+                f"kd_loss ({who}): {what} is on {x.device}; CPU tensors need TRITON_INTERPRET=1 "
                 "(or KDBENCH_KERNEL=torch)"
             )
 
@@ -70,28 +72,34 @@ def kd_loss_forward(s, t, labels, opts, want_grad: bool, features=None, want_gra
     dev = s.device
     rows = torch.empty(n, dtype=torch.float32, device=dev)
     grad = torch.empty((n, v), dtype=s.dtype, device=dev) if want_grad else None
-    feature_args, m = _feature_launch(features, opts, want_grad_f, n) if features is not None else ({}, 0)
-    # The batchmean divisor stays on the device: no host sync.
-    if opts["reduction"] == "batchmean" and labels is not None:
-        scale = 1.0 / (labels != opts["ignore_index"]).sum().clamp_min(1).to(torch.float32).reshape(1)
-    elif opts["reduction"] == "batchmean":
-        scale = torch.full((1,), 1.0 / max(n, 1), dtype=torch.float32, device=dev)
-    else:
-        scale = torch.ones(1, dtype=torch.float32, device=dev)
+    fargs = feature_args(features, opts, want_grad_f, max_block=4096)
+    m = fargs.get("M", 0)
+    scale = row_scale(labels, opts, n, dev)
     if n + m == 0:
-        return rows, grad, scale[0], _feature_term(feature_args, opts, features)
+        return rows, grad, scale[0], feature_term(fargs, opts, features)
 
     args, meta = _launch_args(s, t, labels, rows, grad if want_grad else rows, scale, opts, want_grad)
-    meta.update(feature_args)
+    if features is not None:  # programs n .. n + m - 1 take the feature rows
+        meta.update({k: v for k, v in fargs.items() if k != "M"}, N=n)
     grid = (n + m,)
     block = triton.next_power_of_2(v)
     if block <= MAX_FUSED_V:
         _kd_loss_fwd_kernel[grid](*args, SINGLE=True, BLOCK_V=block, num_warps=_single_num_warps(block), **meta)
-    elif _interpreting():
+    elif interpreting():
         _kd_loss_fwd_kernel[grid](*args, SINGLE=False, BLOCK_V=INTERPRET_BLOCK_V, **meta)
     else:
         _fwd_tiled[grid](*args, SINGLE=False, **meta)
-    return rows, grad, scale[0], _feature_term(feature_args, opts, features)
+    return rows, grad, scale[0], feature_term(fargs, opts, features)
+
+
+def row_scale(labels, opts, n: int, device) -> torch.Tensor:
+    """(1,) fp32 on the device, for the kernel to load: 1 / n_valid for batchmean, else 1. It stays on the device
+    (no host sync); the launchers return it 0-d (scale[0]), as the front's interface has it."""
+    if opts["reduction"] == "batchmean" and labels is not None:
+        return 1.0 / (labels != opts["ignore_index"]).sum().clamp_min(1).to(torch.float32).reshape(1)
+    if opts["reduction"] == "batchmean":
+        return torch.full((1,), 1.0 / max(n, 1), dtype=torch.float32, device=device)
+    return torch.ones(1, dtype=torch.float32, device=device)
 
 
 def _launch_args(s, t, labels, rows, grad, scale, opts, want_grad: bool) -> tuple[tuple, dict]:
@@ -118,7 +126,7 @@ def precompile_tiled(student_logits, teacher_logits, labels=None, **kd_loss_kwar
     """Thunks that each compile one autotune config of the tiled kernel for this kd_loss call (fwd + bwd): what the
     autotuner compiles one after another at its first launch, to run in parallel threads before it (Triton's
     compile releases the GIL). Empty for whole rows, or without CUDA."""
-    if _interpreting() or not student_logits.is_cuda:
+    if interpreting() or not student_logits.is_cuda:
         return []
     return [functools.partial(_kd_loss_fwd_kernel.warmup, *args, **kwargs)
             for args, kwargs in _tiled_launches(student_logits, teacher_logits, labels, **kd_loss_kwargs)]
@@ -133,34 +141,6 @@ def _tiled_launches(student_logits, teacher_logits, labels=None, **kd_loss_kwarg
         return []
     args, meta = _launch_args(s, t, lab, torch.float32, s.dtype, torch.float32, opts, want_grad=True)
     return [(args, dict(grid=(n,), SINGLE=False, **meta, **config.all_kwargs())) for config in _fwd_tiled.configs]
-
-
-def _feature_launch(features, opts, want_grad: bool, n: int) -> tuple[dict, int]:
-    """The kernel's feature arguments for (fs, ft) (M, H) after n logit rows, and M: programs n .. n + M - 1 compute
-    the MSE rows."""
-    fs, ft = features
-    m, h = fs.shape
-    sq = torch.empty(m, dtype=torch.float32, device=fs.device)
-    fgrad = torch.empty((m, h), dtype=fs.dtype, device=fs.device) if want_grad else None
-    denom = h if opts["reduction"] == "none" else m * h
-    return dict(
-        fs_ptr=fs, fs_stride_r=fs.stride(0), fs_stride_h=fs.stride(1),
-        ft_ptr=ft, ft_stride_r=ft.stride(0), ft_stride_h=ft.stride(1),
-        fgrad_ptr=fgrad if want_grad else sq, sq_ptr=sq, N=n, H=h,
-        f_coef=2.0 * float(opts["feature_weight"]) / max(denom, 1),
-        HAS_FEATURES=True, WRITE_FGRAD=want_grad, BLOCK_H=min(triton.next_power_of_2(h), 4096),
-    ), m
-
-
-def _feature_term(feature_args: dict, opts, features):
-    """(the feature term, its gradient or None) from the kernel's per-row sums, or None without features."""
-    if features is None:
-        return None
-    sq = feature_args["sq_ptr"]
-    m, h = features[0].shape
-    weight = float(opts["feature_weight"])
-    term = sq * (weight / h) if opts["reduction"] == "none" else sq.sum() * (weight / max(m * h, 1))
-    return term, (feature_args["fgrad_ptr"] if feature_args["WRITE_FGRAD"] else None)
 
 
 def scale_rows_(grad: torch.Tensor, go: torch.Tensor) -> None:

@@ -54,6 +54,9 @@ def _rows_forward(s, t, lab, *, temperature, alpha, divergence, beta, ignore_ind
             kl_sm = _zero_where_no_mass(ps, ls - lm).sum(-1)
             d = beta * kl_tm + (1.0 - beta) * kl_sm
             g = (1.0 - beta) * _zero_where_no_mass(ps, ls - lm - kl_sm[:, None]) if want_grad else None
+        # A teacher row with NaN or +inf, or only -inf, has no finite log-prob: NaN, where D alone would drop the
+        # NaN entries (the front refuses such rows on CPU; this is the CUDA path, as the kernels do it).
+        d = torch.where(torch.isfinite(lt).any(-1), d, math.nan)
         # d/ds of alpha * T^2 * D(softmax(s / T)) = alpha * T * dD/dz at z = s / T.
         loss += alpha * T * T * d
         if want_grad:

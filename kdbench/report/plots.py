@@ -28,9 +28,24 @@ COLOURS = {"teacher": "black", "student alone": "grey", "distillation": "tab:blu
            "quantization": "tab:orange", "combined": "tab:purple", "other": "tab:brown"}
 
 
+def x_scale(xs: list[float]) -> str:
+    """Log when the costs spread over more than 10x (a teacher far right would squeeze the students left)."""
+    return "log" if min(xs) > 0 and max(xs) / min(xs) > 10 else "linear"
+
+
 def plot_tradeoff(rows: list[Row], read_x: Callable, xlabel: str, title: str, path: Path,
                   x_format: Callable[[float], str] | None = None) -> bool:
     """One PNG: mean metric (y) against mean cost (x) with std error bars; False when nothing was measured."""
+    fig = tradeoff_figure(rows, read_x, xlabel, title, x_format)
+    if fig is None:
+        return False
+    fig.savefig(path, format="png")
+    return True
+
+
+def tradeoff_figure(rows: list[Row], read_x: Callable, xlabel: str, title: str,
+                    x_format: Callable[[float], str] | None = None):
+    """The figure of plot_tradeoff, or None when nothing was measured."""
     # The object API with an Agg canvas: no pyplot, so no global backend switch in the caller's process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -40,7 +55,7 @@ def plot_tradeoff(rows: list[Row], read_x: Callable, xlabel: str, title: str, pa
     points = [(row, name, row.stat(metric_of), row.stat(read_x)) for row, name in zip(rows, names)]
     points = [p for p in points if p[2] and p[3]]
     if not points:
-        return False
+        return None
     fig = Figure(figsize=(11, 5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0.07, 0.11, 0.58, 0.8))
@@ -49,8 +64,12 @@ def plot_tradeoff(rows: list[Row], read_x: Callable, xlabel: str, title: str, pa
     for k, (number, (row, name, y, x)) in enumerate(
             sorted(enumerate(points, 1), key=lambda p: (p[1][3].mean, p[1][2].mean))):
         key = _colour_key(row)
-        ax.errorbar(x.mean, y.mean, xerr=x.std, yerr=y.std, fmt="o", capsize=3, color=COLOURS.get(key, "tab:red"),
-                    label=key)
+        teacher = row.kind == "teacher"
+        ax.errorbar(x.mean, y.mean, xerr=x.std, yerr=y.std, fmt="*" if teacher else "o", markersize=12 if teacher
+                    else 6, capsize=3, color=COLOURS.get(key, "tab:red"), label=key)
+        if teacher:  # the reference every retention is against, named on the plot itself
+            ax.annotate("teacher", (x.mean, y.mean), xytext=(-8, -14), textcoords="offset points", fontsize=8,
+                        ha="right", fontweight="bold")
         ax.annotate(str(number), (x.mean, y.mean), xytext=(5, (3, -10, 12)[k % 3]), textcoords="offset points",
                     fontsize=8)
     front = pareto_front([(metric_sign(rows) * y.mean, x.mean) for _, _, y, x in points])
@@ -58,9 +77,7 @@ def plot_tradeoff(rows: list[Row], read_x: Callable, xlabel: str, title: str, pa
     # steps-post traces the attainable region: each front point's quality holds until a costlier one beats it
     ax.plot(fx, fy, "--", color="tab:red", drawstyle="steps-post", linewidth=1)
     ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="tab:red", label="Pareto front")
-    xs = [x.mean for *_, x in points]
-    if min(xs) > 0 and max(xs) / min(xs) > 20:
-        ax.set_xscale("log")
+    ax.set_xscale(x_scale([x.mean for *_, x in points]))
     if x_format:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: x_format(value)))
     handles, labels = ax.get_legend_handles_labels()
@@ -75,8 +92,7 @@ def plot_tradeoff(rows: list[Row], read_x: Callable, xlabel: str, title: str, pa
     key_text = "\n".join(f"{n:>2}  {name}{'  (front)' if n - 1 in on_front else ''}"
                          for n, (_, name, _, _) in enumerate(points, 1))
     fig.text(0.67, 0.91, key_text, fontsize=8, va="top", family="monospace")
-    fig.savefig(path, format="png")
-    return True
+    return fig
 
 
 def write_plots(rows: list[Row], out_dir: Path) -> list[tuple[str, str]]:

@@ -58,8 +58,8 @@ def test_fused_linear_gpu(benchmark, monkeypatch, impl):
 
 
 def test_bench_fused_linear_writes_a_table(tmp_path):
-    table = bench_fused_linear(out_dir=tmp_path, shapes=[(32, 16, 24, 300, "float32")], quick=True)
-    assert next(tmp_path.glob("*.md")).read_text() == table
+    table, page = bench_fused_linear(out_dir=tmp_path, shapes=[(32, 16, 24, 300, "float32")], quick=True)
+    assert list(tmp_path.glob("*.md")) == [page] and page.read_text() == table
     rows = [line for line in table.splitlines() if line.startswith("| 32 x 16 (teacher 24) x 300 |")]
     assert [r.split("|")[3].strip() for r in rows] == [name for name, _ in IMPLEMENTATIONS]
     assert "failed" not in table and "(itself)" in rows[0]

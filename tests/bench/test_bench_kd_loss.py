@@ -72,9 +72,8 @@ def test_eager_gpu(benchmark):
 
 def test_bench_kernels_writes_a_table(tmp_path):
     """bench_kernels end to end on tiny shapes: a markdown table with every implementation, written to disk."""
-    table = bench_kernels(out_dir=tmp_path, shapes=[(64, 500, "float32")], quick=True)
-    name = next(tmp_path.glob("*.md"))
-    assert name.read_text() == table
+    table, page = bench_kernels(out_dir=tmp_path, shapes=[(64, 500, "float32")], quick=True)
+    assert list(tmp_path.glob("*.md")) == [page] and page.read_text() == table
     assert "| 64 x 500 | float32 | eager |" in table
     assert "kd_loss (" in table and "failed" not in table and "OOM" not in table
 
@@ -129,3 +128,31 @@ def test_each_candidate_is_timed_only_on_the_shapes_it_changes():
     }
     kmod = importlib.import_module("kdbench.kernels.kd_loss_triton")
     assert all(hasattr(kmod, k) for c in bench.CANDIDATES for k in c.settings)  # no setting misspelt
+
+
+def test_bench_kernels_command_writes_where_asked_and_shows_progress(tmp_path, monkeypatch):
+    """`kdbench bench kernels --out FILE`: progress per shape and implementation on stderr, the table on stdout,
+    and the file it wrote named."""
+    from typer.testing import CliRunner
+
+    from kdbench.cli import app
+    from kdbench.kernels import benchmark as bench
+
+    monkeypatch.setattr(bench, "CPU_QUICK_SHAPES", [(32, 300, "float32")])
+    page = tmp_path / "pages" / "mine.md"
+    result = CliRunner().invoke(app, ["bench", "kernels", "--quick", "--out", str(page)])
+    assert result.exit_code == 0, result.output
+    assert page.read_text().strip() in result.stdout
+    assert "shape 1 of 1, 32 x 300 float32" in result.stderr and "eager:" in result.stderr
+    assert f"written to {page}" in " ".join(result.stderr.split())
+
+
+def test_bench_kernels_refuses_an_unwritable_page_before_timing(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kdbench.cli import app
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = CliRunner().invoke(app, ["bench", "kernels", "--quick", "--out", str(blocker / "x.md")])
+    assert result.exit_code == 2 and "cannot write" in result.stderr and "shape" not in result.stderr

@@ -9,60 +9,23 @@ from __future__ import annotations
 
 import torch
 
+from kd_oracle import (BF16, CUDA, F16, F32, GRAD_RTOL, LOSS_RTOL, assert_close_rel, case_features,  # noqa: F401
+                       make_inputs)
 from kdbench.kernels import reference
-from kdbench.kernels.front import validate
-
-CUDA = torch.cuda.is_available()
-F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-# Relative tolerances (max abs error / max abs expected), DESIGN.md section 5: the loss is fp32 for every input
-# dtype, the gradient is rounded to the logits' dtype.
-LOSS_RTOL = {F32: 1e-5, BF16: 1e-4, F16: 1e-4}
-GRAD_RTOL = {F32: 1e-5, BF16: 1e-2, F16: 1e-2}
-OPTS = dict(temperature=1.0, alpha=0.5, divergence="forward_kl", beta=0.5, ignore_index=-100,
-            reduction="batchmean", feature_weight=0.0)
-
-
-def make_inputs(n, v, dtype=F32, *, scale=3.0, seed=0, ignored=()):
-    """Scaled randn logits (never zeros), a correlated teacher, labels with some rows ignored."""
-    g = torch.Generator().manual_seed(seed)
-    s = (torch.randn(n, v, generator=g) * scale).to(dtype)
-    t = (s.float() * 0.5 + torch.randn(n, v, generator=g) * scale).to(dtype)
-    labels = torch.randint(0, v, (n,), generator=g)
-    for i in ignored:
-        labels[i] = -100
-    return s, t, labels
-
-
-def assert_close_rel(actual, expected, rtol, what):
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    assert not torch.isnan(actual).any(), f"{what}: NaN"
-    assert torch.equal(torch.isinf(actual), torch.isinf(expected)), f"{what}: inf pattern differs"
-    fin = torch.isfinite(expected)
-    if not fin.any():
-        return
-    err = (actual[fin] - expected[fin]).abs().max().item()
-    ref = expected[fin].abs().max().item()
-    assert err <= rtol * max(ref, 1e-30), f"{what}: max abs err {err:.3g} > {rtol:g} * {ref:.3g}"
+from kdbench.kernels.front import DEFAULTS, reduce_rows, validate
 
 
 def run(forward, s, t, labels=None, *, fs=None, ft=None, want_grad=True, launch=None, **kw):
     """The launcher's (loss reduced as the autograd Function does, gradient d loss / d s at grad_output 1,
     feature gradient or None), on the device the kernel runs on."""
     dev = "cuda" if CUDA else "cpu"
-    opts = dict(OPTS, **kw)
+    opts = dict(DEFAULTS, **kw)
     s2, t2, lab, feats = validate(s.to(dev), t.to(dev), None if labels is None else labels.to(dev),
                                   student_features=None if fs is None else fs.to(dev),
                                   teacher_features=None if ft is None else ft.to(dev), **opts)
     rows, grad, scale, feature_part = forward(s2, t2, lab, opts, want_grad, feats, feats is not None,
                                               **(launch or {}))
-    red = opts["reduction"]
-    loss = rows if red == "none" else (rows.sum() if red == "sum" else rows.sum() * scale)
-    grad_f = None
-    if feature_part is not None:
-        term, grad_f = feature_part
-        loss = loss + term
+    loss, grad_f = reduce_rows(rows, scale, feature_part, opts["reduction"])
     return loss, grad, grad_f
 
 
@@ -72,7 +35,7 @@ def check(forward, s, t, labels=None, *, fs=None, ft=None, launch=None, **kw):
     s64 = s.detach().double().requires_grad_()
     fs64 = None if fs is None else fs.detach().double().requires_grad_()
     exp = reference.kd_loss(s64, t.double(), labels, student_features=fs64,
-                            teacher_features=None if ft is None else ft.double(), **dict(OPTS, **kw))
+                            teacher_features=None if ft is None else ft.double(), **dict(DEFAULTS, **kw))
     assert loss.dtype == torch.float32
     assert_close_rel(loss, exp, LOSS_RTOL[s.dtype], "loss")
     exp.sum().backward()

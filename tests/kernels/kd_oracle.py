@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.kernels import kd_loss
+from kdbench.kernels.front import DEFAULTS
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -44,22 +45,13 @@ def _masked_mul(p, x):
     return p * torch.where(p > 0, x, torch.zeros((), dtype=x.dtype))
 
 
-def oracle(
-    s,
-    t,
-    labels=None,
-    *,
-    temperature=1.0,
-    alpha=0.5,
-    divergence="forward_kl",
-    beta=0.5,
-    ignore_index=-100,
-    reduction="batchmean",
-    student_features=None,
-    teacher_features=None,
-    feature_weight=0.0,
-):
-    T = temperature
+def oracle(s, t, labels=None, *, student_features=None, teacher_features=None, **options):
+    """kd_loss(s, t, labels, **options) by the naive formulas; the options' defaults are kd_loss's."""
+    unknown = set(options) - set(DEFAULTS)
+    assert not unknown, f"oracle: unknown option(s) {unknown}"
+    o = dict(DEFAULTS, **options)
+    T, alpha, divergence, beta = o["temperature"], o["alpha"], o["divergence"], o["beta"]
+    ignore_index, reduction, feature_weight = o["ignore_index"], o["reduction"], o["feature_weight"]
     v = s.shape[-1]
     s2, t2 = s.reshape(-1, v), t.reshape(-1, v)
     ls, lt = torch.log_softmax(s2 / T, -1), torch.log_softmax(t2 / T, -1)
@@ -111,6 +103,15 @@ def make_inputs(n, v, dtype=torch.float32, *, scale=3.0, seed=0, ignored=(), lea
     if lead is not None:
         s, t, labels = s.reshape(*lead, v), t.reshape(*lead, v), labels.reshape(lead)
     return s, t, labels
+
+
+def case_features(n, dtype, feats: bool):
+    """A value case's features: (fs, ft) (n, 24) and {"feature_weight": 0.3}, or (None, None, {}) without."""
+    if not feats:
+        return None, None, {}
+    g = torch.Generator().manual_seed(1)
+    fs, ft = (torch.randn(n, 24, generator=g) * 2).to(dtype), (torch.randn(n, 24, generator=g) * 2).to(dtype)
+    return fs, ft, {"feature_weight": 0.3}
 
 
 def assert_close_rel(actual, expected, rtol, what):

@@ -190,3 +190,16 @@ def test_kd_loss_argument_errors_still_come_from_kd_loss():
     hs, ws, bs, th, tw, tb, labels = make()
     with pytest.raises(KdLossInputError, match="unknown divergence"):
         fused(hs, ws, bs, th, tw, tb, labels, divergence="tvd")
+
+
+def test_loss_options_are_kd_losss_and_no_others():
+    """The loss options take kd_loss's defaults (help() shows them); kd_loss's feature options are refused."""
+    import inspect
+
+    params = inspect.signature(fused_linear_kd_loss).parameters
+    assert {name: params[name].default for name in fused_linear.LOSS_OPTIONS} == {
+        name: inspect.signature(kd_loss).parameters[name].default for name in fused_linear.LOSS_OPTIONS}
+    hs, ws, bs, th, tw, tb, labels = make()
+    with pytest.raises(KdLossInputError, match="^fused_linear_kd_loss: unknown argument[(]s[)] feature_weight$"):
+        fused(hs, ws, bs, th, tw, tb, labels, feature_weight=0.5)
+    assert_same(fused(hs, ws, bs, th, tw, tb, labels), unfused(hs, ws, bs, th, tw, tb, labels))

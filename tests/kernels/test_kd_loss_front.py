@@ -1,5 +1,5 @@
 """kd_loss's front (kernels/front.py): one-line input errors, one docstring for every entry point, the choice of
-backend, and a light package import."""
+backend (and the opt-in kernels run through it), and a light package import."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kdbench.kernels as kernels
+from kd_lean_cases import check_through_front
 from kd_oracle import CUDA, device_for, impl  # noqa: F401
 from kdbench.kernels import KD_LOSS_DOC, KdLossInputError, kd_loss
 from kdbench.kernels import reference
@@ -100,3 +101,16 @@ def test_import_is_light():
     env = {k: v for k, v in os.environ.items() if k != "KDBENCH_KERNEL"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("module, env", [
+    ("kd_loss_split", {"KDBENCH_KERNEL": "split"}),
+    ("kd_loss_split", {"KDBENCH_KERNEL": "triton", "KDBENCH_KERNEL_VARIANT": "split"}),
+    ("kd_loss_persistent", {"KDBENCH_KERNEL": "persistent"}),
+    ("kd_loss_persistent", {"KDBENCH_KERNEL": "triton", "KDBENCH_KERNEL_VARIANT": "new"}),
+], ids=["split-KDBENCH_KERNEL", "split-KDBENCH_KERNEL_VARIANT", "persistent-KDBENCH_KERNEL",
+        "persistent-KDBENCH_KERNEL_VARIANT"])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: -inf - -inf
+def test_opt_in_kernels_selected_through_the_front(monkeypatch, module, env):
+    """The opt-in kernels run through kernels/front.py: (B, L, V) logits, features, grad_output != 1."""
+    check_through_front(monkeypatch, importlib.import_module(f"kdbench.kernels.{module}"), env)

@@ -8,15 +8,13 @@ ignored rows sit right after valid ones, so a pipeline slot that carried the wro
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from kd_lean_cases import (BF16, F16, F32, LOSS_RTOL, assert_close_rel, check, check_through_front, make_inputs, run,
-                           with_neg_inf)
+from kd_lean_cases import (BF16, F16, F32, LOSS_RTOL, assert_close_rel, case_features, check, make_inputs,
+                           run, with_neg_inf)
+from sm90_build import build_for_sm90
 from kdbench.kernels import kd_loss_persistent as persistent
 from kdbench.kernels import reference
 
@@ -44,13 +42,8 @@ CASES = [
 @pytest.mark.parametrize("dtype,n,v,T,alpha,div,red,feats", CASES)
 def test_matches_float64(dtype, n, v, T, alpha, div, red, feats):
     s, t, labels = make_inputs(n, v, dtype, ignored=(1, 5) if n > 5 else ((1,) if n > 2 else ()))
-    fs = ft = None
-    kw = dict(temperature=T, alpha=alpha, divergence=div, reduction=red)
-    if feats:
-        g = torch.Generator().manual_seed(1)
-        fs, ft = (torch.randn(n, 24, generator=g) * 2).to(dtype), (torch.randn(n, 24, generator=g) * 2).to(dtype)
-        kw["feature_weight"] = 0.3
-    check(forward, s, t, labels, fs=fs, ft=ft, **kw)
+    fs, ft, fw = case_features(n, dtype, feats)
+    check(forward, s, t, labels, fs=fs, ft=ft, temperature=T, alpha=alpha, divergence=div, reduction=red, **fw)
 
 
 @pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
@@ -145,14 +138,6 @@ def test_infinite_forward_kl_is_inf_not_nan():
     assert loss[0].item() == math.inf and math.isfinite(loss[1].item())
 
 
-@pytest.mark.parametrize("env", [{"KDBENCH_KERNEL": "persistent"},
-                                 {"KDBENCH_KERNEL": "triton", "KDBENCH_KERNEL_VARIANT": "new"}],
-                         ids=["KDBENCH_KERNEL", "KDBENCH_KERNEL_VARIANT"])
-def test_selected_through_the_front(monkeypatch, env):
-    """Opt-in selection through kernels/front.py, (B, L, V) logits, features, grad_output != 1."""
-    check_through_front(monkeypatch, persistent, env)
-
-
 def test_front_refuses_wide_rows(monkeypatch):
     import kdbench.kernels as kernels
 
@@ -189,11 +174,4 @@ print("compiled", n)
 
 
 def test_kernel_compiles_for_sm90():
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KDBENCH_KERNEL")}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env)
-    if out.returncode != 0 and "ptxas" in out.stderr and "No such file" in out.stderr:
-        pytest.skip("Triton's ptxas is missing here")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "compiled 4" in out.stdout
+    build_for_sm90(_COMPILE_SCRIPT, 4)

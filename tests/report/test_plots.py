@@ -22,3 +22,29 @@ def test_plot_names_are_slugs_of_the_metric_too(tmp_path):
             v["metric_name"] = "exact match"
     text = write_report(write_suite(tmp_path / "s", runs))
     assert "](toy_exact-match_vs_latency.png)" in text and (tmp_path / "s" / "toy_exact-match_vs_size.png").exists()
+
+
+def test_the_x_axis_is_logarithmic_past_a_tenfold_spread():
+    from kdbench.report.plots import x_scale
+
+    assert x_scale([4.0, 40.0]) == "linear"  # exactly 10x still reads on a linear axis
+    assert x_scale([4.0, 41.0]) == "log"
+    assert x_scale([0.0, 100.0]) == "linear"  # nothing to take the log of
+
+
+def test_the_teacher_is_marked_and_the_axis_follows_the_spread():
+    from kdbench.report.plots import tradeoff_figure
+    from kdbench.report.rows import collect_rows, latency_of
+
+    runs = fake_runs()
+    rows = collect_rows(runs)["toy"]
+    fig = tradeoff_figure(rows, latency_of("8"), "latency", "toy")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts].count("teacher") == 1
+    assert ax.get_xscale() == "linear"  # the fake teacher is 10x the fastest student: not more
+    for r in runs:  # a teacher 100x slower than the fastest student
+        for v in r["variants"]:
+            if v["kind"] == "teacher":
+                v["latency"]["8"]["median_ms"] = 400.0
+    fig = tradeoff_figure(collect_rows(runs)["toy"], latency_of("8"), "latency", "toy")
+    assert fig.axes[0].get_xscale() == "log"
