@@ -284,7 +284,8 @@ def ls(what: Registries = typer.Argument(..., help="tasks | methods | compressor
         typer.echo(textwrap.fill(reg.describe(name), width=100, initial_indent=f"{name:26s} ",
                                  subsequent_indent=" " * 27, break_on_hyphens=False))
         for line in reg.describe_params(name) if what is not Registries.models else []:
-            typer.echo(f"{'':28s}{line}")
+            typer.echo(textwrap.fill(line, width=100, initial_indent=" " * 28, subsequent_indent=" " * 32,
+                                     break_on_hyphens=False))
 
 
 @app.command()

@@ -74,10 +74,29 @@ class Registry(Generic[T]):
         """One line per parameter of entry `name`: `name: type = default`, from its pydantic schema."""
         lines = []
         for field, info in self.params_schema(name).model_fields.items():
-            if get_origin(info.annotation) is Literal:
-                kind = " | ".join(map(str, get_args(info.annotation)))
-            else:
-                kind = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+            kind = _type_name(info.annotation)
             default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
             lines.append(f"{field}: {kind} = {default}")
         return lines
+
+
+def _type_name(annotation) -> str:
+    """A parameter's type as a user writes it: `a | b` for a Literal, `{key, ...}` for a nested schema (its keys),
+    `T | None` for an Optional."""
+    from typing import Annotated
+
+    from pydantic import BaseModel
+
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:  # constraints (ge, lt) are the schema's to check, not part of the type's name
+        return _type_name(args[0])
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "{" + ", ".join(annotation.model_fields) + "}"
+    if args and type(None) in args and origin is not None:
+        return " | ".join(_type_name(a) for a in args if a is not type(None)) + " | None"
+    if isinstance(origin, type) and args:  # dict[int, int], list[str]: the parameters say more than `dict`
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+

@@ -232,8 +232,12 @@ def test_ls_shows_params():
     result = kdbench("ls", "methods")
     # each parameter with its type and default, from the method's pydantic schema
     for line in ["temperature: float = 4.0", "alpha: float = 0.7", "divergence: forward_kl | reverse_kl | jsd = "
-                 "'forward_kl'", "teacher_top_k: int | None = None"]:
+                 "'forward_kl'", "teacher_top_k: int | None = None",
+                 # a nested schema by its keys, not its class path; a generic with its parameters
+                 "weights: {ce, soft, hidden, attention} | None = None", "layer_map: dict[int, int] | None = None",
+                 "feature_loss: mse | cosine = 'mse'", "attention_loss: mse | kl = 'mse'"]:
         assert line in result.stdout
+    assert "kdbench.methods" not in result.stdout
 
 
 def test_ls_unknown_registry_is_a_usage_error():

@@ -41,6 +41,7 @@ def _build_task_data(train: list[dict], eval_: list[dict], p: _TextClassificatio
     rng = random.Random(p.shuffle_seed)
     rng.shuffle(train)
     names = p.labels or label_names or sorted({str(r["label"]) for r in train})
+    eval_labels = {str(r["label"]) for r in eval_}
     index = {n: i for i, n in enumerate(names)}
     for split, rows in (("train", train), ("eval", eval_)):
         for r in rows:
@@ -53,6 +54,11 @@ def _build_task_data(train: list[dict], eval_: list[dict], p: _TextClassificatio
                         f"{where}: {split} label {r['label']!r} is not one of the task's labels: {', '.join(names)}"
                     )
             r["label"] = index[key]
+    if not (p.labels or label_names):  # classes read off the train split: a stray value there is no class
+        unseen = sorted(set(names) - eval_labels)
+        if unseen:
+            raise KdbenchError(f"{where}: train label {unseen[0]!r} never occurs in the eval split; if it is one of "
+                               "the task's labels, list them all in params.labels")
     transfer = []
     if p.transfer_from_train:
         transfer = [{**r, "label": TEACHER_LABEL} for r in train[: p.transfer_from_train]]

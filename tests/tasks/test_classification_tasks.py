@@ -68,6 +68,15 @@ def test_label_the_task_does_not_expect(tsv_files, tmp_path):
         local(**{**tsv_files, "eval_file": str(bad_eval)})
 
 
+def test_a_stray_train_label_is_refused_by_the_loader_too(tsv_files, tmp_path):
+    """Without `labels`, the train split's values are the classes: one the eval split never has is refused, not
+    made a class of its own (the loader's check, for callers that skip `kdbench validate`)."""
+    train = write_tsv(tmp_path / "stray.tsv", ["sentence", "label"], [["fine", "pos"], ["bad", "neg"], ["x", "p0s"]])
+    with pytest.raises(KdbenchError, match=r"train label 'p0s' never occurs in the eval split"):
+        local(**{**tsv_files, "train_file": str(train)})
+    assert local(**{**tsv_files, "train_file": str(train)}, labels=["neg", "pos", "p0s"]).num_labels == 3
+
+
 def test_csv_with_quoted_fields(tmp_path):
     rows = [["text", "label"], ['a "quoted", comma-rich review', "1"], ["plain", "0"], ["x, y", "1"]]
     with (tmp_path / "d.csv").open("w", newline="") as f:
