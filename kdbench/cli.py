@@ -324,11 +324,19 @@ bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Bench
 app.add_typer(bench_app, name="bench")
 
 
-def _bench_progress() -> None:
+def _bench(measure) -> None:
+    """Run a benchmark (`measure() -> (table, page written)`): progress on stderr, the table on stdout, then where
+    it went."""
     # The benchmarks log each shape and implementation as they go: minutes on a CPU must not pass in silence.
     _setup_logging(False)
     logging.getLogger("kdbench.kernels").setLevel(logging.INFO)
     logging.getLogger().setLevel(logging.INFO)
+    try:
+        text, path = measure()
+    except KdbenchError as e:
+        _fail(e)
+    typer.echo(text)
+    typer.echo(f"written to {path}", err=True)
 
 
 @bench_app.command("kernels")
@@ -342,20 +350,14 @@ def bench_kernels(
                                 "and predict H200 times (kernels/static_model.py)"),
 ):
     """Time the KD loss (eager, torch.compile, Liger-Kernel if installed, kdbench's kernel) and write a table."""
-    _bench_progress()
-    try:
-        if static:
-            from kdbench.kernels.static_model import static_table
+    if static:
+        from kdbench.kernels.static_model import static_table
 
-            text, path = static_table(out, command="kdbench bench kernels --static" + (f" --out {out}" if out else ""))
-        else:
-            from kdbench.kernels.benchmark import bench_kernels as run_bench
+        _bench(lambda: static_table(out, command="kdbench bench kernels --static" + (f" --out {out}" if out else "")))
+    else:
+        from kdbench.kernels.benchmark import bench_kernels as run_bench
 
-            text, path = run_bench(out_dir, quick=quick, out_file=out)
-    except KdbenchError as e:
-        _fail(e)
-    typer.echo(text)
-    typer.echo(f"written to {path}", err=True)
+        _bench(lambda: run_bench(out_dir, quick=quick, out_file=out))
 
 
 @bench_app.command("fused-linear")
@@ -367,15 +369,9 @@ def bench_fused_linear(
 ):
     """Time and measure the loss from hidden states: both models' logits then kd_loss, against
     fused_linear_kd_loss (the methods' `fused_linear`)."""
-    _bench_progress()
     from kdbench.kernels.benchmark_fused_linear import bench_fused_linear as run_bench
 
-    try:
-        text, path = run_bench(out_dir, quick=quick, out_file=out)
-    except KdbenchError as e:
-        _fail(e)
-    typer.echo(text)
-    typer.echo(f"written to {path}", err=True)
+    _bench(lambda: run_bench(out_dir, quick=quick, out_file=out))
 
 
 def main() -> None:  # pragma: no cover
