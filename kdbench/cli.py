@@ -297,6 +297,7 @@ def report(results_dir: Path = typer.Argument(..., help="a suite's results folde
         _fail(KdbenchError(f"no results in {results_dir} (expected {results_dir / 'runs'})"))
     left_out = _warn_bad_results(results_dir, "left out of the report")
     typer.echo(write_report(results_dir))
+    typer.echo(f"written to {results_dir / 'README.md'} (and its plots beside it)", err=True)
     if left_out:
         typer.echo(f"warning: {left_out} result file(s) in {results_dir / 'runs'} left out of the report", err=True)
 
@@ -316,8 +317,13 @@ def compare(
         _warn_bad_results(d, "left out of the comparison")
     text = compare_dirs(dir_a, dir_b)
     if output:
-        output.write_text(text)
+        try:
+            output.write_text(text)
+        except OSError as e:
+            _fail(KdbenchError(f"cannot write {output}: {e.strerror or e}"))
     typer.echo(text)
+    if output:
+        typer.echo(f"written to {output}", err=True)
 
 
 bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Benchmarks of kdbench's own kernels.")

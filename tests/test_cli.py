@@ -189,6 +189,7 @@ def test_report_re_renders_from_the_results(smoke):
     result = kdbench("report", smoke.out)
     assert result.exit_code == 0
     assert readme.is_file()
+    assert f"written to {readme}" in " ".join(result.stderr.split())
     assert table_lines(result.stdout)
     assert set(table_lines(result.stdout)) <= set(readme.read_text().splitlines())
     assert "What should I ship?" in "\n".join(summary_lines(smoke.rerun.stdout))

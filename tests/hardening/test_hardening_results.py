@@ -190,6 +190,17 @@ def test_compare_names_a_bad_file_too(copy, finished):
                                           "instead of an object; left out of the comparison"]
 
 
+def test_compare_says_where_it_wrote_and_refuses_an_unwritable_output(copy, finished, tmp_path):
+    _, out = copy
+    page = tmp_path / "cmp.md"
+    result = kdbench("compare", finished[0], out, "-o", page)
+    assert result.exit_code == 0 and page.read_text().strip() in result.stdout
+    assert result.stderr.splitlines() == [f"written to {page}"]
+    result = kdbench("compare", finished[0], out, "-o", tmp_path / "no" / "such" / "folder.md")
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: cannot write {tmp_path / 'no'}")
+    assert "Traceback" not in result.output
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A failed run never overwrites a finished result
 
