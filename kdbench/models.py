@@ -30,7 +30,8 @@ def model_inputs(batch: dict, *models) -> dict:
     accepted = None
     for m in models:
         m = getattr(m, "module", getattr(m, "_orig_mod", m))  # DDP and torch.compile wrappers hide the signature
-        params = set(inspect.signature(m.forward).parameters)
+        # a wrapper of several models (kdbench.train.ensemble) names what its forward passes on
+        params = getattr(m, "forward_inputs", None) or set(inspect.signature(m.forward).parameters)
         accepted = params if accepted is None else accepted & params
     return {k: v for k, v in batch.items() if k in accepted}
 
@@ -61,13 +62,27 @@ def check_model_ref(ref, where: str) -> None:
         raise KdbenchError(f"{where}: unknown {ref.model_type} config field {unknown[0]!r}")
 
 
+_LAYER_FIELDS, _WIDTH_FIELDS = ("num_hidden_layers", "n_layers", "n_layer", "num_layers"), ("hidden_size", "dim",
+                                                                                             "n_embd", "d_model")
+
+
 def describe(ref) -> str:
+    """A model reference in a few characters: a hub name or path as it is, an inline config as `bert 2L/64H`."""
     if isinstance(ref, str):
         return ref
-    f = ref.model_extra or {}
-    layers = next((f[k] for k in ("num_hidden_layers", "n_layers", "n_layer", "num_layers") if k in f), "?")
-    width = next((f[k] for k in ("hidden_size", "dim", "n_embd", "d_model") if k in f), "?")
-    return f"{ref.model_type} {layers}L/{width}H"
+    return _shape(ref.model_type, ref.model_extra or {})
+
+
+def describe_model(model) -> str:
+    """A built model as `bert 1L/64H`, from its config: what a student made of its teacher's layers really is."""
+    config = model.config.to_dict()
+    return _shape(config.get("model_type", type(model).__name__), config)
+
+
+def _shape(model_type: str, fields: dict) -> str:
+    layers = next((fields[k] for k in _LAYER_FIELDS if k in fields), "?")
+    width = next((fields[k] for k in _WIDTH_FIELDS if k in fields), "?")
+    return f"{model_type} {layers}L/{width}H"
 
 
 def is_pretrained(ref) -> bool:
@@ -180,20 +195,23 @@ def save_atomically(folder: Path, write) -> None:
 
 def pair_tokenizer(teacher_ref, student_ref, train_texts: list[str], cache_dir: Path, cache_key: str,
                    vocab_size: int = 2000):
-    """The one tokenizer a pair shares. Pretrained models bring theirs; two must have the same vocabulary."""
-    pretrained = {role: ref for role, ref in (("teacher", teacher_ref), ("student", student_ref)) if is_pretrained(ref)}
+    """The one tokenizer a pair shares. Pretrained models bring theirs; all must have the same vocabulary.
+    `teacher_ref` may be a list: a pair's several teachers, which share it too."""
+    teachers = teacher_ref if isinstance(teacher_ref, list) else [teacher_ref]
+    roles = [("teacher" if len(teachers) == 1 else f"teachers[{i}]", ref) for i, ref in enumerate(teachers)]
+    roles.append(("student", student_ref))
+    pretrained = {role: ref for role, ref in roles if is_pretrained(ref)}
     if not pretrained:
         return train_tokenizer(train_texts, vocab_size, cache_dir / "tokenizers" / cache_key)
     toks = {role: load_tokenizer(ref) for role, ref in pretrained.items()}
-    if len(toks) == 2:
-        t, s = toks["teacher"], toks["student"]
-        if t.get_vocab() != s.get_vocab():
+    (first, tok), *others = toks.items()
+    for role, other in others:
+        if tok.get_vocab() != other.get_vocab():
             raise KdbenchError(
-                f"teacher {teacher_ref!r} and student {student_ref!r} have different vocabularies "
-                f"({len(t)} vs {len(s)} tokens); logit distillation needs a shared tokenizer"
+                f"{first} {pretrained[first]!r} and {role} {pretrained[role]!r} have different vocabularies "
+                f"({len(tok)} vs {len(other)} tokens); logit distillation needs a shared tokenizer"
             )
-    tok = toks.get("teacher") or toks["student"]
-    for role, ref in (("teacher", teacher_ref), ("student", student_ref)):
+    for role, ref in roles:
         size = None if is_pretrained(ref) else (ref.model_extra or {}).get("vocab_size")
         if size is not None and size != len(tok):
             raise KdbenchError(f"{role} vocab_size {size} differs from the pair's tokenizer ({len(tok)} tokens)")

@@ -50,7 +50,7 @@ class _Named(_Loose):
 
 
 class _Pair(_Named):
-    teacher: dict
+    teacher: dict | None  # None for a pair with `teachers`
     student: dict
 
 

@@ -179,9 +179,25 @@ def _check_like_fresh(student) -> None:
                            f"(its blocks hold per-layer state: {diff[0]})")
 
 
-def build_student(pair, *, head, num_labels: int, vocab_size: int, seed: int):
+def build_student(pair, *, head, num_labels: int, vocab_size: int, seed: int, first_stage=None):
     """The pair's student, before training: built from its own model reference, or, for `from_teacher`, cut from
-    the teacher as loaded (pretrained weights; before any fine-tuning) or built (an inline config, seeded)."""
+    the teacher as loaded (pretrained weights; before any fine-tuning) or built (an inline config, seeded); for
+    `from_run`, the first stage's distilled student saved in the folder `first_stage`, given `head`'s model class:
+    its encoder loads, and a head it lacks (a classifier on a masked LM) starts from the seed."""
+    if first_stage is not None:
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        torch.manual_seed(seed)  # the weights the saved model lacks are initialised from the run's seed
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report lists the new head and the first stage's unused one
+        try:
+            return models.build_model(str(first_stage), head=head, num_labels=num_labels, vocab_size=vocab_size,
+                                      seed=seed)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    if pair.student.from_run is not None:
+        raise KdbenchError(f"pairs.{pair.name}.student.from_run: its first stage's folder is needed to build it")
     spec = pair.student.from_teacher
     if spec is None:
         return models.build_model(pair.student.model, head=head, num_labels=num_labels, vocab_size=vocab_size,

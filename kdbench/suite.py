@@ -14,6 +14,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
                       model_serializer, model_validator)
 
 from kdbench import suite_rules as rules
+from kdbench import two_stage
 from kdbench.errors import KdbenchError
 from kdbench.yamlfile import dotted, first_non_finite, line_of, one_line, read_yaml
 
@@ -67,10 +68,21 @@ class FromTeacher(Strict):
     decoder_layers: list[int] | None = Field(None, min_length=1)
 
 
+class FromRun(Strict):
+    """A student that starts from another run's distilled student, of the same seed (two-stage distillation, e.g.
+    general distillation on a masked-LM corpus, then task distillation): `pair`'s student distilled by `method` on
+    `task` (kdbench.two_stage)."""
+
+    pair: str
+    task: str
+    method: str
+
+
 class ModelSpec(Strict):
     model: ModelRef | None = None  # required, except for a student given `from_teacher` (which takes the teacher's)
     finetune: FinetuneSettings | None = None  # teachers only: fine-tune on the task first (cached)
     from_teacher: FromTeacher | None = None  # students only
+    from_run: FromRun | None = None  # students only; its model is the first stage's (kdbench.two_stage)
 
     @model_serializer(mode="wrap")
     def _without_absent_from_teacher(self, handler):
@@ -78,12 +90,25 @@ class ModelSpec(Strict):
         data = handler(self)
         if isinstance(data, dict) and data.get("from_teacher") is None:
             data.pop("from_teacher", None)
+        if isinstance(data, dict) and data.get("from_run") is None:
+            data.pop("from_run", None)
         return data
+
+
+class TeacherSpec(ModelSpec):
+    """One of a pair's `teachers`: a teacher and its weight in the ensemble's soft targets (normalised to sum 1)."""
+
+    weight: float = Field(1.0, gt=0)
 
 
 class PairSpec(Strict):
     name: rules.Name
-    teacher: ModelSpec
+    teacher: ModelSpec | None = None  # one teacher, or `teachers`
+    # Several teachers, each fine-tuned and reported on its own; students distil from their ensemble, whose soft
+    # targets at the method's temperature T are the weighted average of the teachers' softmax(z_i / T)
+    # (`teacher_average: probs`), or the softmax at T of their weighted average logits (`logits`).
+    teachers: list[TeacherSpec] | None = Field(None, min_length=2)
+    teacher_average: Literal["probs", "logits"] = "probs"
     student: ModelSpec
     # The names of the suite's tasks this pair runs on (default: every task), e.g. a BERT pair for the classification
     # tasks and a Llama pair for the language-modelling one. Which tasks it serves changes none of its runs.
@@ -92,17 +117,49 @@ class PairSpec(Strict):
     def runs_on(self, task_name: str) -> bool:
         return self.tasks is None or task_name in self.tasks
 
+    @property
+    def teacher_roles(self) -> list[tuple[str, ModelSpec]]:
+        """(where in the suite, spec) of each teacher: [("teacher", ...)], or [("teachers.0", ...), ...]."""
+        if self.teachers is None:
+            return [("teacher", self.teacher)]
+        return [(f"teachers.{i}", t) for i, t in enumerate(self.teachers)]
+
+    @model_serializer(mode="wrap")
+    def _without_absent_teachers(self, handler):
+        # left out for a one-teacher pair, so that every spec from before they existed keeps its hash
+        data = handler(self)
+        if isinstance(data, dict) and data.get("teachers") is None:
+            data.pop("teachers", None)
+            data.pop("teacher_average", None)
+        return data
+
     @model_validator(mode="after")
     def _student_not_finetuned(self):
+        if (self.teacher is None) == (self.teachers is None):
+            raise ValueError("give `teacher` or `teachers`, not both" if self.teacher is not None
+                             else "a pair needs `teacher` (or `teachers`)")
+        if self.teachers is None and "teacher_average" in self.model_fields_set:
+            raise ValueError("teacher_average is for a pair with `teachers`")
         if self.student.finetune is not None:
             raise ValueError("student.finetune is not allowed: students are trained by the methods")
-        if self.teacher.from_teacher is not None:
-            raise ValueError("teacher.from_teacher is not allowed: it is for students")
-        if self.teacher.model is None:
-            raise ValueError("teacher.model is required")
-        if self.student.from_teacher is None:
+        for role, teacher in self.teacher_roles:
+            if teacher.from_teacher is not None or teacher.from_run is not None:
+                raise ValueError(f"{role}.{'from_teacher' if teacher.from_teacher else 'from_run'} is not allowed: "
+                                 "it is for students")
+            if teacher.model is None:
+                raise ValueError(f"{role}.model is required")
+        if self.teachers is not None and self.student.from_teacher is not None:
+            raise ValueError("student.from_teacher takes one teacher's layers; with `teachers`, give the student "
+                             "its own `model`")
+        if self.student.from_run is not None:
+            given = [key for key in ("model", "from_teacher") if key in self.student.model_fields_set]
+            if given:  # (the model that two_stage.resolve_pairs sets is not in the fields given)
+                raise ValueError(f"student: give `from_run` alone, not `{given[0]}` too; its model is the first "
+                                 "stage's student")
+            # its model reference (tokenizer, family) is the first stage's, set by Suite._first_stages
+        elif self.student.from_teacher is None:
             if self.student.model is None:
-                raise ValueError("student needs `model` or `from_teacher`")
+                raise ValueError("student needs `model` or `from_teacher` (or `from_run`)")
         elif self.student.model is None:
             # The student shares the teacher's model reference (its tokenizer, its family) with fewer layers.
             self.student.model = self.teacher.model.model_copy(deep=True) if isinstance(
@@ -196,7 +253,9 @@ class Suite(Strict):
     multitask: list[MultitaskSpec] = Field(default_factory=list)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     profiling: ProfilingSettings = Field(default_factory=ProfilingSettings)
-    output_dir: str = "results"  # results land in <output_dir>/<name>/
+    # Relative to the suite file's folder, like data files, so a suite writes to one place from any working
+    # directory; the default keeps a user's runs apart from a checkout's committed results/.
+    output_dir: str = "kdbench-results"  # results land in <output_dir>/<name>/
     cache_dir: str = ".kdbench_cache"  # fine-tuned teachers, tokenizers, trained students
     resources: ResourceSettings = Field(default_factory=ResourceSettings)  # per run, under --ray
     max_retries: int = Field(2, ge=0)  # under --ray: re-runs of a run whose worker died (not of a run that failed)
@@ -209,6 +268,12 @@ class Suite(Strict):
         if dup:
             raise ValueError(f"duplicate name {sorted(dup)[0]!r}")
         return items
+
+    @field_validator("pairs")
+    @classmethod
+    def _first_stages(cls, pairs):
+        two_stage.resolve_pairs(pairs)  # unknown pairs and cycles of `from_run`; a two-stage student's model
+        return pairs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,9 +351,11 @@ def check_registry_names(suite: Suite) -> None:
         for j, step in enumerate(c.steps):
             check_params(("compression", i, "steps", j), compressors, step.compressor, step.params)
     for i, p in enumerate(suite.pairs):
-        for role in ("teacher", "student"):
-            ref = getattr(p, role).model
-            check(("pairs", i, role, "model"), check_model_ref, ref, f"pairs.{p.name}.{role}")
+        for role, spec in [*p.teacher_roles, ("student", p.student)]:
+            where = tuple(int(x) if x.isdigit() else x for x in role.split("."))  # "teachers.1": a list index
+            check(("pairs", i, *where, "model"), check_model_ref, spec.model, f"pairs.{p.name}.{role}")
+        if p.teachers is not None:
+            check_several_teachers(suite, i)
         if p.student.from_teacher is not None:
             from kdbench.student_init import check_selection
 
@@ -296,6 +363,7 @@ def check_registry_names(suite: Suite) -> None:
             if suite.multitask:
                 raise _at(("pairs", i, "student", "from_teacher"), "a multitask suite builds its students from "
                           "their own model; from_teacher is for single-task students")
+    two_stage.check_first_stages(suite)  # from_run: its task, method and first stage
     task_names, method_names = [t.name for t in suite.tasks], [m.name for m in suite.methods]
     for i, p in enumerate(suite.pairs):
         for j, name in enumerate(p.tasks or []):
@@ -338,6 +406,25 @@ def check_registry_names(suite: Suite) -> None:
         raise _at(("multitask",), f"task {shared[0]!r} is in two multitask groups; a task may be in one only")
 
 
+def check_several_teachers(suite: Suite, i: int) -> None:
+    """A pair with `teachers` distils through their ensemble, which has soft targets only: refuse the methods of its
+    tasks that need one teacher's hidden states, attention maps, output layer or decoding (asked of the objective)."""
+    from kdbench.methods import make_objective
+
+    pair = suite.pairs[i]
+    grouped = {g.method for g in suite.multitask if any(pair.runs_on(t) for t in g.tasks)}
+    for j, m in enumerate(suite.methods):
+        if not (m.name in grouped or any(pair.runs_on(t.name) and m.runs_on(t.name) for t in suite.tasks)):
+            continue
+        objective = make_objective(m.method, m.params)
+        needs = ("hidden states" if objective.needs_hidden_states else "attention maps" if objective.needs_attentions
+                 else "output layer (fused_linear)" if objective.fused_linear
+                 else "decoding" if objective.teacher_decoding is not None else None)
+        if needs is not None:
+            raise _at(("methods", j), f"method {m.name!r} needs one teacher's {needs}; pair {pair.name!r} has "
+                      f"{len(pair.teachers)} teachers, whose ensemble gives soft targets only")
+
+
 def method_training(training: TrainingSettings, method: MethodSpec) -> TrainingSettings:
     """The suite's training settings with the method's own changes. The sequence length stays the suite's: every
     model of a suite sees the same encoded rows."""
@@ -362,10 +449,12 @@ def _resolve(value: str, base: Path) -> str:
 
 
 def resolve_paths(suite: Suite, base: Path) -> None:
-    """Relative local paths in a suite (task data files, local model folders) are relative to the suite file,
-    so a suite runs from any working directory. They are stored resolved: the RunResult holds absolute paths."""
+    """Relative local paths in a suite (task data files, local model folders, output_dir and cache_dir) are
+    relative to the suite file, so a suite runs from any working directory. They are stored resolved: the
+    RunResult holds absolute paths."""
     from kdbench.tasks import tasks
 
+    suite.output_dir, suite.cache_dir = _resolve(suite.output_dir, base), _resolve(suite.cache_dir, base)
     for t in suite.tasks:
         if t.task not in tasks:
             continue  # reported by check_registry_names
@@ -373,7 +462,7 @@ def resolve_paths(suite: Suite, base: Path) -> None:
             if isinstance(t.params.get(key), str):
                 t.params[key] = _resolve(t.params[key], base)
     for p in suite.pairs:
-        for spec in (p.teacher, p.student):
+        for spec in [*(t for _, t in p.teacher_roles), p.student]:
             if isinstance(spec.model, str) and spec.model.startswith((".", "/", "~")):
                 spec.model = _resolve(spec.model, base)
 

@@ -2,8 +2,9 @@
 
 A method is an `Objective`: it says which teacher/student outputs it needs and turns them into a loss, and it
 tells the runner what it needs before training through a few properties (`sparse_teacher`, `teacher_decoding`,
-`student_decoding`, `teacher_logits_suffice`), so the runner has no branch per method. The losses live in
-kdbench.kernels: feature terms ride in the same `kd_loss` call as the logits, so there is one loss implementation.
+`student_decoding`, `teacher_logits_suffice`, `teacher_temperature`), so the runner has no branch per method. The
+losses live in kdbench.kernels: feature terms ride in the same `kd_loss` call as the logits, so there is one loss
+implementation.
 """
 
 from __future__ import annotations
@@ -147,6 +148,12 @@ class Objective:
     def fused_linear(self) -> bool:
         """Whether the models' output layers run inside the loss (DistillationConfig.fused_linear)."""
         return bool(getattr(getattr(self, "params", None), "fused_linear", False))
+
+    @property
+    def teacher_temperature(self) -> float:
+        """The temperature T at which the loss reads the teacher's soft targets, softmax(logits / T): several
+        teachers are averaged at it (kdbench.train.ensemble)."""
+        return self.params.temperature
 
     @property
     def teacher_logits_suffice(self) -> bool:

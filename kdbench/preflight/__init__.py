@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kdbench.errors import KdbenchError
 from kdbench.preflight import data_files, folders, model_configs
-from kdbench.plan import expand, group_of
+from kdbench.plan import expand, tokenizer_tasks
 from kdbench.suite import Suite
 
 
@@ -50,13 +50,13 @@ def check_task_data(task) -> None:
 
 
 def _texts(suite: Suite, task_name: str) -> list[str]:
-    """The texts a pair of inline models trains its tokenizer on: the task's (or its multitask group's) train
-    split, as the task's head gives them (kdbench.heads.Head.texts)."""
+    """The texts a pair of inline models trains its tokenizer on: the task's (or its multitask group's, or its
+    two-stage tasks') train split, as the task's head gives them (kdbench.heads.Head.texts)."""
     from kdbench import heads
     from kdbench.tasks import load_task
 
     texts = []
-    for t in group_of(suite, task_name):
+    for t in tokenizer_tasks(suite, task_name):
         data = load_task(t.task, t.params)
         texts += heads.get(data.head, **data.head_params).texts(data.train)
     return texts
@@ -66,17 +66,21 @@ def _needs_network(suite: Suite, task_name: str) -> bool:
     from kdbench.tasks import tasks
 
     # kdbench.tasks.HubTask families name their local-file twin; their data comes from the hub
-    return any(hasattr(tasks.get(t.task), "local_task") for t in group_of(suite, task_name))
+    return any(hasattr(tasks.get(t.task), "local_task") for t in tokenizer_tasks(suite, task_name))
 
 
 def check_models(suite: Suite) -> None:
     """Each pair's inline configs build and construct, and its vocabularies agree (see model_configs)."""
     for pair in suite.pairs:
         where = f"pairs.{pair.name}"
-        t_ref, s_ref = pair.teacher.model, pair.student.model
-        if isinstance(t_ref, str) or isinstance(s_ref, str):
+        roles = [(role, t.model) for role, t in pair.teacher_roles]
+        # a list for several teachers, as kdbench.models.pair_tokenizer takes them
+        t_ref, s_ref = roles[0][1] if pair.teachers is None else [ref for _, ref in roles], pair.student.model
+        refs = [ref for _, ref in roles] + [s_ref]
+        model_configs.check_label_sets(roles, where)
+        if any(isinstance(r, str) for r in refs):
             sizes = [model_configs.tokenizer_size(t_ref, s_ref, None, where)]
-        elif any(model_configs.explicit_vocab(r) is not None for r in (t_ref, s_ref)):
+        elif any(model_configs.explicit_vocab(r) is not None for r in refs):
             # two inline models with a vocab_size of their own: their tokenizer is trained on each task's texts,
             # which are read here unless they come from the hub
             served = [t.name for t in suite.tasks if pair.runs_on(t.name) and not _needs_network(suite, t.name)]
@@ -85,6 +89,6 @@ def check_models(suite: Suite) -> None:
             sizes = []
         for size in sizes or [None]:
             model_configs.check_vocabularies(t_ref, s_ref, size, where)
-        for role, ref in (("teacher", t_ref), ("student", s_ref)):
+        for role, ref in [*roles, ("student", s_ref)]:
             if not isinstance(ref, str):
                 model_configs.check_inline(ref, f"{where}.{role}.model")

@@ -82,7 +82,8 @@ def tokenizer_size(teacher_ref, student_ref, texts: list[str] | None, where: str
     a network, and a pair of inline models needs the training texts (`texts` None)."""
     from kdbench import models
 
-    refs = [r for r in (teacher_ref, student_ref) if isinstance(r, str)]
+    teachers = teacher_ref if isinstance(teacher_ref, list) else [teacher_ref]  # a pair's several teachers
+    refs = [r for r in (*teachers, student_ref) if isinstance(r, str)]
     if any(not Path(r).expanduser().is_dir() for r in refs) or (not refs and texts is None):
         return None
     try:
@@ -94,8 +95,11 @@ def tokenizer_size(teacher_ref, student_ref, texts: list[str] | None, where: str
 
 def check_vocabularies(teacher_ref, student_ref, tokenizer_size: int | None, where: str) -> None:
     """Teacher and student score the same vocabulary: their explicit vocab sizes agree with each other, and none
-    is smaller than the tokenizer (its ids would index past the embedding)."""
-    sizes = {role: explicit_vocab(ref) for role, ref in (("teacher", teacher_ref), ("student", student_ref))}
+    is smaller than the tokenizer (its ids would index past the embedding). `teacher_ref` may be a list: a pair's
+    several teachers, which must all agree."""
+    teachers = teacher_ref if isinstance(teacher_ref, list) else [teacher_ref]
+    roles = [("teacher" if len(teachers) == 1 else f"teachers.{i}", ref) for i, ref in enumerate(teachers)]
+    sizes = {role: explicit_vocab(ref) for role, ref in (*roles, ("student", student_ref))}
     for role, size in sizes.items():
         if size is not None and (not isinstance(size, int) or size <= 0):
             raise KdbenchError(f"{where}.{role}: vocab_size must be a positive integer, got {size!r}")
@@ -103,7 +107,43 @@ def check_vocabularies(teacher_ref, student_ref, tokenizer_size: int | None, whe
             raise KdbenchError(f"{where}.{role}: vocab_size {size} is smaller than the pair's tokenizer "
                                f"({tokenizer_size} tokens); remove vocab_size to use the tokenizer's")
     effective = {role: size if size is not None else tokenizer_size for role, size in sizes.items()}
-    t, s = effective["teacher"], effective["student"]
-    if t is not None and s is not None and t != s:
-        raise KdbenchError(f"{where}: teacher vocab_size {t} and student vocab_size {s} differ; logit distillation "
-                           "needs one vocabulary")
+    known = [(role, size) for role, size in effective.items() if size is not None]
+    for (role, size), (other, other_size) in zip(known, known[1:]):
+        if size != other_size:
+            raise KdbenchError(f"{where}: {role} vocab_size {size} and {other} vocab_size {other_size} differ; logit "
+                               "distillation needs one vocabulary")
+
+
+# The config fields that fix a classifier's label set; a task's teachers must agree on those that they name.
+LABEL_FIELDS = ("num_labels", "id2label", "label2id")
+
+
+def check_label_sets(teachers: list[tuple[str, object]], where: str) -> None:
+    """Several teachers (`(role, model ref)`) score the same labels: the label fields that their inline configs
+    or local folders' config.json name agree (a hub config needs a network: left to the run)."""
+    named = [(role, labels) for role, ref in teachers if (labels := _label_fields(ref))]
+    for (role, labels), (other, other_labels) in zip(named, named[1:]):
+        for key in sorted(set(labels) & set(other_labels)):
+            if labels[key] != other_labels[key]:
+                raise KdbenchError(f"{where}: {role} and {other} have different label sets ({key} {labels[key]!r} vs "
+                                   f"{other_labels[key]!r}); their soft targets must score the same labels")
+
+
+def _label_fields(ref) -> dict:
+    """The label fields a model reference names: an inline config's own, or a local folder's config.json labels
+    unless they are transformers' defaults (LABEL_0, ...), which name nothing."""
+    import json
+
+    if isinstance(ref, str):
+        path = Path(ref).expanduser() / "config.json"
+        labels = json.loads(path.read_text()).get("id2label") if path.is_file() else None
+        if not labels or all(v == f"LABEL_{k}" for k, v in labels.items()):
+            return {}
+        fields = {"id2label": labels}
+    else:
+        fields = dict(ref.model_extra or {})
+    found = {key: fields[key] for key in LABEL_FIELDS if key in fields}
+    if "id2label" in found:  # JSON keys are strings; an inline config may give ints
+        found["id2label"] = {str(k): v for k, v in found["id2label"].items()}
+        found.setdefault("num_labels", len(found["id2label"]))
+    return found

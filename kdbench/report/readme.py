@@ -12,6 +12,7 @@ from kdbench.report.picks import recommend
 from kdbench.report.plots import write_plots
 from kdbench.report.rows import (
     Row, collect_rows, display_names, distinct, extra_metric_names, generation_batch_sizes, metric_name, metric_sign,
+    teacher_row,
 )
 from kdbench.report.tables import FAMILIES_NOTE, families_table, task_table
 from kdbench.results import read_results
@@ -34,6 +35,19 @@ def header_lines(results: list[dict]) -> list[str]:
     n_ok = sum(r.get("status") == "ok" for r in results)
     # No render time: the same runs render to the same bytes, so re-running a finished suite changes no file.
     lines.append(f"- from {n_ok} ok runs ({len(results) - n_ok} failed); re-render with `kdbench report <this folder>`")
+    return lines
+
+
+def teachers_notes(rows: list[Row]) -> list[str]:
+    """A line per pair with several teachers: which one the other rows are measured against."""
+    lines = []
+    for pair in distinct(r.pair for r in rows):
+        teachers = [r for r in rows if r.pair == pair and r.kind == "teacher"]
+        best = teacher_row(rows, pair)
+        if len(teachers) > 1 and best is not None:
+            lines.append(f"- **{len(teachers)} teachers** ({pair}): the students distil from their ensemble; "
+                         f"retention, speedup and size ÷ are against the best, `{best.label}` (each teacher's own "
+                         "row: against itself).")
     return lines
 
 
@@ -67,7 +81,7 @@ def render(results: list[dict], suite_name: str, plots: dict[str, list[tuple[str
             lines.append("- **decode ms/token**: median time of one greedy generate() call of a fixed number of new "
                          "tokens after the profiling batch, divided by that number (the whole batch decodes together; "
                          "prompt processing included).")
-        lines += how_measured(rows) + multitask_notes(rows) + [""]
+        lines += how_measured(rows) + multitask_notes(rows) + teachers_notes(rows) + [""]
         lines += ["### What should I ship?", ""] + recommend(rows) + [""]
         lines += [f"![{title}]({name})" for title, name in (plots or {}).get(task, [])] + [""]
         for pair in distinct(r.pair for r in rows):

@@ -91,6 +91,8 @@ def compression_family(variant: dict) -> str | None:
 def row_label(run: dict, variant: dict) -> str:
     spec = run["spec"]
     role = {"teacher": "teacher", "student": "student alone"}.get(spec["kind"]) or spec["method"]["name"]
+    if spec.get("teacher_index") is not None:  # one of a pair's several teachers
+        role += f" {spec['teacher_index'] + 1}"
     return role if variant["kind"] != "compressed" else f"{role} + {variant['name']}"
 
 
@@ -98,8 +100,15 @@ def _model_label(run: dict, variant: dict) -> str:
     from kdbench.models import describe
     from kdbench.suite import InlineConfig
 
-    pair = run["spec"]["pair"]
-    ref = pair["teacher" if variant["kind"] == "teacher" else "student"]["model"]
+    pair, index = run["spec"]["pair"], run["spec"].get("teacher_index")
+    if variant["kind"] == "teacher" and index is not None:
+        ref = pair["teachers"][index]["model"]
+    else:
+        ref = pair["teacher" if variant["kind"] == "teacher" else "student"]["model"]
+    student = pair["student"] if variant["kind"] != "teacher" else {}
+    derived = student.get("from_teacher") or student.get("from_run")  # fewer layers than the model it names
+    if variant.get("architecture") and (derived or not isinstance(ref, str)):
+        return variant["architecture"]  # measured off the built model; a hub name says more than its shape
     return describe(ref if isinstance(ref, str) else InlineConfig.model_validate(ref))
 
 
@@ -171,7 +180,14 @@ def display_names(rows: list[Row]) -> list[str]:
 
 
 def teacher_row(rows: list[Row], pair: str) -> Row | None:
-    return next((r for r in rows if r.pair == pair and r.kind == "teacher"), None)
+    """The pair's teacher row; of several teachers, the best by metric (the first of equals), which the students'
+    retention and speedup are measured against."""
+    teachers = [r for r in rows if r.pair == pair and r.kind == "teacher"]
+    measured = [r for r in teachers if r.mean(metric_of) is not None]
+    if len(measured) < 2:
+        return next(iter(measured or teachers), None)
+    sign = metric_sign(measured)
+    return max(measured, key=lambda r: sign * r.mean(metric_of))
 
 
 def extra_metric_names(rows: list[Row]) -> list[str]:

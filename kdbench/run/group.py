@@ -74,9 +74,9 @@ def train_students(spec, ctx, students: dict):
     views = [for_task(spec, task) for task in spec.group]
     parts, rows = [], []
     for k, v in enumerate(views):
-        teacher, _ = ctx.teacher(v)
         objective = make_objective(spec.method.method, spec.method.params)
         check_and_bind(v, ctx, objective)
+        teacher = ctx.distillation_teacher(v, objective.teacher_temperature)  # several: their ensemble at its T
         parts.append((students[v.task.name], teacher, objective, ctx.head(v)))
         rows += [{**r, "task": k} for r in distillation_rows(v, ctx, objective)]
     # one tokenizer for the group, so any task's collator pads all the rows

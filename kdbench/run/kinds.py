@@ -6,10 +6,10 @@ Each returns the body of its RunResult (its profiled variants and training); `RU
 from __future__ import annotations
 
 from kdbench.errors import KdbenchError
-from kdbench.run.context import Context, for_task, teacher_run_id
+from kdbench.run.context import Context, for_task, teacher_run_ids
 from kdbench.run.measure import compressed_variants, profile_variant
+from kdbench.run.first_stage import distilled_student
 from kdbench.run.prepare import distiller
-from kdbench.student_init import build_student
 from kdbench.plan import RunSpec
 
 
@@ -22,9 +22,10 @@ def run_teacher(spec: RunSpec, ctx: Context) -> dict:
 
 
 def _require_teacher_metric(spec: RunSpec, ctx: Context) -> float:
-    metric = ctx.teacher_metric(spec)
+    metric = ctx.teacher_metric(spec)  # the best teacher's, with several
     if metric is None:
-        raise KdbenchError(f"teacher run {teacher_run_id(spec)} did not succeed; its students cannot run")
+        failed = next((rid for rid, r in zip(teacher_run_ids(spec), ctx.teacher_results(spec)) if r is None))
+        raise KdbenchError(f"teacher run {failed} did not succeed; its students cannot run")
     return metric
 
 
@@ -43,21 +44,13 @@ def run_distill(spec: RunSpec, ctx: Context) -> dict:
     from kdbench.methods import make_objective
 
     teacher_metric = _require_teacher_metric(spec, ctx)
-    data = ctx.task_data(spec)
     teacher, _ = ctx.teacher(spec)
     objective = make_objective(spec.method.method, spec.method.params)
-    # Built like every other student (default attention): the Distiller switches it to eager attention only while
-    # an objective that needs attention maps trains it, so all students are profiled the same way.
-    before = None
-    if spec.method.start_from == "student":
-        student, before = ctx.student_alone(spec, keep=True)
-    else:
-        student = build_student(spec.pair, head=ctx.head(spec), num_labels=data.num_labels,
-                                vocab_size=len(ctx.tokenizer(spec)), seed=spec.seed)
     distill = distiller(spec, ctx, objective)
-    stats = distill(student, f"{spec.method.name}, seed {spec.seed}")
-    if before is not None:  # the row's training is both: the student alone's, then the distillation's
-        stats = before.then(stats)
+    # Built like every other student (default attention): the Distiller switches it to eager attention only while
+    # an objective that needs attention maps trains it, so all students are profiled the same way. A first stage's
+    # is kept on disk for the pairs that start from it.
+    student, stats = distilled_student(spec, ctx, distill)
     variants = [profile_variant("distilled", "distilled", student, spec, ctx, teacher_metric=teacher_metric,
                                 teacher=teacher, training=stats.as_dict())]
     more, failed = compressed_variants(student, spec, ctx, teacher_metric, distill)

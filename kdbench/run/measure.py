@@ -97,7 +97,7 @@ def profile_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *,
 def measure_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *, teacher_metric: float | None,
                     teacher=None, info: dict | None = None, training: dict | None = None) -> dict:
     """profile_variant's measurements, in this process."""
-    from kdbench import introspect, profile
+    from kdbench import introspect, models, profile
 
     log.info("%s: measuring %s", spec.run_id, name)
     head = ctx.head(spec)
@@ -124,6 +124,7 @@ def measure_variant(name: str, kind: str, model, spec: RunSpec, ctx: Context, *,
         "metric": metric,
         "retention": head.retention(metric, teacher_metric),
         "extra_metrics": extra,
+        "architecture": models.describe_model(model),
         "params": total,
         "nonzero_params": nonzero,
         "size": profile.size_on_disk(model),

@@ -1,7 +1,8 @@
 """Preparing a method's training on a task: its rows, its teacher caches, its decoding, and the refusals.
 
 The runner asks the Objective what it needs (kdbench.methods.base: `sparse_teacher`, `teacher_decoding`,
-`student_decoding`, `teacher_logits_suffice`) and serves it here for the task's head; nothing here names a method.
+`student_decoding`, `teacher_logits_suffice`, and `teacher_temperature`, at which several teachers are averaged)
+and serves it here for the task's head; nothing here names a method.
 `distiller` returns the `distill(model, description, max_steps)` that a run (and each recovery after pruning) trains
 with.
 """
@@ -9,6 +10,7 @@ with.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from kdbench import distributed
 from kdbench.errors import KdbenchError
@@ -25,13 +27,16 @@ def distiller(spec: RunSpec, ctx: Context, objective):
 
     head = ctx.head(spec)
     check_and_bind(spec, ctx, objective)
-    teacher, _ = ctx.teacher(spec)
+    temperature = objective.teacher_temperature
+    teacher = ctx.distillation_teacher(spec, temperature)  # several teachers: their ensemble at the method's T
     kd_rows = distillation_rows(spec, ctx, objective)
     rows = rows_key(spec, ctx, kd_rows)
     if head.caches_teacher_logits and objective.teacher_logits_suffice:
         # Logits of a frozen teacher in eval mode do not change between epochs, seeds or methods: compute once.
         # Under data parallel each rank computes a share (distributed.map_sharded).
-        kd_rows = ctx.memo(("teacher_logits", spec.task.name, spec.pair.name, rows), lambda: distributed.map_sharded(
+        ensemble_t = None if spec.pair.teachers is None else temperature  # an ensemble's logits depend on T
+        key = ("teacher_logits", spec.task.name, spec.pair.name, rows, ensemble_t)
+        kd_rows = ctx.memo(key, lambda: distributed.map_sharded(
             lambda part: teacher_cache.cache_teacher_logits(teacher, part, ctx.collator(spec), ctx.device), kd_rows,
             chunk=teacher_cache.TEACHER_LOGITS_BATCH))
     collator = ctx.collator(spec)
@@ -57,6 +62,14 @@ def rows_key(spec: RunSpec, ctx: Context, rows: list[dict]) -> str:
     return "data" if rows == ctx.encoded(spec, "train") + ctx.encoded(spec, "transfer") else spec_hash(rows)
 
 
+def sparse_teacher_folder(spec: RunSpec, ctx: Context, sparse, rows_key: str = "data") -> Path:
+    """Where sparse_teacher_rows keeps the teacher's top-k or drawn tokens for `spec`'s rows (a path under the
+    cache, the same on every node: `kdbench run --ray` moves it between them)."""
+    key = [sparse.kind, ctx.teacher_key(spec), sparse.size, sparse.temperature]
+    key += [] if rows_key == "data" else [rows_key]  # the data's own rows: the key they always had
+    return ctx.cache_dir / "sparse_teacher" / spec_hash(key)
+
+
 def sparse_teacher_rows(spec: RunSpec, ctx: Context, teacher, rows: list[dict], collator, sparse,
                         rows_key: str = "data") -> list[dict]:
     """`rows` with the teacher's top-k tokens, or the tokens it drew (`sparse`, a methods.base.SparseTeacher),
@@ -67,8 +80,7 @@ def sparse_teacher_rows(spec: RunSpec, ctx: Context, teacher, rows: list[dict], 
     from kdbench.train import teacher_cache
 
     kind, size, temperature = sparse.kind, sparse.size, sparse.temperature
-    key = [kind, ctx.teacher_key(spec), size, temperature] + ([] if rows_key == "data" else [rows_key])
-    folder = ctx.cache_dir / "sparse_teacher" / spec_hash(key)  # the data's own rows: the key they always had
+    folder = sparse_teacher_folder(spec, ctx, sparse, rows_key)
     path = folder / teacher_cache.TOP_K_FILE
     if distributed.broadcast(path.exists()):
         saved = teacher_cache.load_teacher_top_k(path, rows)

@@ -4,8 +4,9 @@ Each pending run becomes a job that runs the runner's own `execute` on a worker,
 (node_cache) and a private results folder holding the results it reads (its teachers'). Dependencies: a (task,
 pair)'s teacher before its students; the student alone before the methods that start from it; every teacher of a
 multitask group before the group's runs, and the group's first run (which trains the shared student) before the
-others. The caches those runs leave (tokenizer, fine-tuned teacher, student alone, multi-task student) travel to
-the nodes that need them; caches already in the driver's cache_dir are seeded from there. The driver alone writes
+others; a first stage before the two-stage students that start from it; the first run of a cached teacher's top-k
+tokens before the others that read them. The caches those runs leave (tokenizer, fine-tuned teacher, student
+alone, multi-task student, first stage, sparse teacher) travel to the nodes that need them; caches already in the driver's cache_dir are seeded from there. The driver alone writes
 the result JSONs and the report; each result also records the node, its GPUs and the attempts (`node`).
 """
 
@@ -16,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 from kdbench.results import read_result, run_path, write_result
-from kdbench.run.context import Context, for_task, teacher_run_id
-from kdbench.plan import RunSpec
+from kdbench.run.context import Context, for_task, teacher_run_ids
+from kdbench.plan import RunSpec, first_stage_spec
 from kdbench.suite import Suite
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,16 @@ def run_on_node(cache: Path, suite: Suite, spec: RunSpec, known: dict[str, dict]
 
 def plan_jobs(suite: Suite, specs: list[RunSpec], pending: set[str], ctx: Context) -> tuple[list, dict]:
     """(jobs for the pending runs, seeds {cache path: driver folder}) ; `ctx` is the driver's (for cache keys)."""
+    from kdbench.run.first_stage import first_stage_folder, is_first_stage
     from kdbench.run.group import group_key
+    from kdbench.run.prepare import sparse_teacher_folder
     from kdbench.run.ray_cluster import Job
 
     gpus = suite.resources.gpus_per_run if suite.resources.gpus_per_run is not None else default_gpus()
     keep_alone = any(m.start_from == "student" for m in suite.methods)
     cache = Path(suite.cache_dir)
     seeds: dict[str, Path] = {}
-    jobs, first_of_group = [], {}
+    jobs, first_of_group, first_of_cache = [], {}, {}
 
     def cached(rel: str) -> str:
         if (cache / rel).exists():
@@ -58,7 +61,10 @@ def plan_jobs(suite: Suite, specs: list[RunSpec], pending: set[str], ctx: Contex
         return rel
 
     def teacher_needs(s: RunSpec) -> tuple[str, ...]:
-        return (cached(f"tokenizers/{ctx.tokenizer_key(s)}"), cached(f"teachers/{ctx.teacher_key(s)}"))
+        several = s.pair.teachers is not None and s.teacher_index is None  # a student of several teachers
+        indices = range(len(s.pair.teachers)) if several else [None]
+        return (cached(f"tokenizers/{ctx.tokenizer_key(s)}"),
+                *(cached(f"teachers/{ctx.teacher_key(s, i)}") for i in indices))
 
     for spec in specs:
         if spec.run_id not in pending:
@@ -66,11 +72,11 @@ def plan_jobs(suite: Suite, specs: list[RunSpec], pending: set[str], ctx: Contex
         views = [for_task(spec, t) for t in spec.group] if spec.kind == "multitask" else [spec]
         deps, needs, produces, known = [], [], (), {}
         for v in views if spec.kind != "teacher" else []:
-            tid = teacher_run_id(v)
-            if tid in pending:
-                deps.append(tid)
-            else:
-                known[tid] = read_result(run_path(ctx.results_dir, tid)) or {"run_id": tid, "status": "missing"}
+            for tid in teacher_run_ids(v):
+                if tid in pending:
+                    deps.append(tid)
+                else:
+                    known[tid] = read_result(run_path(ctx.results_dir, tid)) or {"run_id": tid, "status": "missing"}
             needs += teacher_needs(v)
         if spec.kind == "teacher":
             produces = teacher_needs(spec)
@@ -81,6 +87,21 @@ def plan_jobs(suite: Suite, specs: list[RunSpec], pending: set[str], ctx: Contex
             sid = spec.model_copy(update={"kind": "student", "method": None}).run_id
             deps += [sid] if sid in pending else []
             needs.append(cached(alone))
+        if spec.kind == "distill" and is_first_stage(spec, ctx):  # its distilled student, for a two-stage pair
+            produces = (f"first_stage/{first_stage_folder(spec, ctx).name}",)
+        stage1 = first_stage_spec(suite, spec.pair, spec.seed) if spec.kind in ("student", "distill") else None
+        if stage1 is not None:  # a two-stage student starts from its first stage's distilled student
+            deps += [stage1.run_id] if stage1.run_id in pending else []
+            needs.append(cached(f"first_stage/{first_stage_folder(stage1, ctx).name}"))
+        sparse = sparse_teacher_of(spec)
+        if sparse is not None:  # the teacher's top-k (or drawn) tokens: made by the first run that asks, then moved
+            rel = f"sparse_teacher/{sparse_teacher_folder(spec, ctx, sparse).name}"
+            first = first_of_cache.setdefault(rel, spec.run_id)
+            if first == spec.run_id:
+                produces = (*produces, rel)
+            else:
+                deps.append(first)
+            needs.append(cached(rel))
         if spec.kind == "multitask":
             rel = f"multitask/{group_key(spec, ctx)}"
             first = first_of_group.setdefault(rel, spec.run_id)
@@ -96,6 +117,15 @@ def plan_jobs(suite: Suite, specs: list[RunSpec], pending: set[str], ctx: Contex
                         needs=tuple(n for n in needs if n in seeds), num_cpus=res.cpus_per_run, num_gpus=job_gpus,
                         max_retries=suite.max_retries, pass_deps=True))
     return jobs, seeds
+
+
+def sparse_teacher_of(spec: RunSpec):
+    """The SparseTeacher a distilled run's objective trains from (its teacher's cached top-k tokens), else None."""
+    if spec.kind != "distill":
+        return None
+    from kdbench.methods import make_objective
+
+    return make_objective(spec.method.method, spec.method.params).sparse_teacher
 
 
 def failed_result(spec: RunSpec, ctx: Context, reason: str, kind: str) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 from kdbench import distributed
 from kdbench.errors import KdbenchError, RanksOutOfStepError
 from kdbench.results import device_info, is_done, read_result, run_path, versions, write_result
-from kdbench.run.context import Context, for_task, teacher_run_id
+from kdbench.run.context import Context, for_task, teacher_run_ids
 from kdbench.run.kinds import RUNNERS
 from kdbench.plan import RunSpec, expand
 from kdbench.suite import Suite
@@ -144,7 +144,8 @@ def select_runs(suite: Suite, patterns: list[str]) -> list[str]:
                            f"{specs[0].run_id} (`kdbench run --dry-run` lists them)")
     needed = {s.run_id for s in chosen}
     for s in chosen:
-        needed |= {teacher_run_id(for_task(s, t)) for t in (s.group if s.kind == "multitask" else [s.task])}
+        needed |= {rid for t in (s.group if s.kind == "multitask" else [s.task])
+                   for rid in teacher_run_ids(for_task(s, t))}
     return [s.run_id for s in specs if s.run_id in needed]
 
 

@@ -98,7 +98,9 @@ class GeneratedLM(Task):
     'the plot was not bad but the music was dull => negative'. Most tokens follow a small grammar that any
     model learns; the verdict depends on negation and contrast, which a larger model gets right more often, so
     the teacher's predictive distribution there is worth distilling. Scored by perplexity on held-out reviews.
-    `objective: masked` trains masked LMs (BERT's masked tokens) on the same texts instead of causal ones.
+    `objective: masked` trains masked LMs (BERT's masked tokens) on the same texts instead of causal ones;
+    `verdict: false` leaves the verdicts out: the sentiment task's kind of texts without their labels (a corpus for
+    general distillation before that task's, kdbench.two_stage).
     """
 
     class Params(ObjectiveParams):  # objective: causal_lm or masked_lm head, and a masked LM's masking
@@ -106,6 +108,7 @@ class GeneratedLM(Task):
         eval_size: int = Field(500, gt=0)
         forms: list[Literal[FORMS]] = Field(default_factory=lambda: ["single", "but"], min_length=1)
         seed: int = 1234
+        verdict: bool = True  # false: the reviews alone
 
     def load(self) -> TaskData:
         p = self.params
@@ -115,7 +118,7 @@ class GeneratedLM(Task):
             rows = []
             for _ in range(n):
                 text, label = generate_sentiment_example(rng, tuple(p.forms))
-                rows.append({"text": f"{text} => {('negative', 'positive')[label]}"})
+                rows.append({"text": f"{text} => {('negative', 'positive')[label]}" if p.verdict else text})
             return rows
 
         return p.task_data(split(p.train_size), split(p.eval_size))

@@ -38,3 +38,23 @@ def test_mean_and_sample_std_over_seeds():
 def test_compression_family(kind, steps, family):
     v = {"kind": kind, "compression": {"steps": [{"name": s} for s in steps]} if steps else {}}
     assert compression_family(v) == family
+
+
+def test_a_student_of_its_teachers_layers_is_labelled_by_what_was_built():
+    """A `from_teacher` student names its teacher's model; the label comes from the built model's config instead
+    (recorded as `architecture`), and a hub name stays a name."""
+    runs = [r for r in fake_runs() if r["status"] == "ok"]
+    for r in runs:
+        r["spec"]["pair"]["student"] = {"model": r["spec"]["pair"]["teacher"]["model"], "from_teacher": {"every": 2}}
+        for v in r["variants"]:
+            v["architecture"] = "bert 2L/64H" if v["kind"] == "teacher" else "bert 1L/64H"
+    rows = {row.label: row for row in collect_rows(runs)["toy"]}
+    assert rows["teacher"].model == "bert 2L/64H" and rows["kd"].model == "bert 1L/64H"
+    assert rows["student alone"].model == "bert 1L/64H"
+    for r in runs:  # a plain hub student keeps its name, which says more than its shape
+        r["spec"]["pair"]["student"] = {"model": "distilbert-base-uncased"}
+    assert {row.label: row for row in collect_rows(runs)["toy"]}["kd"].model == "distilbert-base-uncased"
+    for r in runs:  # results from before `architecture` existed keep their labels
+        for v in r["variants"]:
+            v.pop("architecture")
+    assert {row.label: row for row in collect_rows(runs)["toy"]}["teacher"].model == "bert 2L/64H"

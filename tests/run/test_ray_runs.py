@@ -119,3 +119,22 @@ def test_the_plan_orders_runs_and_takes_resources_from_the_suite_or_the_method(t
     # a method's resources say where it runs, not what it computes: the run's hash does not see them
     plain = tiny_suite(tmp_path, tmp_path / "cache", [KD, KD_SFT])
     assert [s.spec_hash for s in expand(plain)] == [s.spec_hash for s in specs]
+
+
+def test_a_cached_teachers_top_k_is_made_once_and_travels_to_the_other_runs(tmp_path):
+    """Under Ray the first run of a top-k method makes the teacher's top-k tokens; the runs that read the same
+    cache wait for it and receive it, instead of each running the teacher again on its node."""
+    from kdbench.plan import expand
+    from kdbench.run.context import Context
+    from kdbench.run.ray_runs import plan_jobs
+
+    top_k = {"name": "kd-top-k", "method": "logit", "params": {"temperature": 2.0, "teacher_top_k": 4}}
+    suite = tiny_suite(tmp_path, tmp_path / "cache", [KD, top_k], seeds=[0, 1])
+    specs = expand(suite)
+    ctx = Context(suite, tmp_path / "results" / "tiny", "cpu")
+    by_id = {j.id: j for j in plan_jobs(suite, specs, {s.run_id for s in specs}, ctx)[0]}
+    first, second = by_id["sentiment__pair__kd-top-k__s0"], by_id["sentiment__pair__kd-top-k__s1"]
+    [made] = [p for p in first.produces if p.startswith("sparse_teacher/")]
+    assert first.deps == ("sentiment__pair__teacher",)
+    assert second.deps == ("sentiment__pair__teacher", first.id) and made not in second.produces
+    assert not any(p.startswith("sparse_teacher/") for j in by_id.values() if "__kd__" in j.id for p in j.produces)
