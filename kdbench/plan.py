@@ -8,9 +8,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kdbench.suite import (CompressionSpec, MethodSpec, PairSpec, ProfilingSettings, Suite, TaskSpec,
-                           TrainingSettings, method_training)
+from kdbench.suite import CompressionSpec, MethodSpec, PairSpec, ProfilingSettings, Suite, TaskSpec, TrainingSettings
+from kdbench.suite_checks import method_training
 from kdbench.two_stage import first_stage_pair, linked_tasks, stage_depth
+
 
 class RunSpec(BaseModel):
     """One unit of work: a (task, pair, role, seed). Its hash is the cache key of its result."""

@@ -8,7 +8,7 @@ With weights w_i (normalised to sum 1) and the method's temperature T, the ensem
 exactly, per logit row. Every method's loss, the kernels and the teacher caches read a teacher's soft targets as
 softmax(logits / T): they distil from the ensemble unchanged. Its argmax (a transfer-set row's hard label) is the
 ensemble's most likely class. It has no single teacher's hidden states or attention maps: methods that need them
-are refused for such pairs (kdbench.suite.check_several_teachers).
+are refused for such pairs (kdbench.suite_checks.check_several_teachers).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def test_a_seq2seq_suite_runs_end_to_end_and_reports_perplexity(tmp_path):
 
 
 def test_seq2seq_suites_validate():
-    from kdbench.suite import check_registry_names
+    from kdbench.suite_checks import check_registry_names
 
     repo = Path(__file__).resolve().parents[2]
     for name in ("seq2seq-quickstart.yaml", "t5-large-to-t5-small.yaml", "bart-large-cnn-to-distilbart.yaml"):
