@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kd_oracle import (BF16, CUDA, F16, F32, GRAD_RTOL, LOSS_RTOL, assert_close_rel, case_features,  # noqa: F401
-                       make_inputs)
+from kd_oracle import CUDA, F32, GRAD_RTOL, LOSS_RTOL, assert_close_rel, make_inputs
 from kdbench.kernels import reference
 from kdbench.kernels.front import DEFAULTS, reduce_rows, validate
 

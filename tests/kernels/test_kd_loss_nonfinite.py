@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from kd_lean_cases import make_inputs
+from kd_oracle import make_inputs
 from kdbench.kernels import KdLossInputError, fused_linear_kd_loss, kd_loss, teacher_top_k, top_k_kd_loss
 from kdbench.kernels import front
 

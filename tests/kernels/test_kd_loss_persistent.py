@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from kd_lean_cases import (BF16, F16, F32, LOSS_RTOL, assert_close_rel, case_features, check, make_inputs,
-                           run, with_neg_inf)
+from kd_lean_cases import check, run, with_neg_inf
+from kd_oracle import BF16, F16, F32, LOSS_RTOL, assert_close_rel, case_features, make_inputs
 from sm90_build import build_for_sm90
 from kdbench.kernels import kd_loss_persistent as persistent
 from kdbench.kernels import reference
